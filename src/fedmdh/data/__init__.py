@@ -1,0 +1,1 @@
+"""Loading, validation, featurization, partitioning and heterogeneity metrics (nothing about training)."""

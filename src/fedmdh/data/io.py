@@ -1,0 +1,232 @@
+"""Reading and validating institution tables.
+
+Each check raises :class:`fedmdh.errors.InputError` with one line that names the file, the column
+or the row and says what to do. Row numbers in messages are line numbers in the file (the header
+is line 1), so a user can jump straight to them.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from fedmdh.errors import InputError
+
+MIN_ROWS = 10
+_SHOW = 5
+
+
+def _lines(rows: Iterable[int]) -> str:
+    """Format data-row positions as file line numbers (header = line 1)."""
+    rows = list(rows)
+    shown = ", ".join(str(r + 2) for r in rows[:_SHOW])
+    more = f" and {len(rows) - _SHOW} more" if len(rows) > _SHOW else ""
+    return f"line{'s' if len(rows) > 1 else ''} {shown}{more}"
+
+
+def read_csv_checked(path: str | Path) -> pd.DataFrame:
+    """Read a CSV file, refusing missing, empty, binary or malformed files and duplicate headers."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: file not found; check the path.")
+    if path.is_dir():
+        raise InputError(f"{path}: is a directory; give the path of a CSV file.")
+    raw = path.read_bytes()
+    if not raw.strip():
+        raise InputError(f"{path}: the file is empty; give a CSV file with a header row and data rows.")
+    head = raw[:8192]
+    if b"\x00" in head:
+        raise InputError(f"{path}: is not a CSV file (it contains binary data); export the table as CSV.")
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        try:
+            text = raw.decode("latin-1")
+        except UnicodeDecodeError:  # pragma: no cover - latin-1 decodes any byte string
+            raise InputError(f"{path}: is not a text CSV file; export the table as UTF-8 CSV.") from None
+    try:
+        header = next(csv.reader(io.StringIO(text)))
+    except (csv.Error, StopIteration) as exc:
+        raise InputError(f"{path}: is not a readable CSV file ({exc}); export the table as CSV.") from None
+    header = [h.strip() for h in header]
+    if len(header) < 2:
+        raise InputError(
+            f"{path}: is not a CSV table with at least two comma-separated columns "
+            f"(found header {header[:1]!r}); export the table as CSV."
+        )
+    seen: set[str] = set()
+    dupes = [h for h in header if h in seen or seen.add(h)]  # type: ignore[func-returns-value]
+    if dupes:
+        raise InputError(f"{path}: duplicate column name {dupes[0]!r}; give every column a unique name.")
+    if any(h == "" for h in header):
+        raise InputError(f"{path}: column {header.index('') + 1} has an empty name; name every column.")
+    try:
+        frame = pd.read_csv(io.StringIO(text), skipinitialspace=True)
+    except (pd.errors.ParserError, ValueError) as exc:
+        msg = str(exc).strip().splitlines()[0]
+        raise InputError(f"{path}: is not a well-formed CSV file ({msg}); fix or re-export it.") from None
+    frame.columns = header
+    if len(frame) == 0:
+        raise InputError(f"{path}: has a header but no data rows; add rows.")
+    return frame
+
+
+@dataclass(frozen=True)
+class InstitutionTable:
+    """One institution's validated table: numeric features and the target.
+
+    Attributes
+    ----------
+    name:
+        The institution's name (the file stem unless given).
+    source:
+        Where the table came from (a path), for messages.
+    features:
+        Feature column names, in file order.
+    X:
+        ``(n, d)`` float64 feature values; NaN marks a missing value.
+    y:
+        ``(n,)`` float64 target values (never NaN).
+    """
+
+    name: str
+    source: str
+    features: tuple[str, ...]
+    X: np.ndarray = field(repr=False)
+    y: np.ndarray = field(repr=False)
+
+    @property
+    def n_rows(self) -> int:
+        return int(self.y.shape[0])
+
+    @property
+    def n_missing(self) -> int:
+        return int(np.isnan(self.X).sum())
+
+
+def _numeric_frame(frame: pd.DataFrame, source: str, columns: Sequence[str]) -> np.ndarray:
+    out = np.empty((len(frame), len(columns)), dtype=np.float64)
+    for j, col in enumerate(columns):
+        series = frame[col]
+        if series.dtype == bool:
+            series = series.astype(np.float64)
+        values = pd.to_numeric(series, errors="coerce")
+        bad = values.isna() & series.notna()
+        if bad.any():
+            row = int(np.flatnonzero(bad.to_numpy())[0])
+            raise InputError(
+                f"{source}: column {col!r} is not numeric ({_lines([row])} holds {series.iloc[row]!r}); "
+                "featurize it (e.g. `fedmdh featurize` for formulas) or drop the column."
+            )
+        arr = values.to_numpy(dtype=np.float64)
+        arr[~np.isfinite(arr)] = np.nan
+        out[:, j] = arr
+    return out
+
+
+def validate_table(
+    frame: pd.DataFrame,
+    target: str,
+    source: str,
+    name: str | None = None,
+    exclude: Sequence[str] = (),
+    min_rows: int = MIN_ROWS,
+) -> InstitutionTable:
+    """Validate one institution's table and split it into features and target.
+
+    Parameters
+    ----------
+    frame:
+        The table as read.
+    target:
+        Name of the target column.
+    source:
+        The file it came from, named in every message.
+    name:
+        The institution's name; defaults to the file stem of ``source``.
+    exclude:
+        Columns that are neither features nor target (identifiers, formulas, other properties).
+    min_rows:
+        The fewest rows an institution may have.
+    """
+    if target not in frame.columns:
+        cols = ", ".join(repr(c) for c in list(frame.columns)[:8])
+        more = ", ..." if frame.shape[1] > 8 else ""
+        raise InputError(
+            f"{source}: target column {target!r} not found (columns: {cols}{more}); "
+            "pass the right --target or add the column."
+        )
+    y_series = pd.to_numeric(frame[target], errors="coerce")
+    bad = y_series.isna() & frame[target].notna()
+    if bad.any():
+        row = int(np.flatnonzero(bad.to_numpy())[0])
+        raise InputError(
+            f"{source}: target column {target!r} is not numeric ({_lines([row])} holds "
+            f"{frame[target].iloc[row]!r}); fix the value or drop the row."
+        )
+    y = y_series.to_numpy(dtype=np.float64)
+    nan_rows = np.flatnonzero(~np.isfinite(y))
+    if nan_rows.size == len(y):
+        raise InputError(f"{source}: target column {target!r} is empty (all values missing); fill it in.")
+    if nan_rows.size:
+        raise InputError(
+            f"{source}: target {target!r} is missing or not finite at {_lines(nan_rows)} "
+            f"({nan_rows.size} row{'s' if nan_rows.size > 1 else ''}); fill in or drop those rows."
+        )
+    if len(y) < min_rows:
+        raise InputError(
+            f"{source}: has {len(y)} rows; an institution needs at least {min_rows} "
+            "(merge it with another institution or collect more data)."
+        )
+    if np.ptp(y) == 0.0:
+        raise InputError(
+            f"{source}: target column {target!r} is constant ({y[0]!r}); there is nothing to learn, "
+            "check the column or the file."
+        )
+    excluded = set(exclude)
+    features = tuple(c for c in frame.columns if c != target and c not in excluded)
+    if not features:
+        raise InputError(f"{source}: has no feature columns besides the target {target!r}; add features.")
+    X = _numeric_frame(frame, source, features)
+    all_nan = np.flatnonzero(np.isnan(X).all(axis=0))
+    if all_nan.size:
+        col = features[int(all_nan[0])]
+        raise InputError(
+            f"{source}: column {col!r} is empty (all values missing); drop the column or fill it in."
+        )
+    return InstitutionTable(
+        name=name or Path(source).stem,
+        source=str(source),
+        features=features,
+        X=X,
+        y=y,
+    )
+
+
+def load_institution(
+    path: str | Path,
+    target: str,
+    name: str | None = None,
+    exclude: Sequence[str] = (),
+) -> InstitutionTable:
+    """Read and validate one institution's CSV file."""
+    frame = read_csv_checked(path)
+    return validate_table(frame, target, str(path), name=name, exclude=exclude)
+
+
+def unique_names(paths: Sequence[str | Path]) -> list[str]:
+    """Institution names from file stems, made unique with a numeric suffix where stems repeat."""
+    stems = [Path(p).stem for p in paths]
+    out: list[str] = []
+    for i, s in enumerate(stems):
+        if stems.count(s) > 1:
+            out.append(f"{s}-{stems[:i + 1].count(s)}")
+        else:
+            out.append(s)
+    return out
