@@ -1,0 +1,98 @@
+"""FedAvg (McMahan et al., AISTATS 2017) over the union feature space, with FedProx's term.
+
+Every institution trains the global network for ``local_steps`` minibatch steps from the current
+global weights; the new global weights are the sample-weighted mean of the institutions' weights.
+Features an institution lacks are 0 after pooled standardisation (the pooled mean), so all
+institutions share one input layer over the union of the feature names.
+
+``proximal_mu > 0`` adds FedProx's proximal term ``mu/2 ||w - w_global||^2`` to the local loss
+(Li et al., MLSys 2020); ``proximal_mu = 0`` is plain FedAvg. :mod:`fedmdh.algorithms.fedprox`
+is exactly that.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from fedmdh.algorithms.base import (
+    FederationSpec,
+    LocalTraining,
+    Params,
+    Payload,
+    Update,
+    ordered,
+    weighted_average,
+)
+from fedmdh.algorithms.mlp_common import MLPAlgorithm, MLPClient
+from fedmdh.data.federation import InstitutionData
+from fedmdh.nn.mlp import get_params, set_params, train_steps
+
+
+def proximal_term(model: torch.nn.Module, anchor: Sequence[torch.Tensor], mu: float) -> torch.Tensor:
+    """``mu/2 * sum ||w - w_anchor||^2`` over the model's parameters."""
+    total = torch.zeros(())
+    for w, w0 in zip(model.parameters(), anchor, strict=True):
+        total = total + torch.sum((w - w0) ** 2)
+    return 0.5 * mu * total
+
+
+class FedAvg(MLPAlgorithm):
+    """Sample-weighted parameter averaging; optional proximal term (FedProx).
+
+    Parameters
+    ----------
+    training:
+        Local optimisation settings. The optimiser is re-created every round from the global
+        weights (no optimiser state carries over between rounds).
+    proximal_mu:
+        Weight of the proximal term; 0 is FedAvg.
+    """
+
+    name = "fedavg"
+
+    def __init__(self, training: LocalTraining | None = None, proximal_mu: float = 0.0) -> None:
+        super().__init__(training)
+        if proximal_mu < 0:
+            raise ValueError(f"proximal_mu must be >= 0, got {proximal_mu}.")
+        self.proximal_mu = float(proximal_mu)
+
+    def hyperparameters(self) -> dict:
+        d = super().hyperparameters()
+        d["proximal_mu"] = self.proximal_mu
+        return d
+
+    def init(self, spec: FederationSpec, seed: int) -> Payload:
+        return get_params(self._new_model(spec, seed, "global"))
+
+    def init_client(self, spec: FederationSpec, data: InstitutionData, seed: int) -> MLPClient:
+        model = self._new_model(spec, seed, "global")
+        return MLPClient(model, self._new_optimizer(model))
+
+    def client_update(
+        self, server_state: Payload, client_state: MLPClient, data: InstitutionData, rng: np.random.Generator
+    ) -> tuple[Update, MLPClient]:
+        model = client_state.model
+        set_params(model, server_state)
+        optimizer = self._new_optimizer(model)
+        extra = None
+        if self.proximal_mu > 0:
+            anchor = [p.detach().clone() for p in model.parameters()]
+            mu = self.proximal_mu
+
+            def extra(m: torch.nn.Module) -> torch.Tensor:
+                return proximal_term(m, anchor, mu)
+
+        loss = train_steps(
+            model, optimizer, data.X, data.y, self.training.local_steps, self.training.batch_size, rng, extra
+        )
+        return Update(data.name, get_params(model), data.n_train, {"loss": loss}), MLPClient(model, optimizer)
+
+    def aggregate(self, server_state: Payload, updates: Sequence[Update]) -> Payload:
+        ups = ordered(updates)
+        return weighted_average([(u.payload, u.num_examples) for u in ups])
+
+    def personal_params(self, server_state: Payload, client_state: MLPClient) -> Params:
+        return {k: v.copy() for k, v in server_state.items()}

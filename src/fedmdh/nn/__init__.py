@@ -1,0 +1,1 @@
+"""Torch modules and small training helpers (no federation logic)."""

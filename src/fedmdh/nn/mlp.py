@@ -1,0 +1,101 @@
+"""The regression network shared by the baselines, and conversion to and from plain arrays."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+Params = dict[str, np.ndarray]
+
+
+class MLP(nn.Module):
+    """A fully connected regressor: ``d_in -> hidden... -> 1`` with ReLU activations."""
+
+    def __init__(self, d_in: int, hidden: Sequence[int] = (64, 64)) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        prev = d_in
+        for h in hidden:
+            layers += [nn.Linear(prev, h), nn.ReLU()]
+            prev = h
+        layers.append(nn.Linear(prev, 1))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x).squeeze(-1)
+
+
+def make_mlp(d_in: int, hidden: Sequence[int], seed: int) -> MLP:
+    """An MLP whose initial weights depend only on ``seed``."""
+    gen_state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(seed)
+        return MLP(d_in, hidden)
+    finally:
+        torch.random.set_rng_state(gen_state)
+
+
+def get_params(model: nn.Module) -> Params:
+    """A copy of the model's parameters as float32 numpy arrays, in state-dict order."""
+    return {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items()}
+
+
+def set_params(model: nn.Module, params: Mapping[str, np.ndarray]) -> None:
+    """Load plain arrays into the model (shapes must match)."""
+    with torch.no_grad():
+        for k, v in model.state_dict().items():
+            v.copy_(torch.from_numpy(np.asarray(params[k], dtype=np.float32)))
+
+
+def predict(model: nn.Module, X: np.ndarray) -> np.ndarray:
+    """Predictions of ``model`` on ``X`` as a float64 array."""
+    with torch.no_grad():
+        return model(torch.from_numpy(np.ascontiguousarray(X, dtype=np.float32))).double().numpy()
+
+
+def make_optimizer(
+    params, name: str, lr: float, momentum: float = 0.0, weight_decay: float = 0.0
+) -> torch.optim.Optimizer:
+    """``sgd`` or ``adam`` over ``params``."""
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    raise ValueError(f"unknown optimizer {name!r}; use 'sgd' or 'adam'.")
+
+
+def train_steps(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    X: np.ndarray,
+    y: np.ndarray,
+    steps: int,
+    batch_size: int,
+    rng: np.random.Generator,
+    extra_loss: Callable[[nn.Module], torch.Tensor] | None = None,
+) -> float:
+    """Run ``steps`` minibatch steps of MSE (+ ``extra_loss``) and return the mean data loss.
+
+    Each batch is drawn without replacement from the rows by ``rng``, so the run is determined by
+    the generator's state.
+    """
+    Xt = torch.from_numpy(X)
+    yt = torch.from_numpy(y)
+    n = X.shape[0]
+    b = min(batch_size, n)
+    total = 0.0
+    model.train()
+    for _ in range(steps):
+        idx = torch.from_numpy(rng.choice(n, size=b, replace=False))
+        pred = model(Xt[idx])
+        loss = torch.mean((pred - yt[idx]) ** 2)
+        total += float(loss.detach())
+        if extra_loss is not None:
+            loss = loss + extra_loss(model)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return total / max(steps, 1)
