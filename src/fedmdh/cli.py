@@ -60,12 +60,215 @@ def heterogeneity(
     console.print(table)
 
 
+def _expand_multi(argv: list[str], option: str) -> list[str]:
+    """Let ``--institutions A.csv B.csv C.csv`` (and ``A.csv,B.csv``) mean the option repeated."""
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        tok = argv[i]
+        if tok == option:
+            i += 1
+            while i < len(argv) and not argv[i].startswith("-"):
+                out += [option, argv[i]]
+                i += 1
+            continue
+        out.append(tok)
+        i += 1
+    return out
+
+
+def _progress_bar(total: int):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err_console,
+        transient=False,
+    )
+
+
+def _experiment_config(
+    config: Optional[Path],
+    institutions: Optional[list[str]],
+    test: Optional[Path],
+    target: Optional[str],
+    **overrides,
+):
+    from fedmdh.config import ExperimentConfig, read_toml
+    from fedmdh.errors import InputError
+
+    kw = read_toml(config) if config is not None else {}
+    files: list[str] = []
+    for item in institutions or []:
+        files += [p for p in item.split(",") if p]
+    if files:
+        kw["institutions"] = tuple(files)
+    if test is not None:
+        kw["test"] = str(test)
+    if target is not None:
+        kw["target"] = target
+    kw.update({k: v for k, v in overrides.items() if v is not None})
+    for need, flag in (("institutions", "--institutions"), ("test", "--test"), ("target", "--target")):
+        if need not in kw:
+            raise InputError(f"missing {flag}; give it on the command line or in --config FILE.toml.")
+    return ExperimentConfig(**kw)
+
+
+def _algorithms_option(value: Optional[str]) -> Optional[tuple[str, ...]]:
+    if value is None:
+        return None
+    return tuple(a.strip() for a in value.split(",") if a.strip())
+
+
+InstitutionsOpt = Annotated[
+    Optional[list[str]],
+    typer.Option("--institutions", help="Institution CSV files: --institutions A.csv B.csv C.csv"),
+]
+TestOpt = Annotated[Optional[Path], typer.Option("--test", help="Shared test CSV (carries every column).")]
+TargetOpt = Annotated[Optional[str], typer.Option("--target", help="Target column.")]
+RoundsOpt = Annotated[Optional[int], typer.Option("--rounds", help="Communication rounds [default 400].")]
+ConfigOpt = Annotated[Optional[Path], typer.Option("--config", help="TOML file with the same settings.")]
+ExcludeOpt = Annotated[
+    Optional[list[str]], typer.Option("--exclude", help="Column that is neither feature nor target (repeatable).")
+]
+
+
+def _print_final(result, title: str) -> None:
+    table = Table("institution", "RMSE", "MAE", "R2", title=title)
+    for name, m in result.final_per_institution.items():
+        table.add_row(name, f"{m['rmse']:.4f}", f"{m['mae']:.4f}", f"{m['r2']:.4f}")
+    f = result.final
+    table.add_row("[bold]mean", f"[bold]{f['rmse']:.4f}", f"[bold]{f['mae']:.4f}", f"[bold]{f['r2']:.4f}")
+    console.print(table)
+
+
+@app.command()
+def run(
+    out: Annotated[Path, typer.Option("--out", help="Run folder (created).")],
+    institutions: InstitutionsOpt = None,
+    test: TestOpt = None,
+    target: TargetOpt = None,
+    algorithm: Annotated[str, typer.Option("--algorithm", help="Algorithm to train.")] = "fedavg",
+    rounds: RoundsOpt = None,
+    seed: Annotated[Optional[int], typer.Option("--seed", help="Seed [default 0].")] = None,
+    exclude: ExcludeOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Train one federation (the main job); save each institution's model and the metrics."""
+    cfg = _experiment_config(
+        config, institutions, test, target, rounds=rounds, first_seed=seed,
+        exclude=tuple(exclude) if exclude else None, algorithms=(algorithm,), seeds=1,
+    )
+    _run_and_report(cfg, algorithm, out)
+
+
+def _run_and_report(cfg, algorithm: str, out: Path) -> None:
+    from fedmdh.experiment.runner import load_tables, run_experiment
+
+    tables = load_tables(cfg)  # validate every file before any progress display
+    with _progress_bar(cfg.rounds) as bar:
+        task = bar.add_task(f"{algorithm} seed {cfg.first_seed}", total=cfg.rounds)
+
+        def progress(alg, seed, rnd, total, rec):
+            bar.update(task, completed=rnd, description=f"{alg} seed {seed} rmse {rec.rmse:.4f}")
+
+        result = run_experiment(cfg, algorithm, out, progress=progress, tables=tables)
+    _print_final(result, f"{algorithm}: test metrics (model of round {result.best_round}, chosen on validation)")
+    console.print(f"saved models, metrics.jsonl and final_metrics.json to {out}")
+
+
+@app.command()
+def benchmark(
+    out: Annotated[Path, typer.Option("--out", help="Output folder (created).")],
+    institutions: InstitutionsOpt = None,
+    test: TestOpt = None,
+    target: TargetOpt = None,
+    algorithms: Annotated[
+        Optional[str], typer.Option("--algorithms", help="Comma-separated [default local,pooled,fedavg,fedprox].")
+    ] = None,
+    seeds: Annotated[Optional[int], typer.Option("--seeds", help="Number of seeds [default 3].")] = None,
+    rounds: RoundsOpt = None,
+    exclude: ExcludeOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Run every algorithm and seed; write results.csv, summary.md, curves.png, federation.json, config.toml."""
+    from fedmdh.experiment.report import summary_table
+    from fedmdh.experiment.runner import load_tables, run_benchmark
+
+    cfg = _experiment_config(
+        config, institutions, test, target, algorithms=_algorithms_option(algorithms), seeds=seeds,
+        rounds=rounds, exclude=tuple(exclude) if exclude else None,
+    )
+    tables = load_tables(cfg)  # validate every file before any progress display
+    total = len(cfg.algorithms) * cfg.seeds * cfg.rounds
+    done = {"runs": 0}
+    with _progress_bar(total) as bar:
+        task = bar.add_task("benchmark", total=total)
+
+        def progress(alg, seed, rnd, rounds_, rec):
+            bar.update(
+                task,
+                completed=done["runs"] * rounds_ + rnd,
+                description=f"{alg} seed {seed} round {rnd}/{rounds_} rmse {rec.rmse:.4f}",
+            )
+            if rnd == rounds_:
+                done["runs"] += 1
+
+        res = run_benchmark(cfg, out, progress=progress, command="fedmdh " + " ".join(_ARGV), tables=tables)
+    names = [d["name"] for d in res.federation["institutions"]]
+    console.print(summary_table(res.results, names, cfg.target), markup=False)
+    console.print(f"wrote results.csv, summary.md, curves.png, federation.json, config.toml to {out}")
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option("--out", help="Run folder (created).")] = Path("runs/demo"),
+    data_dir: Annotated[
+        Optional[Path], typer.Option("--data-dir", help="Local copy of the perovskite split (verified by sha256).")
+    ] = None,
+    rounds: RoundsOpt = None,
+) -> None:
+    """The main job on the built-in default: FedAvg on the FedMDH paper's perovskite split.
+
+    The split comes from --data-dir, $FEDMDH_DATA_DIR, the cache or a sha256-pinned download; without
+    any of them it falls back, saying so, to a small synthetic federation with known ground truth.
+    """
+    from fedmdh.config import ExperimentConfig
+    from fedmdh.data.datasets import default_federation
+
+    fed = default_federation(data_dir=data_dir, notify=lambda msg: err_console.print(msg, highlight=False))
+    console.print(f"data: {fed.description} ({fed.source})", highlight=False)
+    cfg = ExperimentConfig(
+        institutions=tuple(str(p) for p in fed.institutions), test=str(fed.test), target=fed.target,
+        algorithms=("fedavg",), seeds=1, **({"rounds": rounds} if rounds else {}),
+    )
+    _run_and_report(cfg, "fedavg", out)
+
+
+_ARGV: list[str] = []
+
+
+from fedmdh.cli_data import featurize as _featurize, partition as _partition  # noqa: E402
+
+app.command(name="featurize")(_featurize)
+app.command(name="partition")(_partition)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the app, turning user errors into one line and exit status 2."""
     warnings.filterwarnings("ignore", module=r"matminer\..*")
     warnings.filterwarnings("ignore", module=r"pymatgen\..*")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = _expand_multi(argv, "--institutions")
+    _ARGV[:] = argv
     try:
         app(args=argv, prog_name="fedmdh")
+    except SystemExit as exc:  # click exits even on success; return normally then
+        if exc.code not in (0, None):
+            raise
     except FedmdhError as exc:
         err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
         sys.exit(2)

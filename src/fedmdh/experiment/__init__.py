@@ -1,0 +1,1 @@
+"""Experiments: training runs and benchmarks over algorithms and seeds, with their files."""
