@@ -83,4 +83,4 @@ def test_proximal_term_closed_form():
     anchor = [torch.tensor([[0.0, 1.0]]), torch.tensor([0.0])]
     mu = 0.3
     expected = mu / 2 * ((1 - 0) ** 2 + (2 - 1) ** 2 + 0.5**2)
-    assert float(proximal_term(model, anchor, mu)) == pytest.approx(expected)
+    assert float(proximal_term(model, anchor, mu).detach()) == pytest.approx(expected)

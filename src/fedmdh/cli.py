@@ -145,6 +145,19 @@ def _print_final(result, title: str) -> None:
     console.print(table)
 
 
+def _print_summary(results, institutions: list[str], target: str) -> None:
+    from fedmdh.experiment.report import summarize
+
+    table = Table("algorithm", "seeds", f"RMSE [{target}]", "MAE", "R2", *[f"R2 {i}" for i in institutions],
+                  title="mean ± std over seeds (test set, each institution through its own columns)")
+    for name, s in summarize(results).items():
+        n = sum(1 for r in results if r.algorithm == name)
+        cells = [f"{s[k][0]:.4f} ± {s[k][1]:.4f}" for k in ("rmse", "mae", "r2")]
+        cells += [f"{s[f'r2[{i}]'][0]:.3f} ± {s[f'r2[{i}]'][1]:.3f}" for i in institutions]
+        table.add_row(name, str(n), *cells)
+    console.print(table)
+
+
 @app.command()
 def run(
     out: Annotated[Path, typer.Option("--out", help="Run folder (created).")],
@@ -195,7 +208,6 @@ def benchmark(
     config: ConfigOpt = None,
 ) -> None:
     """Run every algorithm and seed; write results.csv, summary.md, curves.png, federation.json, config.toml."""
-    from fedmdh.experiment.report import summary_table
     from fedmdh.experiment.runner import load_tables, run_benchmark
 
     cfg = _experiment_config(
@@ -219,7 +231,7 @@ def benchmark(
 
         res = run_benchmark(cfg, out, progress=progress, command="fedmdh " + " ".join(_ARGV), tables=tables)
     names = [d["name"] for d in res.federation["institutions"]]
-    console.print(summary_table(res.results, names, cfg.target), markup=False)
+    _print_summary(res.results, names, cfg.target)
     console.print(f"wrote results.csv, summary.md, curves.png, federation.json, config.toml to {out}")
 
 
@@ -262,8 +274,8 @@ def main(argv: list[str] | None = None) -> None:
     warnings.filterwarnings("ignore", module=r"matminer\..*")
     warnings.filterwarnings("ignore", module=r"pymatgen\..*")
     argv = list(sys.argv[1:] if argv is None else argv)
+    _ARGV[:] = argv  # as typed, for the command recorded in reports
     argv = _expand_multi(argv, "--institutions")
-    _ARGV[:] = argv
     try:
         app(args=argv, prog_name="fedmdh")
     except SystemExit as exc:  # click exits even on success; return normally then
