@@ -129,11 +129,11 @@ def partition(
             progress=cb, params=params,
         )
     if part.dropped_rows:
-        from fedmdh.data.io import _lines
+        from fedmdh.data.io import line_numbers
 
         err_console.print(
             f"[yellow]warning:[/] {data}: dropped {len(part.dropped_rows)} rows whose formula could not be parsed "
-            f"({_lines(part.dropped_rows)}); pass --strict to stop on them.",
+            f"({line_numbers(part.dropped_rows)}); pass --strict to stop on them.",
             highlight=False, soft_wrap=True,
         )
     write_partition(part, out)

@@ -45,8 +45,8 @@ class FedAvg(MLPAlgorithm):
     Parameters
     ----------
     training:
-        Local optimisation settings. The optimiser is re-created every round from the global
-        weights (no optimiser state carries over between rounds).
+        Local optimisation settings. Every round starts from the global weights with empty
+        optimiser state (no momentum or Adam moments carry over between rounds).
     proximal_mu:
         Weight of the proximal term; 0 is FedAvg.
     """
@@ -74,9 +74,9 @@ class FedAvg(MLPAlgorithm):
     def client_update(
         self, server_state: Payload, client_state: MLPClient, data: InstitutionData, rng: np.random.Generator
     ) -> tuple[Update, MLPClient]:
-        model = client_state.model
+        model, optimizer = client_state.model, client_state.optimizer
         set_params(model, server_state)
-        optimizer = self._new_optimizer(model)
+        optimizer.state.clear()  # every round starts from fresh optimiser state, like a new optimiser
         extra = None
         if self.proximal_mu > 0:
             anchor = [p.detach().clone() for p in model.parameters()]
@@ -88,11 +88,12 @@ class FedAvg(MLPAlgorithm):
         loss = train_steps(
             model, optimizer, data.X, data.y, self.training.local_steps, self.training.batch_size, rng, extra
         )
-        return Update(data.name, get_params(model), data.n_train, {"loss": loss}), MLPClient(model, optimizer)
+        return Update(data.name, get_params(model), data.n_train, {"loss": loss}), client_state
 
     def aggregate(self, server_state: Payload, updates: Sequence[Update]) -> Payload:
         ups = ordered(updates)
         return weighted_average([(u.payload, u.num_examples) for u in ups])
 
     def personal_params(self, server_state: Payload, client_state: MLPClient) -> Params:
-        return {k: v.copy() for k, v in server_state.items()}
+        # the global weights themselves: states are never mutated in place, so no copy is needed
+        return server_state

@@ -26,6 +26,7 @@ class MLPAlgorithm(Algorithm):
     """Base for algorithms whose prediction model is ``MLP(n_features, hidden)``."""
 
     _eval_model: MLP | None = None
+    _eval_loaded: object = None  # the params object last loaded into the evaluation model
 
     def _new_model(self, spec: FederationSpec, seed: int, *purpose: Any) -> MLP:
         return make_mlp(spec.n_features, self.training.hidden, derive_seed(seed, "init", *purpose))
@@ -39,6 +40,9 @@ class MLPAlgorithm(Algorithm):
         d_in = int(np.shape(first)[1])
         if self._eval_model is None or self._eval_model.net[0].in_features != d_in:
             self._eval_model = MLP(d_in, self.training.hidden)
-        set_params(self._eval_model, params)
+            self._eval_loaded = None
+        if params is not self._eval_loaded:  # the same dict for every institution under FedAvg
+            set_params(self._eval_model, params)
+            self._eval_loaded = params
         self._eval_model.eval()
         return predict(self._eval_model, X)

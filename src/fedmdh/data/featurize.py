@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from fedmdh.data.io import _lines
+from fedmdh.data.io import line_numbers
 from fedmdh.errors import InputError
 
 PRESETS: tuple[str, ...] = ("magpie", "deml", "matminer", "matscholar_el", "megnet_el")
@@ -81,7 +81,7 @@ class FeaturizeReport:
         first = self.bad_formulas[0] if self.bad_formulas else ""
         return (
             f"{where}dropped {self.n_bad} row{'s' if self.n_bad != 1 else ''} whose formula could not be "
-            f"parsed ({_lines(self.bad_rows)}, e.g. {first!r}); fix them or pass --strict to stop on them."
+            f"parsed ({line_numbers(self.bad_rows)}, e.g. {first!r}); fix them or pass --strict to stop on them."
         )
 
 
@@ -209,7 +209,7 @@ def featurize_frame(
     if bad_rows and strict:
         raise InputError(
             f"{where}column {formula_column!r}: {len(bad_rows)} formula{'s' if len(bad_rows) > 1 else ''} "
-            f"could not be parsed ({_lines(bad_rows)}, e.g. {bad_formulas[0]!r}); fix them or drop those rows."
+            f"could not be parsed ({line_numbers(bad_rows)}, e.g. {bad_formulas[0]!r}); fix them or drop those rows."
         )
     feats = pd.DataFrame(values, columns=labels, index=frame.index)
     out = pd.concat([frame, feats], axis=1)

@@ -22,7 +22,7 @@ MIN_ROWS = 10
 _SHOW = 5
 
 
-def _lines(rows: Iterable[int]) -> str:
+def line_numbers(rows: Iterable[int]) -> str:
     """Format data-row positions as file line numbers (header = line 1)."""
     rows = list(rows)
     shown = ", ".join(str(r + 2) for r in rows[:_SHOW])
@@ -121,7 +121,7 @@ def _numeric_frame(frame: pd.DataFrame, source: str, columns: Sequence[str]) -> 
         if bad.any():
             row = int(np.flatnonzero(bad.to_numpy())[0])
             raise InputError(
-                f"{source}: column {col!r} is not numeric ({_lines([row])} holds {series.iloc[row]!r}); "
+                f"{source}: column {col!r} is not numeric ({line_numbers([row])} holds {series.iloc[row]!r}); "
                 "featurize it (e.g. `fedmdh featurize` for formulas) or drop the column."
             )
         arr = values.to_numpy(dtype=np.float64)
@@ -167,7 +167,7 @@ def validate_table(
     if bad.any():
         row = int(np.flatnonzero(bad.to_numpy())[0])
         raise InputError(
-            f"{source}: target column {target!r} is not numeric ({_lines([row])} holds "
+            f"{source}: target column {target!r} is not numeric ({line_numbers([row])} holds "
             f"{frame[target].iloc[row]!r}); fix the value or drop the row."
         )
     y = y_series.to_numpy(dtype=np.float64)
@@ -176,7 +176,7 @@ def validate_table(
         raise InputError(f"{source}: target column {target!r} is empty (all values missing); fill it in.")
     if nan_rows.size:
         raise InputError(
-            f"{source}: target {target!r} is missing or not finite at {_lines(nan_rows)} "
+            f"{source}: target {target!r} is missing or not finite at {line_numbers(nan_rows)} "
             f"({nan_rows.size} row{'s' if nan_rows.size > 1 else ''}); fill in or drop those rows."
         )
     if len(y) < min_rows:

@@ -48,7 +48,7 @@ import pandas as pd
 
 from fedmdh.data.featurize import PRESETS, Progress, featurize_formulas
 from fedmdh.data.heterogeneity import Heterogeneity, label_kl, measure
-from fedmdh.data.io import MIN_ROWS, _lines
+from fedmdh.data.io import MIN_ROWS, line_numbers
 from fedmdh.errors import InputError, TargetUnreachableError
 from fedmdh.seeding import rng_for
 
@@ -408,7 +408,7 @@ def _numeric_columns(frame: pd.DataFrame, columns: Sequence[str], source: str) -
         if bad.any():
             row = int(np.flatnonzero(bad.to_numpy())[0])
             raise InputError(
-                f"{where}column {col!r} is not numeric ({_lines([row])} holds {series.iloc[row]!r}); "
+                f"{where}column {col!r} is not numeric ({line_numbers([row])} holds {series.iloc[row]!r}); "
                 f"pass --exclude {col!r} to drop it (or --formula-column if it holds formulas)."
             )
         arr = values.to_numpy(dtype=np.float64)
@@ -512,12 +512,12 @@ def partition(
     badt = y_series.isna() & frame[target].notna()
     if badt.any():
         row = int(np.flatnonzero(badt.to_numpy())[0])
-        raise InputError(f"{where}target {target!r} is not numeric ({_lines([row])} holds {frame[target].iloc[row]!r}); "
+        raise InputError(f"{where}target {target!r} is not numeric ({line_numbers([row])} holds {frame[target].iloc[row]!r}); "
                          "fix the value or drop the row.")
     y = y_series.to_numpy(dtype=np.float64)
     nan_rows = np.flatnonzero(~np.isfinite(y))
     if nan_rows.size:
-        raise InputError(f"{where}target {target!r} is missing at {_lines(nan_rows)} ({nan_rows.size} rows); "
+        raise InputError(f"{where}target {target!r} is missing at {line_numbers(nan_rows)} ({nan_rows.size} rows); "
                          "fill in or drop those rows.")
 
     inst_presets = tuple(featurizers[i % len(featurizers)] for i in range(k)) if featurizers else ()
@@ -546,7 +546,7 @@ def partition(
     dropped = tuple(int(i) for i in np.flatnonzero(bad))
     if dropped and strict:
         raise InputError(f"{where}column {formula_column!r}: {len(dropped)} formulas could not be parsed "
-                         f"({_lines(dropped)}); fix them or drop those rows.")
+                         f"({line_numbers(dropped)}); fix them or drop those rows.")
     good = ~bad
     for preset, vals in pfeat.items():
         v = vals[good]
