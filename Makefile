@@ -7,7 +7,8 @@ PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
-DATA_DIR ?=
+# the shared copy beside the checkout, when there is one (else $FEDMDH_DATA_DIR, the cache, a download, or the synthetic fallback)
+DATA_DIR ?= $(wildcard ../shared/datasets/fedmdh_perovskite_split)
 DEMO_OUT ?= runs/demo
 PYTEST_ARGS ?=
 

@@ -95,3 +95,14 @@ def test_run_saves_models_that_predict_like_the_run(perovskite, tmp_path):
         assert m["rmse"] == pytest.approx(final["per_institution"][name]["rmse"], rel=1e-6)
     log = (out / "run.log").read_text()
     assert "imputed 0 missing training values" in log and "model of round" in log
+
+
+def test_demo_runs_the_main_job_on_the_builtin_default(perovskite, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("FEDMDH_CACHE", str(tmp_path / "cache"))
+    data_dir = str(__import__("pathlib").Path(perovskite["test"]).parent)
+    main(["demo", "--out", str(tmp_path / "demo"), "--data-dir", data_dir, "--rounds", "3"])
+    out = capsys.readouterr().out
+    assert "local copy" in out and "mean" in out
+    final = json.loads((tmp_path / "demo" / "final_metrics.json").read_text())
+    assert final["algorithm"] == "fedavg" and final["rounds"] == 3
+    assert sorted(p.name for p in (tmp_path / "demo" / "models").iterdir()) == [f"train_part{i}" for i in range(3)]
