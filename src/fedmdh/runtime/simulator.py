@@ -11,18 +11,22 @@ validation MSE); the test set never influences that choice.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 
-from fedmdh.algorithms.base import Algorithm, FederationSpec, Params
+from fedmdh.algorithms.base import Algorithm, FederationSpec, Params, Payload, Update
 from fedmdh.data.federation import InstitutionData, PreparedFederation
 from fedmdh.metrics import regression_metrics
 from fedmdh.seeding import rng_for
 
 POOLED_NAME = "__pooled__"
+
+#: Called after each round's aggregation with (round, updates ordered by institution, aggregate);
+#: returns the aggregate the round finalized (a ledger returns the one its quorum agreed on).
+RoundHook = Callable[[int, Sequence[Update], Payload], Payload]
 
 
 @dataclass
@@ -94,6 +98,7 @@ def simulate(
     rounds: int,
     seed: int = 0,
     on_round: Callable[[RoundRecord], None] | None = None,
+    round_hook: RoundHook | None = None,
 ) -> RunResult:
     """Train ``algorithm`` on ``fed`` for ``rounds`` rounds in this process.
 
@@ -109,6 +114,9 @@ def simulate(
         Seeds model initialisation and every institution's minibatch stream.
     on_round:
         Called with each round's record (progress display, JSON-lines logging).
+    round_hook:
+        Called with each round's updates and aggregate before they are used (e.g. to commit them
+        to a ledger); the aggregate it returns is the one the institutions continue from.
     """
     if rounds < 1:
         raise ValueError(f"rounds must be >= 1, got {rounds}.")
@@ -144,6 +152,8 @@ def simulate(
             )
             updates.append(upd)
         server = algorithm.aggregate(server, updates)
+        if round_hook is not None:
+            server = round_hook(r, sorted(updates, key=lambda u: u.institution), server)
 
         per: dict[str, dict[str, float]] = {}
         models: dict[str, Params] = {}
