@@ -131,6 +131,13 @@ TestOpt = Annotated[Optional[Path], typer.Option("--test", help="Shared test CSV
 TargetOpt = Annotated[Optional[str], typer.Option("--target", help="Target column.")]
 RoundsOpt = Annotated[Optional[int], typer.Option("--rounds", help="Communication rounds [default 400].")]
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", help="TOML file with the same settings.")]
+LedgerOpt = Annotated[
+    Optional[str],
+    typer.Option("--ledger", help="Record to a blockchain ledger: embedded, rpc (needs --chain-rpc) or off."),
+]
+ChainRpcOpt = Annotated[
+    Optional[str], typer.Option("--chain-rpc", help="JSON-RPC URL of an Ethereum node (implies --ledger rpc).")
+]
 ExcludeOpt = Annotated[
     Optional[list[str]], typer.Option("--exclude", help="Column that is neither feature nor target (repeatable).")
 ]
@@ -169,16 +176,27 @@ def run(
     seed: Annotated[Optional[int], typer.Option("--seed", help="Seed [default 0].")] = None,
     exclude: ExcludeOpt = None,
     config: ConfigOpt = None,
+    ledger: LedgerOpt = None,
+    chain_rpc: ChainRpcOpt = None,
 ) -> None:
-    """Train one federation (the main job); save each institution's model and the metrics."""
+    """Train one federation (the main job); save each institution's model and the metrics.
+
+    Records the task and every round to a blockchain ledger (default: an embedded chain).
+    """
     cfg = _experiment_config(
         config, institutions, test, target, rounds=rounds, first_seed=seed,
         exclude=tuple(exclude) if exclude else None, algorithms=(algorithm,), seeds=1,
     )
-    _run_and_report(cfg, algorithm, out)
+    _run_and_report(cfg, algorithm, out, _ledger_options(ledger, chain_rpc, "embedded"))
 
 
-def _run_and_report(cfg, algorithm: str, out: Path) -> None:
+def _ledger_options(mode: Optional[str], chain_rpc: Optional[str], default: str):
+    from fedmdh.ledger.options import LedgerOptions
+
+    return LedgerOptions.parse(mode, chain_rpc, default)
+
+
+def _run_and_report(cfg, algorithm: str, out: Path, ledger=None) -> None:
     from fedmdh.experiment.runner import load_tables, run_experiment
 
     tables = load_tables(cfg)  # validate every file before any progress display
@@ -188,7 +206,7 @@ def _run_and_report(cfg, algorithm: str, out: Path) -> None:
         def progress(alg, seed, rnd, total, rec):
             bar.update(task, completed=rnd, description=f"{alg} seed {seed} rmse {rec.rmse:.4f}")
 
-        result = run_experiment(cfg, algorithm, out, progress=progress, tables=tables)
+        result = run_experiment(cfg, algorithm, out, progress=progress, tables=tables, ledger=ledger)
     _print_final(result, f"{algorithm}: test metrics (model of round {result.best_round}, chosen on validation)")
     console.print(f"saved models, metrics.jsonl and final_metrics.json to {out}")
 
@@ -206,6 +224,8 @@ def benchmark(
     rounds: RoundsOpt = None,
     exclude: ExcludeOpt = None,
     config: ConfigOpt = None,
+    ledger: LedgerOpt = None,
+    chain_rpc: ChainRpcOpt = None,
 ) -> None:
     """Run every algorithm and seed; write results.csv, summary.md, curves.png, federation.json, config.toml."""
     from fedmdh.experiment.runner import load_tables, run_benchmark
@@ -214,6 +234,7 @@ def benchmark(
         config, institutions, test, target, algorithms=_algorithms_option(algorithms), seeds=seeds,
         rounds=rounds, exclude=tuple(exclude) if exclude else None,
     )
+    ledger_options = _ledger_options(ledger, chain_rpc, "off")
     tables = load_tables(cfg)  # validate every file before any progress display
     total = len(cfg.algorithms) * cfg.seeds * cfg.rounds
     done = {"runs": 0}
@@ -229,7 +250,8 @@ def benchmark(
             if rnd == rounds_:
                 done["runs"] += 1
 
-        res = run_benchmark(cfg, out, progress=progress, command="fedmdh " + " ".join(_ARGV), tables=tables)
+        res = run_benchmark(cfg, out, progress=progress, command="fedmdh " + " ".join(_ARGV), tables=tables,
+                            ledger=ledger_options)
     names = [d["name"] for d in res.federation["institutions"]]
     _print_summary(res.results, names, cfg.target)
     console.print(f"wrote results.csv, summary.md, curves.png, federation.json, config.toml to {out}")
@@ -242,6 +264,8 @@ def demo(
         Optional[Path], typer.Option("--data-dir", help="Local copy of the perovskite split (verified by sha256).")
     ] = None,
     rounds: RoundsOpt = None,
+    ledger: LedgerOpt = None,
+    chain_rpc: ChainRpcOpt = None,
 ) -> None:
     """The main job on the built-in default: FedAvg on the FedMDH paper's perovskite split.
 
@@ -257,7 +281,7 @@ def demo(
         institutions=tuple(str(p) for p in fed.institutions), test=str(fed.test), target=fed.target,
         algorithms=("fedavg",), seeds=1, **({"rounds": rounds} if rounds else {}),
     )
-    _run_and_report(cfg, "fedavg", out)
+    _run_and_report(cfg, "fedavg", out, _ledger_options(ledger, chain_rpc, "embedded"))
 
 
 _ARGV: list[str] = []
@@ -267,6 +291,12 @@ from fedmdh.cli_data import featurize as _featurize, partition as _partition  # 
 
 app.command(name="featurize")(_featurize)
 app.command(name="partition")(_partition)
+
+
+from fedmdh.cli_ledger import ledger_app as _ledger_app, model_app as _model_app  # noqa: E402
+
+app.add_typer(_ledger_app, name="ledger")
+app.add_typer(_model_app, name="model")
 
 
 def main(argv: list[str] | None = None) -> None:

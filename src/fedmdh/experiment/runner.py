@@ -18,6 +18,8 @@ from fedmdh.data.federation import PreparedFederation, prepare_federation
 from fedmdh.data.io import InstitutionTable, load_institution, unique_names
 from fedmdh.experiment.models import save_model
 from fedmdh.experiment.report import write_curves, write_results_csv, write_summary
+from fedmdh.ledger.options import LedgerOptions
+from fedmdh.ledger.runs import finish_run_ledger, start_run_ledger
 from fedmdh.runtime.simulator import RoundRecord, RunResult, simulate
 
 #: progress callback: (algorithm, seed, round, rounds, record or None)
@@ -77,8 +79,12 @@ def run_experiment(
     seed: int | None = None,
     progress: Progress | None = None,
     tables: Tables | None = None,
+    ledger: "LedgerOptions | None" = None,
 ) -> RunResult:
     """Train one federation with ``algorithm`` (the main job) and save everything to ``out_dir``.
+
+    ``ledger`` (default: the embedded chain) records the task, every round and the archived final
+    models under ``ledger/`` (see :mod:`fedmdh.ledger`); ``LedgerOptions(mode="off")`` skips it.
 
     Writes ``models/<institution>/`` (each institution's final model), ``metrics.jsonl`` (one
     JSON object per round), ``final_metrics.json``, ``federation.json``, ``config.toml`` and
@@ -105,7 +111,13 @@ def run_experiment(
             if progress is not None:
                 progress(algorithm, seed, rec.round, cfg.rounds, rec)
 
-        result = simulate(fed, algo, cfg.rounds, seed=seed, on_round=on_round)
+        recorder = start_run_ledger(ledger, out / "ledger", algo, fed, cfg.target, cfg.rounds, seed, out / "config.toml")
+        try:
+            result = simulate(fed, algo, cfg.rounds, seed=seed, on_round=on_round,
+                              round_hook=recorder.round_hook if recorder else None)
+        except BaseException:
+            finish_run_ledger(recorder, None)
+            raise
 
     models_dir = out / "models"
     for d in fed.institutions:
@@ -122,8 +134,11 @@ def run_experiment(
         **result.final,
         "per_institution": result.final_per_institution,
     }
+    ledger_line = finish_run_ledger(recorder, models_dir)
     _write_json(out / "final_metrics.json", final)
     with (out / "run.log").open("a", encoding="utf-8") as fh:
+        if ledger_line:
+            fh.write(ledger_line + "\n")
         fh.write(
             f"finished {cfg.rounds} rounds in {result.seconds:.1f} s; model of round {result.best_round} kept "
             f"(lowest validation loss); test rmse {result.final['rmse']:.4f} r2 {result.final['r2']:.4f}\n"
@@ -144,12 +159,15 @@ def run_benchmark(
     progress: Progress | None = None,
     command: str | None = None,
     tables: Tables | None = None,
+    ledger: "LedgerOptions | None" = None,
 ) -> BenchmarkResult:
     """Run every algorithm with every seed and write the benchmark's files to ``out_dir``.
 
     Files: ``results.csv``, ``summary.md``, ``curves.png``, ``federation.json``, ``config.toml``,
-    ``history/<algorithm>_seed<S>.jsonl`` and ``run.log``.
+    ``history/<algorithm>_seed<S>.jsonl`` and ``run.log``; with a ``ledger`` (off by default here),
+    ``ledger/<algorithm>_seed<S>/`` per run.
     """
+    ledger = ledger or LedgerOptions(mode="off")
     out = Path(out_dir)
     tables = tables or load_tables(cfg)
     (out / "history").mkdir(parents=True, exist_ok=True)
@@ -171,7 +189,15 @@ def run_benchmark(
                 if progress is not None:
                     progress(name, seed, rec.round, cfg.rounds, rec)
 
-            res = simulate(fed, algo, cfg.rounds, seed=seed, on_round=on_round)
+            recorder = start_run_ledger(ledger, out / "ledger" / f"{name}_seed{seed}", algo, fed, cfg.target,
+                                        cfg.rounds, seed, out / "config.toml")
+            try:
+                res = simulate(fed, algo, cfg.rounds, seed=seed, on_round=on_round,
+                               round_hook=recorder.round_hook if recorder else None)
+            finally:
+                ledger_line = finish_run_ledger(recorder, None)
+            if ledger_line:
+                log_lines.append(f"{name} seed {seed}: {ledger_line}")
             results.append(res)
             with (out / "history" / f"{name}_seed{seed}.jsonl").open("w", encoding="utf-8") as fh:
                 for rec in res.history:

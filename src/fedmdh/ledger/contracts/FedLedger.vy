@@ -1,0 +1,260 @@
+# pragma version ~=0.4.3
+"""
+@title FedLedger: one federated training task on chain
+@notice A submitter creates the task (target, algorithm, rounds, quorum, participant allowlist).
+        Allowlisted institutions register, then each round every participant commits the sha256 of
+        its canonical serialized update, its sample count and a small vector (at most 64 values,
+        fixed point); the contract computes the sample-weighted mean of the vectors itself. Each
+        participant then attests the sha256 of the aggregate it computed off chain; when every
+        participant has attested, the round is finalized if a quorum agrees on one hash (those who
+        disagree are named in a Dissent event) or fails otherwise. After the last round, the
+        participants attest the final model's hash and the submitter archives it (hash + locator).
+"""
+
+MAX_PARTICIPANTS: constant(uint256) = 32
+MAX_VECTOR: constant(uint256) = 64
+
+event TaskCreated:
+    submitter: indexed(address)
+    target: String[64]
+    algorithm: String[64]
+    num_rounds: uint256
+    quorum: uint256
+    vector_len: uint256
+    initial_state_hash: bytes32
+
+event Registered:
+    participant: indexed(address)
+    name: String[64]
+
+event Committed:
+    round: indexed(uint256)
+    participant: indexed(address)
+    update_hash: bytes32
+    num_examples: uint256
+    vector: DynArray[int256, MAX_VECTOR]
+
+event Aggregated:
+    round: indexed(uint256)
+    total_examples: uint256
+    mean: DynArray[int256, MAX_VECTOR]
+
+event Attested:
+    round: indexed(uint256)
+    participant: indexed(address)
+    aggregate_hash: bytes32
+
+event Dissent:
+    round: indexed(uint256)
+    participant: indexed(address)
+    attested_hash: bytes32
+    agreed_hash: bytes32
+
+event RoundFinalized:
+    round: indexed(uint256)
+    aggregate_hash: bytes32
+    votes: uint256
+
+event RoundFailed:
+    round: indexed(uint256)
+    best_votes: uint256
+
+event TaskEnded:
+    rounds_finalized: uint256
+
+event ModelAttested:
+    participant: indexed(address)
+    model_hash: bytes32
+
+event Archived:
+    model_hash: bytes32
+    locator: String[256]
+
+submitter: public(address)
+target: public(String[64])
+algorithm: public(String[64])
+num_rounds: public(uint256)
+quorum: public(uint256)
+vector_len: public(uint256)
+initial_state_hash: public(bytes32)
+
+allowed: public(HashMap[address, bool])
+registered: public(HashMap[address, bool])
+participant_name: public(HashMap[address, String[64]])
+participants: public(DynArray[address, MAX_PARTICIPANTS])
+
+current_round: public(uint256)
+started: public(bool)
+ended: public(bool)
+failed: public(bool)
+
+update_hash: public(HashMap[uint256, HashMap[address, bytes32]])
+num_examples: public(HashMap[uint256, HashMap[address, uint256]])
+commit_count: public(HashMap[uint256, uint256])
+total_examples: public(HashMap[uint256, uint256])
+weighted_sum: public(HashMap[uint256, HashMap[uint256, int256]])
+
+attested_hash: public(HashMap[uint256, HashMap[address, bytes32]])
+attest_count: public(HashMap[uint256, uint256])
+votes: public(HashMap[uint256, HashMap[bytes32, uint256]])
+finalized_hash: public(HashMap[uint256, bytes32])
+
+model_vote: public(HashMap[address, bytes32])
+model_votes: public(HashMap[bytes32, uint256])
+archived_hash: public(bytes32)
+archived_locator: public(String[256])
+
+
+@deploy
+def __init__(
+    target: String[64],
+    algorithm: String[64],
+    num_rounds: uint256,
+    quorum: uint256,
+    vector_len: uint256,
+    initial_state_hash: bytes32,
+    allowlist: DynArray[address, MAX_PARTICIPANTS],
+):
+    assert num_rounds > 0, "create: num_rounds must be at least 1"
+    assert len(allowlist) > 0, "create: the allowlist is empty"
+    assert quorum > 0 and quorum <= len(allowlist), "create: quorum must be between 1 and the allowlist size"
+    assert vector_len <= MAX_VECTOR, "create: vector_len must be at most 64"
+    self.submitter = msg.sender
+    self.target = target
+    self.algorithm = algorithm
+    self.num_rounds = num_rounds
+    self.quorum = quorum
+    self.vector_len = vector_len
+    self.initial_state_hash = initial_state_hash
+    for a: address in allowlist:
+        assert not self.allowed[a], "create: an address appears twice in the allowlist"
+        self.allowed[a] = True
+    self.current_round = 1
+    log TaskCreated(
+        submitter=msg.sender, target=target, algorithm=algorithm, num_rounds=num_rounds,
+        quorum=quorum, vector_len=vector_len, initial_state_hash=initial_state_hash,
+    )
+
+
+@external
+def register(name: String[64]):
+    assert self.allowed[msg.sender], "register: sender is not on the task's allowlist"
+    assert not self.registered[msg.sender], "register: sender is already registered"
+    assert not self.started, "register: rounds have started, registration is closed"
+    self.registered[msg.sender] = True
+    self.participant_name[msg.sender] = name
+    self.participants.append(msg.sender)
+    log Registered(participant=msg.sender, name=name)
+
+
+@external
+def commit(round: uint256, update_hash: bytes32, num_examples: uint256, vector: DynArray[int256, MAX_VECTOR]):
+    assert self.registered[msg.sender], "commit: sender is not a registered participant"
+    assert not self.ended, "commit: the task has ended"
+    assert len(self.participants) >= self.quorum, "commit: fewer participants registered than the quorum"
+    assert round == self.current_round, "commit: wrong round, not the task's current round"
+    assert self.update_hash[round][msg.sender] == empty(bytes32), "commit: sender already committed this round"
+    assert update_hash != empty(bytes32), "commit: update_hash is zero"
+    assert num_examples > 0, "commit: num_examples must be positive"
+    assert len(vector) == self.vector_len, "commit: vector length differs from the task's vector_len"
+    self.started = True
+    self.update_hash[round][msg.sender] = update_hash
+    self.num_examples[round][msg.sender] = num_examples
+    self.commit_count[round] += 1
+    self.total_examples[round] += num_examples
+    n: int256 = convert(num_examples, int256)
+    for i: uint256 in range(len(vector), bound=MAX_VECTOR):
+        self.weighted_sum[round][i] += vector[i] * n
+    log Committed(round=round, participant=msg.sender, update_hash=update_hash, num_examples=num_examples, vector=vector)
+    if self.commit_count[round] == len(self.participants):
+        log Aggregated(round=round, total_examples=self.total_examples[round], mean=self._mean(round))
+
+
+@view
+@internal
+def _mean(round: uint256) -> DynArray[int256, MAX_VECTOR]:
+    out: DynArray[int256, MAX_VECTOR] = []
+    total: int256 = convert(self.total_examples[round], int256)
+    for i: uint256 in range(self.vector_len, bound=MAX_VECTOR):
+        # rounds toward zero: |mean - exact| < 1 unit of the fixed point
+        out.append(self.weighted_sum[round][i] // total)
+    return out
+
+
+@view
+@external
+def weighted_mean(round: uint256) -> DynArray[int256, MAX_VECTOR]:
+    """The sample-weighted mean of the round's committed vectors, in the same fixed point."""
+    assert self.total_examples[round] > 0, "weighted_mean: no commitments for this round"
+    return self._mean(round)
+
+
+@external
+def attest(round: uint256, aggregate_hash: bytes32):
+    assert self.registered[msg.sender], "attest: sender is not a registered participant"
+    assert not self.ended, "attest: the task has ended"
+    assert round == self.current_round, "attest: wrong round, not the task's current round"
+    assert self.commit_count[round] == len(self.participants), "attest: the round is still waiting for commitments"
+    assert self.attested_hash[round][msg.sender] == empty(bytes32), "attest: sender already attested this round"
+    assert aggregate_hash != empty(bytes32), "attest: aggregate_hash is zero"
+    self.attested_hash[round][msg.sender] = aggregate_hash
+    self.attest_count[round] += 1
+    self.votes[round][aggregate_hash] += 1
+    log Attested(round=round, participant=msg.sender, aggregate_hash=aggregate_hash)
+    if self.attest_count[round] == len(self.participants):
+        self._close(round)
+
+
+@internal
+def _close(round: uint256):
+    best: bytes32 = empty(bytes32)
+    best_votes: uint256 = 0
+    for p: address in self.participants:
+        h: bytes32 = self.attested_hash[round][p]
+        v: uint256 = self.votes[round][h]
+        if v > best_votes:
+            best = h
+            best_votes = v
+    if best_votes < self.quorum:
+        self.failed = True
+        self.ended = True
+        log RoundFailed(round=round, best_votes=best_votes)
+        return
+    self.finalized_hash[round] = best
+    for p: address in self.participants:
+        h: bytes32 = self.attested_hash[round][p]
+        if h != best:
+            log Dissent(round=round, participant=p, attested_hash=h, agreed_hash=best)
+    log RoundFinalized(round=round, aggregate_hash=best, votes=best_votes)
+    if round == self.num_rounds:
+        self.ended = True
+        log TaskEnded(rounds_finalized=round)
+    else:
+        self.current_round = round + 1
+
+
+@external
+def attest_model(model_hash: bytes32):
+    assert self.registered[msg.sender], "attest_model: sender is not a registered participant"
+    assert self.ended and not self.failed, "attest_model: the task has not ended with every round finalized"
+    assert self.model_vote[msg.sender] == empty(bytes32), "attest_model: sender already attested a model"
+    assert model_hash != empty(bytes32), "attest_model: model_hash is zero"
+    self.model_vote[msg.sender] = model_hash
+    self.model_votes[model_hash] += 1
+    log ModelAttested(participant=msg.sender, model_hash=model_hash)
+
+
+@external
+def archive(model_hash: bytes32, locator: String[256]):
+    assert msg.sender == self.submitter, "archive: only the task's submitter archives the model"
+    assert self.archived_hash == empty(bytes32), "archive: the model is already archived"
+    assert self.model_votes[model_hash] >= self.quorum, "archive: model hash is not the one a quorum attested"
+    self.archived_hash = model_hash
+    self.archived_locator = locator
+    log Archived(model_hash=model_hash, locator=locator)
+
+
+@view
+@external
+def participant_count() -> uint256:
+    return len(self.participants)

@@ -1,0 +1,268 @@
+"""Recording a run on the ledger: the simulator's round hook, and the archive of the final models.
+
+Per round, every institution (with its own key) commits the sha256 of its canonical update, its
+sample count and its small on-chain vector; the contract computes the vectors' weighted mean. Every
+institution then attests the sha256 of the aggregate; the round finalizes when a quorum agrees, and
+the aggregate returned to the simulator is the finalized one. Blobs (updates, aggregates, the initial
+state, model files) go to the content-addressed store; the signed transactions and receipts go to
+``ledger/transactions.jsonl``; ``ledger/task.json`` says where the task lives.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from eth_account.signers.local import LocalAccount
+
+from fedmdh.algorithms.base import Algorithm, Payload, Update
+from fedmdh.errors import InputError
+from fedmdh.ledger import codec
+from fedmdh.ledger.artifacts import load_artifact
+from fedmdh.ledger.blobs import BlobStore, DirBlobStore
+from fedmdh.ledger.chain import GAS, GAS_PER_PARTICIPANT, GAS_PER_VALUE, Chain
+from fedmdh.ledger.errors import LedgerError
+from fedmdh.ledger.events import decode_logs
+from fedmdh.ledger.keys import PASSPHRASE_ENV, KeystoreSettings, load_or_create
+from fedmdh.ledger.options import MODES, LedgerOptions
+
+SUBMITTER = "submitter"
+TASK_FILE = "task.json"
+TX_FILE = "transactions.jsonl"
+
+#: (institution, round, honest aggregate hash) -> the hash it attests; tests use it to play a dishonest peer
+AttestHook = Callable[[str, int, bytes], bytes]
+
+
+def keystore_settings(options: LedgerOptions, ledger_dir: Path) -> KeystoreSettings:
+    if options.mode == "embedded" and options.keystore is None:
+        # throwaway accounts of an in-process chain: cheap KDF, passphrase optional
+        env_iter = os.environ.get("FEDMDH_KEY_KDF_ITERATIONS")
+        return KeystoreSettings(
+            ledger_dir / "keystore",
+            kdf=os.environ.get("FEDMDH_KEY_KDF", "pbkdf2"),
+            iterations=int(env_iter) if env_iter else 1000,
+            passphrase=os.environ.get(PASSPHRASE_ENV, ""),
+        )
+    directory = options.keystore or Path.home() / ".fedmdh" / "keystore"
+    return KeystoreSettings.from_env(directory)
+
+
+@dataclass
+class RoundCost:
+    round: int
+    seconds: float
+    gas: int
+    transactions: int
+
+
+@dataclass
+class LedgerRecorder:
+    """Records one task; use :meth:`round_hook` as the simulator's ``round_hook``."""
+
+    chain: Chain
+    ledger_dir: Path
+    blobs: BlobStore
+    algorithm: Algorithm
+    accounts: Mapping[str, LocalAccount]
+    submitter: LocalAccount
+    target: str
+    rounds: int
+    initial_state: Payload
+    quorum: int | None = None
+    attest_hook: AttestHook | None = None
+    config_path: str | None = None
+    address: str | None = None
+    costs: list[RoundCost] = field(default_factory=list)
+    setup_seconds: float = 0.0
+    setup_gas: int = 0
+    _layout: list[tuple[str, int]] | None = None
+
+    # ------------------------------------------------------------ task creation
+
+    def _deploy(self, updates: Sequence[Update]) -> None:
+        t0 = time.perf_counter()
+        names = [u.institution for u in updates]
+        missing = [n for n in names if n not in self.accounts]
+        if missing:
+            raise LedgerError(f"no account for institution(s) {missing}.")
+        layout, _ = codec.flatten(codec.onchain_vectors(self.algorithm, updates[0]))
+        self._layout = layout
+        vector_len = sum(s for _, s in layout)
+        quorum = self.quorum or len(names) // 2 + 1
+        init_hash = self.blobs.put(codec.encode_payload(self.initial_state))
+        self.chain.fund([self.submitter.address] + [self.accounts[n].address for n in names])
+        data = self.chain.deploy_data(
+            self.target[:64], self.algorithm.name[:64], self.rounds, quorum, vector_len,
+            bytes.fromhex(init_hash), [self.accounts[n].address for n in names],
+        )
+        sent = self.chain.transact(self.submitter, "deploy", None, data, gas=GAS["deploy"], actor=SUBMITTER)
+        self.address = sent.receipt["contractAddress"]
+        contract = self.chain.contract(self.address)
+        task = {
+            "format": "fedmdh-ledger/1",
+            "chain": self.chain.kind,
+            "rpc_url": self.chain.url,
+            "chain_id": self.chain.chain_id,
+            "contract": self.address,
+            "contract_artifact_sha256": load_artifact()["source_sha256"],
+            "submitter": self.submitter.address,
+            "participants": {n: self.accounts[n].address for n in names},
+            "algorithm": self.algorithm.name,
+            "hyperparameters": self.algorithm.hyperparameters(),
+            "target": self.target,
+            "rounds": self.rounds,
+            "quorum": quorum,
+            "vector_layout": layout,
+            "fixed_point_scale": codec.SCALE,
+            "initial_state": init_hash,
+            "config": self.config_path,
+            "blobs": "blobs",
+            "transactions": TX_FILE,
+        }
+        (self.ledger_dir / TASK_FILE).write_text(json.dumps(task, indent=2, default=str), encoding="utf-8")
+        regs = self.chain.submit([
+            (self.accounts[n], "register", self.address, contract.encode_abi("register", [n[:64]]),
+             {"gas": GAS["register"], "actor": n})
+            for n in names
+        ])
+        self._contract = contract
+        self.setup_gas = sent.record["gas_used"] + sum(s.record["gas_used"] for s in regs)
+        self.setup_seconds = time.perf_counter() - t0
+
+    # ------------------------------------------------------------ rounds
+
+    def round_hook(self, rnd: int, updates: Sequence[Update], aggregate: Payload) -> Payload:
+        """Commit, aggregate on chain, attest, finalize; return the finalized aggregate."""
+        updates = sorted(updates, key=lambda u: u.institution)
+        if self.address is None:
+            self._deploy(updates)
+        t0 = time.perf_counter()
+        contract = self._contract
+        commits = []
+        for u in updates:
+            digest = self.blobs.put(codec.encode_update(u))
+            layout, flat = codec.flatten(codec.onchain_vectors(self.algorithm, u))
+            if layout != self._layout:
+                raise LedgerError(
+                    f"round {rnd}, institution {u.institution}: on-chain vector layout {layout} differs from the "
+                    f"task's {self._layout}."
+                )
+            data = contract.encode_abi("commit", [rnd, bytes.fromhex(digest), int(u.num_examples), codec.to_fixed(flat)])
+            gas = GAS["commit"] + GAS_PER_VALUE * flat.size
+            commits.append((self.accounts[u.institution], "commit", self.address, data,
+                            {"gas": gas, "actor": u.institution, "round": rnd}))
+        sent = self.chain.submit(commits)
+        agg_hash = bytes.fromhex(self.blobs.put(codec.encode_payload(aggregate)))
+        attests = []
+        for u in updates:
+            h = self.attest_hook(u.institution, rnd, agg_hash) if self.attest_hook else agg_hash
+            data = contract.encode_abi("attest", [rnd, h])
+            gas = GAS["attest"] + GAS_PER_PARTICIPANT * len(updates)
+            attests.append((self.accounts[u.institution], "attest", self.address, data,
+                            {"gas": gas, "actor": u.institution, "round": rnd}))
+        sent += self.chain.submit(attests)
+        finalized = None
+        for name, args in decode_logs(sent[-1].record["logs"]):
+            if name == "RoundFailed":
+                raise LedgerError(
+                    f"round {rnd} did not finalize: at most {args['best_votes']} of {len(updates)} participants "
+                    f"attested the same aggregate, the quorum is {contract_quorum(self)}."
+                )
+            if name == "RoundFinalized":
+                finalized = bytes.fromhex(args["aggregate_hash"][2:])
+        if finalized is None:
+            raise LedgerError(f"round {rnd}: the last attestation did not close the round.")
+        self.costs.append(RoundCost(rnd, time.perf_counter() - t0, sum(s.record["gas_used"] for s in sent), len(sent)))
+        if finalized == agg_hash:
+            return aggregate
+        return codec.decode_payload(self.blobs.get(finalized.hex()))
+
+    # ------------------------------------------------------------ archive
+
+    def archive_models(self, models_dir: str | Path, model_hash_hook: Callable[[str, str], str] | None = None) -> str:
+        """Store every file under ``models_dir`` as a blob, have the participants attest the manifest's
+        hash, and archive it (hash + locator). Returns the manifest's sha256."""
+        if self.address is None:
+            raise LedgerError("nothing recorded: the task was never created.")
+        root = Path(models_dir)
+        files = {p.relative_to(root.parent).as_posix(): self.blobs.put(p.read_bytes())
+                 for p in sorted(root.rglob("*")) if p.is_file()}
+        manifest = json.dumps({"kind": "model-archive", "files": files}, sort_keys=True, indent=1).encode("utf-8")
+        digest = self.blobs.put(manifest)
+        contract = self._contract
+        items = []
+        for name, acct in sorted(self.accounts.items()):
+            h = model_hash_hook(name, digest) if model_hash_hook else digest
+            items.append((acct, "attest_model", self.address, contract.encode_abi("attest_model", [bytes.fromhex(h)]),
+                          {"gas": GAS["attest_model"], "actor": name}))
+        self.chain.submit(items)
+        locator = self.blobs.locator(digest)[:256]
+        self.chain.transact(self.submitter, "archive", self.address,
+                            contract.encode_abi("archive", [bytes.fromhex(digest), locator]),
+                            gas=GAS["archive"], actor=SUBMITTER)
+        return digest
+
+    def close(self) -> None:
+        self.chain.close()
+
+    def summary(self) -> dict[str, Any]:
+        n = max(len(self.accounts), 1)
+        secs = [c.seconds for c in self.costs]
+        gas = [c.gas for c in self.costs]
+        return {
+            "rounds": len(self.costs),
+            "participants": n,
+            "ms_per_participant_round": 1000 * float(np.mean(secs)) / n if secs else float("nan"),
+            "gas_per_round": float(np.mean(gas)) if gas else float("nan"),
+            "gas_per_participant_round": float(np.mean(gas)) / n if gas else float("nan"),
+            "setup_seconds": self.setup_seconds,
+            "setup_gas": self.setup_gas,
+        }
+
+
+def contract_quorum(rec: LedgerRecorder) -> int:
+    return int(rec._contract.functions.quorum().call())
+
+
+def open_ledger(
+    options: LedgerOptions,
+    ledger_dir: str | Path,
+    algorithm: Algorithm,
+    participants: Sequence[str],
+    target: str,
+    rounds: int,
+    initial_state: Payload,
+    config_path: str | None = None,
+    attest_hook: AttestHook | None = None,
+    chain: Chain | None = None,
+) -> LedgerRecorder | None:
+    """A recorder for one task (``None`` when ``options.mode == "off"``).
+
+    Keys are loaded (or created) now, so a passphrase prompt comes before training starts; the
+    contract is deployed with the first round, when the on-chain vector's size is known.
+    """
+    if options.mode == "off":
+        return None
+    ledger_dir = Path(ledger_dir)
+    if (ledger_dir / TX_FILE).exists():
+        raise InputError(f"{ledger_dir} already holds a ledger; choose a new --out folder.")
+    ledger_dir.mkdir(parents=True, exist_ok=True)
+    settings = keystore_settings(options, ledger_dir)
+    names = sorted(participants)
+    accounts = {n: load_or_create(n, settings) for n in names}
+    submitter = load_or_create(SUBMITTER, settings)
+    if chain is None:
+        chain = Chain.rpc(options.rpc_url) if options.mode == "rpc" else Chain.embedded()
+    chain.open_log(ledger_dir / TX_FILE)
+    return LedgerRecorder(
+        chain=chain, ledger_dir=ledger_dir, blobs=DirBlobStore(ledger_dir / "blobs"), algorithm=algorithm,
+        accounts=accounts, submitter=submitter, target=target, rounds=rounds, initial_state=initial_state,
+        quorum=options.quorum, attest_hook=attest_hook, config_path=config_path,
+    )

@@ -1,0 +1,61 @@
+"""Glue between the experiment runner and the recorder (kept here so the runner changes by a few lines)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from fedmdh.algorithms.base import Algorithm, FederationSpec
+from fedmdh.data.federation import PreparedFederation
+from fedmdh.ledger.options import LedgerOptions
+
+if TYPE_CHECKING:
+    from fedmdh.ledger.recorder import LedgerRecorder
+
+
+def start_run_ledger(
+    options: LedgerOptions | None,
+    ledger_dir: Path,
+    algorithm: Algorithm,
+    fed: PreparedFederation,
+    target: str,
+    rounds: int,
+    seed: int,
+    config_file: Path,
+    **kw: Any,
+) -> "LedgerRecorder | None":
+    """Open the ledger of one training run (``None`` when it is off)."""
+    options = options or LedgerOptions()
+    if options.mode == "off":
+        return None
+    from fedmdh.ledger.recorder import open_ledger
+    from fedmdh.runtime.simulator import POOLED_NAME
+
+    names = (POOLED_NAME,) if algorithm.centralized else fed.names
+    # the simulator starts from algorithm.init over the federation (a pure function of spec and seed)
+    initial = algorithm.init(FederationSpec.from_federation(fed), seed)
+    return open_ledger(
+        options, ledger_dir, algorithm, names, target, rounds, initial,
+        config_path=os.path.relpath(config_file, ledger_dir), **kw,
+    )
+
+
+def finish_run_ledger(recorder: "LedgerRecorder | None", models_dir: Path | None) -> str | None:
+    """Archive the final models (when given) and close; returns a line for run.log."""
+    if recorder is None:
+        return None
+    try:
+        if models_dir is not None and recorder.address is not None:
+            digest = recorder.archive_models(models_dir)
+        else:
+            digest = None
+    finally:
+        recorder.close()
+    s = recorder.summary()
+    line = (f"ledger ({recorder.chain.kind}, contract {recorder.address}): {s['rounds']} rounds finalized, "
+            f"{s['ms_per_participant_round']:.1f} ms and {s['gas_per_participant_round']:.0f} gas per participant "
+            f"per round")
+    if digest:
+        line += f"; final models archived as {digest}"
+    return line

@@ -1,0 +1,199 @@
+"""The FedLedger contract on the embedded chain: access control, round rules, quorum, archive, replay."""
+
+from __future__ import annotations
+
+from fractions import Fraction
+
+import numpy as np
+import pytest
+from eth_account import Account
+
+from fedmdh.ledger import codec
+from fedmdh.ledger.artifacts import compile_source, load_artifact
+from fedmdh.ledger.chain import GAS, Chain
+from fedmdh.ledger.errors import LedgerRevert
+from fedmdh.ledger.events import decode_logs
+
+H = [bytes([i]) * 32 for i in range(1, 9)]
+
+
+class Task:
+    """A deployed task with three registered participants (quorum 2, 2 rounds, vectors of 2)."""
+
+    def __init__(self, quorum: int = 2, rounds: int = 2, vector_len: int = 2) -> None:
+        self.chain = Chain.embedded()
+        self.submitter = Account.create()
+        self.members = [Account.create() for _ in range(3)]
+        self.outsider = Account.create()
+        self.chain.fund([a.address for a in (self.submitter, self.outsider, *self.members)])
+        data = self.chain.deploy_data("e_form", "fedavg", rounds, quorum, vector_len, H[0],
+                                      [a.address for a in self.members])
+        self.address = self.chain.transact(self.submitter, "deploy", None, data, gas=GAS["deploy"]).receipt[
+            "contractAddress"]
+        self.c = self.chain.contract(self.address)
+        for i, a in enumerate(self.members):
+            self.tx(a, "register", f"inst{i}")
+
+    def tx(self, account, fn: str, *args, gas: int = 600_000):
+        return self.chain.transact(account, fn, self.address, self.c.encode_abi(fn, list(args)), gas=gas)
+
+    def commit_all(self, rnd: int, vectors=None, counts=(10, 20, 30)):
+        vectors = vectors or [[1, 2]] * 3
+        for a, v, n, h in zip(self.members, vectors, counts, H[1:]):
+            self.tx(a, "commit", rnd, h, n, v)
+
+    def attest_all(self, rnd: int, hashes):
+        return [self.tx(a, "attest", rnd, h) for a, h in zip(self.members, hashes)]
+
+
+@pytest.fixture
+def task() -> Task:
+    return Task()
+
+
+def test_recompiling_the_source_reproduces_the_shipped_artifact():
+    # Prepare
+    shipped = load_artifact()
+
+    # Execute
+    fresh = compile_source()
+
+    # Assert
+    assert fresh["abi"] == shipped["abi"]
+    assert fresh["bytecode"] == shipped["bytecode"]
+    assert fresh["source_sha256"] == shipped["source_sha256"]
+
+
+def test_an_account_off_the_allowlist_can_neither_register_nor_commit(task):
+    # Execute / Assert
+    with pytest.raises(LedgerRevert, match="not on the task's allowlist"):
+        task.tx(task.outsider, "register", "intruder")
+    with pytest.raises(LedgerRevert, match="not a registered participant"):
+        task.tx(task.outsider, "commit", 1, H[1], 10, [1, 2])
+    assert task.c.functions.commit_count(1).call() == 0
+
+
+def test_a_second_commit_in_a_round_is_rejected(task):
+    # Prepare
+    task.tx(task.members[0], "commit", 1, H[1], 10, [1, 2])
+
+    # Execute / Assert
+    with pytest.raises(LedgerRevert, match="already committed this round"):
+        task.tx(task.members[0], "commit", 1, H[2], 10, [1, 2])
+    assert task.c.functions.update_hash(1, task.members[0].address).call() == H[1]
+
+
+def test_a_commit_for_another_round_is_rejected(task):
+    # Execute / Assert
+    with pytest.raises(LedgerRevert, match="wrong round"):
+        task.tx(task.members[0], "commit", 2, H[1], 10, [1, 2])
+    with pytest.raises(LedgerRevert, match="wrong round"):
+        task.tx(task.members[0], "commit", 0, H[1], 10, [1, 2])
+
+
+def test_a_commit_after_the_task_ended_is_rejected(task):
+    # Prepare: both rounds finalized
+    for r in (1, 2):
+        task.commit_all(r)
+        task.attest_all(r, [H[5]] * 3)
+    assert task.c.functions.ended().call()
+
+    # Execute / Assert
+    with pytest.raises(LedgerRevert, match="task has ended"):
+        task.tx(task.members[0], "commit", 3, H[1], 10, [1, 2])
+    with pytest.raises(LedgerRevert, match="task has ended"):
+        task.tx(task.members[0], "commit", 2, H[1], 10, [1, 2])
+
+
+def test_a_dissenting_participant_is_named_and_the_quorum_finalizes(task):
+    # Prepare
+    task.commit_all(1)
+
+    # Execute: the third participant attests another aggregate
+    sent = task.attest_all(1, [H[5], H[5], H[6]])
+
+    # Assert
+    events = decode_logs(sent[-1].record["logs"])
+    dissent = [a for n, a in events if n == "Dissent"]
+    assert [d["participant"] for d in dissent] == [task.members[2].address]
+    assert dissent[0]["attested_hash"] == "0x" + H[6].hex()
+    assert task.c.functions.finalized_hash(1).call() == H[5]
+    assert task.c.functions.current_round().call() == 2
+
+
+def test_a_round_without_quorum_does_not_finalize_and_stops_the_task(task):
+    # Prepare
+    task.commit_all(1)
+
+    # Execute: three different aggregates, quorum 2
+    sent = task.attest_all(1, [H[5], H[6], H[7]])
+
+    # Assert
+    names = [n for n, _ in decode_logs(sent[-1].record["logs"])]
+    assert "RoundFailed" in names and "RoundFinalized" not in names
+    assert task.c.functions.finalized_hash(1).call() == b"\x00" * 32
+    with pytest.raises(LedgerRevert, match="task has ended"):
+        task.tx(task.members[0], "commit", 2, H[1], 10, [1, 2])
+
+
+def test_attesting_before_everyone_committed_is_rejected(task):
+    # Prepare
+    task.tx(task.members[0], "commit", 1, H[1], 10, [1, 2])
+
+    # Execute / Assert
+    with pytest.raises(LedgerRevert, match="still waiting for commitments"):
+        task.tx(task.members[0], "attest", 1, H[5])
+
+
+def test_only_the_hash_a_quorum_attested_can_be_archived(task):
+    # Prepare: finish the task, two of three attest model H[7]
+    for r in (1, 2):
+        task.commit_all(r)
+        task.attest_all(r, [H[5]] * 3)
+    task.tx(task.members[0], "attest_model", H[7])
+    task.tx(task.members[1], "attest_model", H[7])
+    task.tx(task.members[2], "attest_model", H[6])
+
+    # Execute / Assert
+    with pytest.raises(LedgerRevert, match="not the one a quorum attested"):
+        task.tx(task.submitter, "archive", H[6], "file:///elsewhere")
+    with pytest.raises(LedgerRevert, match="only the task's submitter"):
+        task.tx(task.members[0], "archive", H[7], "file:///x")
+    task.tx(task.submitter, "archive", H[7], "file:///models")
+    assert task.c.functions.archived_hash().call() == H[7]
+    assert task.c.functions.archived_locator().call() == "file:///models"
+
+
+def test_a_replayed_transaction_is_rejected(task):
+    # Prepare
+    sent = task.tx(task.members[0], "commit", 1, H[1], 10, [1, 2])
+    raw = bytes.fromhex(sent.record["raw"][2:])
+
+    # Execute / Assert: the same signed bytes again (nonce used), then the same call re-signed
+    with pytest.raises(Exception, match="(?i)nonce"):
+        task.chain.send_raw(raw)
+    with pytest.raises(LedgerRevert, match="already committed this round"):
+        task.tx(task.members[0], "commit", 1, H[1], 10, [1, 2])
+    assert task.c.functions.commit_count(1).call() == 1
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_the_onchain_weighted_mean_is_the_float64_weighted_mean_within_the_resolution(seed):
+    # Prepare
+    rng = np.random.default_rng(seed)
+    x = rng.normal(scale=rng.uniform(0.01, 100.0), size=(3, 5))
+    n = rng.integers(1, 5000, size=3)
+    t = Task(vector_len=5)
+    for a, xi, ni, h in zip(t.members, x, n, H[1:]):
+        t.tx(a, "commit", 1, h, int(ni), codec.to_fixed(xi))
+
+    # Execute
+    onchain = codec.from_fixed(t.c.functions.weighted_mean(1).call())
+
+    # Assert: encoding rounds by <= 1/2 unit, the mean truncates by < 1 unit (closed form)
+    expected = (n[0] * x[0] + n[1] * x[1] + n[2] * x[2]) / (n[0] + n[1] + n[2])
+    tol = 1.5 / codec.SCALE + 4 * np.finfo(np.float64).eps * np.abs(x).max()
+    assert np.all(np.abs(onchain - expected) <= tol)
+    exact = [int(sum(Fraction(codec.to_fixed(x[i])[j]) * int(n[i]) for i in range(3)) / int(n.sum()))
+             for j in range(5)]
+    assert t.c.functions.weighted_mean(1).call() == exact
