@@ -95,6 +95,7 @@ def _experiment_config(
     institutions: Optional[list[str]],
     test: Optional[Path],
     target: Optional[str],
+    switches: Optional[dict] = None,
     **overrides,
 ):
     from fedmdh.config import ExperimentConfig, read_toml
@@ -111,6 +112,10 @@ def _experiment_config(
     if target is not None:
         kw["target"] = target
     kw.update({k: v for k, v in overrides.items() if v is not None})
+    if switches:  # --no-gfam / --no-cgan / --no-rkd apply to fedmdh
+        settings = {k: dict(v) for k, v in dict(kw.get("algorithm_settings", {})).items()}
+        settings.setdefault("fedmdh", {}).update(switches)
+        kw["algorithm_settings"] = settings
     for need, flag in (("institutions", "--institutions"), ("test", "--test"), ("target", "--target")):
         if need not in kw:
             raise InputError(f"missing {flag}; give it on the command line or in --config FILE.toml.")
@@ -131,6 +136,13 @@ TestOpt = Annotated[Optional[Path], typer.Option("--test", help="Shared test CSV
 TargetOpt = Annotated[Optional[str], typer.Option("--target", help="Target column.")]
 RoundsOpt = Annotated[Optional[int], typer.Option("--rounds", help="Communication rounds [default 400].")]
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", help="TOML file with the same settings.")]
+NoGfamOpt = Annotated[bool, typer.Option("--no-gfam", help="fedmdh without GFAM (ablation).")]
+NoCganOpt = Annotated[bool, typer.Option("--no-cgan", help="fedmdh without GPD-CGAN (ablation).")]
+NoRkdOpt = Annotated[bool, typer.Option("--no-rkd", help="fedmdh without RKD (ablation).")]
+
+
+def _switches(no_gfam: bool, no_cgan: bool, no_rkd: bool) -> dict:
+    return {k: False for k, off in (("gfam", no_gfam), ("cgan", no_cgan), ("rkd", no_rkd)) if off}
 LedgerOpt = Annotated[
     Optional[str],
     typer.Option("--ledger", help="Record to a blockchain ledger: embedded, rpc (needs --chain-rpc) or off."),
@@ -178,6 +190,9 @@ def run(
     config: ConfigOpt = None,
     ledger: LedgerOpt = None,
     chain_rpc: ChainRpcOpt = None,
+    no_gfam: NoGfamOpt = False,
+    no_cgan: NoCganOpt = False,
+    no_rkd: NoRkdOpt = False,
 ) -> None:
     """Train one federation (the main job); save each institution's model and the metrics.
 
@@ -186,8 +201,44 @@ def run(
     cfg = _experiment_config(
         config, institutions, test, target, rounds=rounds, first_seed=seed,
         exclude=tuple(exclude) if exclude else None, algorithms=(algorithm,), seeds=1,
+        switches=_switches(no_gfam, no_cgan, no_rkd),
     )
     _run_and_report(cfg, algorithm, out, _ledger_options(ledger, chain_rpc, "embedded"))
+
+
+@app.command()
+def predict(
+    model: Annotated[Path, typer.Option("--model", help="Run folder of `fedmdh run` (or its models/ folder).")],
+    institution: Annotated[str, typer.Option("--institution", help="Whose model predicts (an institution name).")],
+    input_csv: Annotated[Path, typer.Argument(metavar="IN.csv", help="New materials, in that institution's columns.")],
+    output_csv: Annotated[Path, typer.Argument(metavar="OUT.csv", help="IN.csv with a prediction column added.")],
+) -> None:
+    """Predict new materials with an institution's saved model (its own columns are enough)."""
+    from fedmdh.data.io import read_csv_checked
+    from fedmdh.errors import InputError
+    from fedmdh.experiment.models import load_model
+
+    candidates = [model / "models" / institution, model / institution]
+    folder = next((c for c in candidates if (c / "model.json").exists()), None)
+    if folder is None:
+        names = sorted(p.name for p in (model / "models").glob("*") if (p / "model.json").exists()) if (
+            model / "models").is_dir() else sorted(p.name for p in model.glob("*") if (p / "model.json").exists())
+        raise InputError(
+            f"{model}: no saved model for institution {institution!r}"
+            f"{f' (found: {names})' if names else ''}; give the folder written by `fedmdh run`."
+        )
+    m = load_model(folder)
+    frame = read_csv_checked(input_csv)
+    target = m.info.get("target", "y")
+    X, n_imputed = m.design_matrix(frame, str(input_csv))
+    out = frame.copy()
+    out[f"predicted_{target}"] = m.scaler.y_from_std(m.predict_std(X))
+    out.to_csv(output_csv, index=False)
+    console.print(
+        f"predicted {target} for {len(frame)} rows with {institution}'s {m.algorithm} model "
+        f"({n_imputed} missing values imputed from its training means) -> {output_csv}",
+        highlight=False,
+    )
 
 
 def _ledger_options(mode: Optional[str], chain_rpc: Optional[str], default: str):
@@ -226,13 +277,20 @@ def benchmark(
     config: ConfigOpt = None,
     ledger: LedgerOpt = None,
     chain_rpc: ChainRpcOpt = None,
+    no_gfam: NoGfamOpt = False,
+    no_cgan: NoCganOpt = False,
+    no_rkd: NoRkdOpt = False,
 ) -> None:
-    """Run every algorithm and seed; write results.csv, summary.md, curves.png, federation.json, config.toml."""
+    """Run every algorithm and seed; write results.csv, summary.md, curves.png, federation.json, config.toml.
+
+    Algorithms: local, pooled, fedavg, fedprox, fedmdh and its ablations fedmdh-no-gfam,
+    fedmdh-no-cgan, fedmdh-no-rkd (or --no-gfam/--no-cgan/--no-rkd, which switch fedmdh itself).
+    """
     from fedmdh.experiment.runner import load_tables, run_benchmark
 
     cfg = _experiment_config(
         config, institutions, test, target, algorithms=_algorithms_option(algorithms), seeds=seeds,
-        rounds=rounds, exclude=tuple(exclude) if exclude else None,
+        rounds=rounds, exclude=tuple(exclude) if exclude else None, switches=_switches(no_gfam, no_cgan, no_rkd),
     )
     ledger_options = _ledger_options(ledger, chain_rpc, "off")
     tables = load_tables(cfg)  # validate every file before any progress display

@@ -42,6 +42,10 @@ ALGORITHM_DEFAULTS: dict[str, dict[str, Any]] = {
     "pooled": {"optimizer": "sgd", "lr": 0.05},
     "fedavg": {"optimizer": "sgd", "lr": 0.05},
     "fedprox": {"optimizer": "sgd", "lr": 0.05, "proximal_mu": 0.01},
+    "fedmdh": {"optimizer": "sgd", "lr": 0.05},
+    "fedmdh-no-gfam": {"optimizer": "sgd", "lr": 0.05},
+    "fedmdh-no-cgan": {"optimizer": "sgd", "lr": 0.05},
+    "fedmdh-no-rkd": {"optimizer": "sgd", "lr": 0.05},
 }
 
 _TRAINING_KEYS = {f.name for f in fields(LocalTraining)}

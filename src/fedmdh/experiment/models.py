@@ -65,9 +65,11 @@ class InstitutionModel:
 
     def predict_std(self, X: np.ndarray) -> np.ndarray:
         """Standardised predictions, computed by the algorithm's own ``predict``."""
-        from fedmdh.algorithms import LocalTraining, make_algorithm
+        from fedmdh.algorithms import algorithm_from_hyperparameters
 
-        return make_algorithm(self.algorithm, LocalTraining(hidden=self.hidden)).predict(self.params, X)
+        hp = dict(self.info.get("hyperparameters", {}))
+        hp["hidden"] = list(self.hidden)
+        return algorithm_from_hyperparameters(self.algorithm, hp).predict(self.params, X)
 
     def predict(self, frame: pd.DataFrame, source: str = "input") -> np.ndarray:
         """Predictions in the target's units for the rows of ``frame``."""

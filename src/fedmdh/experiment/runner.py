@@ -123,7 +123,8 @@ def run_experiment(
     for d in fed.institutions:
         save_model(
             models_dir / d.name, d, algorithm, cfg.hidden, fed.scaler, result.models[d.name],
-            info={"best_round": result.best_round, "seed": seed, "target": cfg.target},
+            info={"best_round": result.best_round, "seed": seed, "target": cfg.target,
+                  "hyperparameters": algo.hyperparameters()},
         )
     final = {
         "algorithm": algorithm,

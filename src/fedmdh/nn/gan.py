@@ -1,0 +1,48 @@
+"""Conditional GAN blocks over (vector, y) pairs and least-squares GAN losses.
+
+Used by FedMDH's GPD-CGAN (latent samples conditioned on a target value) and by the baselines that
+generate features (FedGAN, FedGen). Shapes follow the FedMDH reference code:
+``G = Linear(k+1, h) - BatchNorm - ReLU - Linear(h, k)`` and
+``D = Linear(k+1, h) - BatchNorm - LeakyReLU(0.2) - Linear(h, 1)``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class ConditionalGenerator(nn.Module):
+    """``G(z, y) -> R^k``: a noise vector and a scalar condition to a sample."""
+
+    def __init__(self, noise_dim: int, out_dim: int, hidden: int = 128) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(noise_dim + 1, hidden), nn.BatchNorm1d(hidden), nn.ReLU(), nn.Linear(hidden, out_dim)
+        )
+
+    def forward(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.net(torch.cat([z, y.reshape(-1, 1)], dim=1))
+
+
+class ConditionalDiscriminator(nn.Module):
+    """``D(v, y) -> score``: how real a (sample, condition) pair looks."""
+
+    def __init__(self, in_dim: int, hidden: int = 128) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(in_dim + 1, hidden), nn.BatchNorm1d(hidden), nn.LeakyReLU(0.2), nn.Linear(hidden, 1)
+        )
+
+    def forward(self, v: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.net(torch.cat([v, y.reshape(-1, 1)], dim=1)).squeeze(-1)
+
+
+def lsgan_d_loss(d_real: torch.Tensor, d_fake: torch.Tensor) -> torch.Tensor:
+    """``1/2 E[(D(real) - 1)^2] + 1/2 E[D(fake)^2]``."""
+    return 0.5 * torch.mean((d_real - 1.0) ** 2) + 0.5 * torch.mean(d_fake**2)
+
+
+def lsgan_g_loss(d_fake: torch.Tensor) -> torch.Tensor:
+    """``E[(D(G(z, y)) - 1)^2]``."""
+    return torch.mean((d_fake - 1.0) ** 2)
