@@ -38,14 +38,17 @@ from fedmdh.errors import InputError
 
 #: Per-algorithm defaults, chosen on validation splits of the training data (see docs/algorithms.md).
 ALGORITHM_DEFAULTS: dict[str, dict[str, Any]] = {
-    "local": {"optimizer": "sgd", "lr": 0.05},
-    "pooled": {"optimizer": "sgd", "lr": 0.05},
-    "fedavg": {"optimizer": "sgd", "lr": 0.05},
-    "fedprox": {"optimizer": "sgd", "lr": 0.05, "proximal_mu": 0.01},
-    "fedmdh": {"optimizer": "sgd", "lr": 0.05},
-    "fedmdh-no-gfam": {"optimizer": "sgd", "lr": 0.05},
-    "fedmdh-no-cgan": {"optimizer": "sgd", "lr": 0.05},
-    "fedmdh-no-rkd": {"optimizer": "sgd", "lr": 0.05},
+    "local": {"optimizer": "adam", "lr": 0.001},
+    "pooled": {"optimizer": "adam", "lr": 0.003},
+    "fedavg": {"optimizer": "sgd", "lr": 0.2},
+    "fedprox": {"optimizer": "sgd", "lr": 0.2, "proximal_mu": 0.01},
+    "fedmdh": {"optimizer": "sgd", "lr": 0.2},
+    "fedmdh-no-gfam": {"optimizer": "sgd", "lr": 0.2},
+    "fedmdh-no-cgan": {"optimizer": "sgd", "lr": 0.2},
+    "fedmdh-no-rkd": {"optimizer": "sgd", "lr": 0.2},
+    "fedgan": {"optimizer": "sgd", "lr": 0.2},
+    "flic": {"optimizer": "sgd", "lr": 0.2},
+    "fedgen": {"optimizer": "sgd", "lr": 0.2},
 }
 
 _TRAINING_KEYS = {f.name for f in fields(LocalTraining)}

@@ -157,7 +157,7 @@ class FedMDH(Algorithm):
         cgan: bool = True,
         rkd: bool = True,
         mask_prob: float = 0.3,
-        align_weight: float = 0.001,
+        align_weight: float = 0.01,
         gen_weight: float = 0.1,
         soft_weight: float = 0.1,
         kl_weight: float = 0.0,

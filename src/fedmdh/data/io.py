@@ -110,23 +110,31 @@ class InstitutionTable:
         return int(np.isnan(self.X).sum())
 
 
+def numeric_column(series: pd.Series, col: str, where: str, hint: str) -> np.ndarray:
+    """A column as float64 (booleans as 0/1, non-finite as NaN); a non-numeric cell is an error.
+
+    ``where`` prefixes the message (e.g. ``"file.csv: "``); ``hint`` says what to do.
+    """
+    if series.dtype == bool:
+        series = series.astype(np.float64)
+    values = pd.to_numeric(series, errors="coerce")
+    bad = values.isna() & series.notna()
+    if bad.any():
+        row = int(np.flatnonzero(bad.to_numpy())[0])
+        raise InputError(
+            f"{where}column {col!r} is not numeric ({line_numbers([row])} holds {series.iloc[row]!r}); {hint}"
+        )
+    arr = values.to_numpy(dtype=np.float64)
+    arr[~np.isfinite(arr)] = np.nan
+    return arr
+
+
 def _numeric_frame(frame: pd.DataFrame, source: str, columns: Sequence[str]) -> np.ndarray:
     out = np.empty((len(frame), len(columns)), dtype=np.float64)
     for j, col in enumerate(columns):
-        series = frame[col]
-        if series.dtype == bool:
-            series = series.astype(np.float64)
-        values = pd.to_numeric(series, errors="coerce")
-        bad = values.isna() & series.notna()
-        if bad.any():
-            row = int(np.flatnonzero(bad.to_numpy())[0])
-            raise InputError(
-                f"{source}: column {col!r} is not numeric ({line_numbers([row])} holds {series.iloc[row]!r}); "
-                "featurize it (e.g. `fedmdh featurize` for formulas) or drop the column."
-            )
-        arr = values.to_numpy(dtype=np.float64)
-        arr[~np.isfinite(arr)] = np.nan
-        out[:, j] = arr
+        out[:, j] = numeric_column(
+            frame[col], col, f"{source}: ", "featurize it (e.g. `fedmdh featurize` for formulas) or drop the column."
+        )
     return out
 
 

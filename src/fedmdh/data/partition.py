@@ -48,7 +48,7 @@ import pandas as pd
 
 from fedmdh.data.featurize import PRESETS, Progress, featurize_formulas
 from fedmdh.data.heterogeneity import Heterogeneity, label_kl, measure
-from fedmdh.data.io import MIN_ROWS, line_numbers
+from fedmdh.data.io import MIN_ROWS, line_numbers, numeric_column
 from fedmdh.errors import InputError, TargetUnreachableError
 from fedmdh.seeding import rng_for
 
@@ -400,19 +400,9 @@ def _numeric_columns(frame: pd.DataFrame, columns: Sequence[str], source: str) -
     where = f"{source}: " if source else ""
     out = {}
     for col in columns:
-        series = frame[col]
-        if series.dtype == bool:
-            series = series.astype(np.float64)
-        values = pd.to_numeric(series, errors="coerce")
-        bad = values.isna() & series.notna()
-        if bad.any():
-            row = int(np.flatnonzero(bad.to_numpy())[0])
-            raise InputError(
-                f"{where}column {col!r} is not numeric ({line_numbers([row])} holds {series.iloc[row]!r}); "
-                f"pass --exclude {col!r} to drop it (or --formula-column if it holds formulas)."
-            )
-        arr = values.to_numpy(dtype=np.float64)
-        arr[~np.isfinite(arr)] = np.nan
+        arr = numeric_column(
+            frame[col], col, where, f"pass --exclude {col!r} to drop it (or --formula-column if it holds formulas)."
+        )
         if np.isnan(arr).all():
             raise InputError(f"{where}column {col!r} is empty (all values missing); pass --exclude {col!r}.")
         out[col] = arr
