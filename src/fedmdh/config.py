@@ -47,8 +47,9 @@ ALGORITHM_DEFAULTS: dict[str, dict[str, Any]] = {
     "fedmdh-no-cgan": {"optimizer": "sgd", "lr": 0.2},
     "fedmdh-no-rkd": {"optimizer": "sgd", "lr": 0.2},
     "fedgan": {"optimizer": "sgd", "lr": 0.2},
-    "flic": {"optimizer": "sgd", "lr": 0.2},
+    "flic": {"optimizer": "sgd", "lr": 0.05},
     "fedgen": {"optimizer": "sgd", "lr": 0.2},
+    "fedkd": {"optimizer": "sgd", "lr": 0.2},
 }
 
 _TRAINING_KEYS = {f.name for f in fields(LocalTraining)}

@@ -6,6 +6,10 @@ from typing import Any
 
 from fedmdh.algorithms.base import Algorithm, LocalTraining, Update, weighted_average
 from fedmdh.algorithms.fedavg import FedAvg
+from fedmdh.algorithms.fedgan import FedGAN
+from fedmdh.algorithms.fedgen import FedGen
+from fedmdh.algorithms.fedkd import FedKD
+from fedmdh.algorithms.flic import FLIC
 from fedmdh.algorithms.fedmdh import FedMDH, FedMDHNoCGAN, FedMDHNoGFAM, FedMDHNoRKD
 from fedmdh.algorithms.fedprox import FedProx
 from fedmdh.algorithms.local import Local
@@ -14,7 +18,8 @@ from fedmdh.errors import InputError
 
 ALGORITHMS: dict[str, type[Algorithm]] = {
     cls.name: cls
-    for cls in (Local, Pooled, FedAvg, FedProx, FedMDH, FedMDHNoGFAM, FedMDHNoCGAN, FedMDHNoRKD)
+    for cls in (Local, Pooled, FedAvg, FedProx, FedMDH, FedMDHNoGFAM, FedMDHNoCGAN, FedMDHNoRKD,
+                FedGAN, FLIC, FedGen, FedKD)
 }
 
 
