@@ -34,6 +34,11 @@ GRIDS: dict[str, list[dict]] = {
     + [{"optimizer": "sgd", "lr": 0.2, "mask_prob": 0.3, "cgan": False},
        {"optimizer": "sgd", "lr": 0.2, "mask_prob": 0.3, "soft_weight": 0.5},
        {"optimizer": "sgd", "lr": 0.2, "mask_prob": 0.3, "align_weight": 0.01}],
+    "fedgan": [{"optimizer": "sgd", "lr": 0.05}, {"optimizer": "sgd", "lr": 0.2}],
+    "flic": [{"optimizer": "sgd", "lr": 0.05}, {"optimizer": "sgd", "lr": 0.2}],
+    "fedgen": [{"optimizer": "sgd", "lr": 0.05}, {"optimizer": "sgd", "lr": 0.2}],
+    "fedkd": [{"optimizer": "sgd", "lr": lr, "distill_weight": dw, "max_distill_weight": cap}
+              for lr in (0.05, 0.2) for dw, cap in ((0.05, 0.2), (0.2, 1.0))],
 }
 
 
