@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from fedmdh.algorithms import ALGORITHMS, LocalTraining, make_algorithm
-from fedmdh.algorithms.base import FederationSpec, Update
+from fedmdh.algorithms.base import FederationSpec
 from fedmdh.algorithms.fedkd import compress_update, decompress_update, svd_compress, svd_reconstruct
 from fedmdh.algorithms.gaussian import barycenter
 from fedmdh.seeding import rng_for

@@ -51,7 +51,7 @@ from fedmdh.algorithms.gaussian import mixture_moments
 from fedmdh.algorithms.seeded import schedule_stamp, seeded
 from fedmdh.data.federation import InstitutionData
 from fedmdh.nn.gan import ConditionalGenerator
-from fedmdh.nn.mlp import make_optimizer, predict
+from fedmdh.nn.mlp import Evaluator, make_optimizer
 from fedmdh.seeding import rng_for
 
 
@@ -114,8 +114,7 @@ class FedGen(Algorithm):
         self.diversity_weight = float(diversity_weight)
         self.noise_dim = int(noise_dim)
         self.gen_hidden = int(gen_hidden)
-        self._eval: LatentRegressor | None = None
-        self._eval_loaded: object = None
+        self._evaluator: Evaluator | None = None
         self._personal: tuple[Payload, Params] | None = None
 
     def hyperparameters(self) -> dict[str, Any]:
@@ -258,13 +257,7 @@ class FedGen(Algorithm):
         return self._personal[1]
 
     def predict(self, params: Mapping[str, np.ndarray], X: np.ndarray) -> np.ndarray:
-        d_in = int(np.shape(params["phi.0.weight"])[1])
-        if self._eval is None or self._eval.phi[0].in_features != d_in:
-            self._eval = LatentRegressor(d_in, self.training.hidden)
-            self._eval_loaded = None
-        if params is not self._eval_loaded:
-            _load(self._eval.phi, params, "phi")
-            _load(self._eval.h, params, "h")
-            self._eval_loaded = params
-        self._eval.eval()
-        return predict(self._eval, X)
+        if self._evaluator is None:
+            hidden = self.training.hidden
+            self._evaluator = Evaluator(lambda d_in: LatentRegressor(d_in, hidden), "phi.0.weight")
+        return self._evaluator(params, X)

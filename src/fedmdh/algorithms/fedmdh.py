@@ -69,7 +69,7 @@ from fedmdh.algorithms.base import (
 from fedmdh.algorithms.gaussian import barycenter, batch_gaussian, gaussian_kl, mixture_moments, psd_sqrt, w2_squared_torch
 from fedmdh.data.federation import InstitutionData
 from fedmdh.nn.gan import ConditionalDiscriminator, ConditionalGenerator, lsgan_d_loss, lsgan_g_loss
-from fedmdh.nn.mlp import make_optimizer, predict
+from fedmdh.nn.mlp import Evaluator, make_optimizer
 from fedmdh.seeding import derive_seed
 
 JITTER = 1e-6
@@ -192,8 +192,7 @@ class FedMDH(Algorithm):
         self.gan_lr = float(gan_lr)
         self.gan_weight_decay = float(gan_weight_decay)
         self.gan_hidden = int(gan_hidden)
-        self._eval: LatentRegressor | None = None
-        self._eval_loaded: object = None
+        self._evaluator: Evaluator | None = None
 
     def hyperparameters(self) -> dict[str, Any]:
         d = super().hyperparameters()
@@ -428,16 +427,10 @@ class FedMDH(Algorithm):
         return {k: v for k, v in server_state.items() if k.startswith(("phi.", "h."))}
 
     def predict(self, params: Mapping[str, np.ndarray], X: np.ndarray) -> np.ndarray:
-        d_in = int(np.shape(params["phi.0.weight"])[1])
-        if self._eval is None or self._eval.phi[0].in_features != d_in:
-            self._eval = LatentRegressor(d_in, self.training.hidden)
-            self._eval_loaded = None
-        if params is not self._eval_loaded:
-            _load(self._eval.phi, params, "phi")
-            _load(self._eval.h, params, "h")
-            self._eval_loaded = params
-        self._eval.eval()
-        return predict(self._eval, X)
+        if self._evaluator is None:
+            hidden = self.training.hidden
+            self._evaluator = Evaluator(lambda d_in: LatentRegressor(d_in, hidden), "phi.0.weight")
+        return self._evaluator(params, X)
 
 
 class FedMDHNoGFAM(FedMDH):

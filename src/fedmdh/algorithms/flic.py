@@ -50,7 +50,7 @@ from fedmdh.algorithms.fedmdh import JITTER, _load, _prefixed
 from fedmdh.algorithms.gaussian import barycenter, batch_gaussian, psd_sqrt, w2_squared_torch
 from fedmdh.algorithms.seeded import seeded
 from fedmdh.data.federation import InstitutionData
-from fedmdh.nn.mlp import make_optimizer, predict
+from fedmdh.nn.mlp import Evaluator, make_optimizer
 
 
 class FLICNet(nn.Module):
@@ -115,8 +115,7 @@ class FLIC(Algorithm):
         self.head_steps = None if head_steps is None else int(head_steps)
         self.align_weight = float(align_weight)
         self.barycenter_iters = int(barycenter_iters)
-        self._eval: FLICNet | None = None
-        self._eval_loaded: object = None
+        self._evaluator: Evaluator | None = None
 
     def hyperparameters(self) -> dict[str, Any]:
         d = super().hyperparameters()
@@ -223,13 +222,7 @@ class FLIC(Algorithm):
         return {**_prefixed(client_state.net.phi, "phi"), **{k: v for k, v in server_state.items() if k.startswith("head.")}}
 
     def predict(self, params: Mapping[str, np.ndarray], X: np.ndarray) -> np.ndarray:
-        d_in = int(np.shape(params["phi.0.weight"])[1])
-        if self._eval is None or self._eval.phi[0].in_features != d_in:
-            self._eval = FLICNet(d_in, self.training.hidden)
-            self._eval_loaded = None
-        if params is not self._eval_loaded:
-            _load(self._eval.phi, params, "phi")
-            _load(self._eval.head, params, "head")
-            self._eval_loaded = params
-        self._eval.eval()
-        return predict(self._eval, X)
+        if self._evaluator is None:
+            hidden = self.training.hidden
+            self._evaluator = Evaluator(lambda d_in: FLICNet(d_in, hidden), "phi.0.weight")
+        return self._evaluator(params, X)

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from fedmdh.algorithms.base import Algorithm, FederationSpec
-from fedmdh.nn.mlp import MLP, make_mlp, make_optimizer, predict, set_params
+from fedmdh.nn.mlp import MLP, Evaluator, make_mlp, make_optimizer
 from fedmdh.seeding import derive_seed
 
 
@@ -25,8 +25,7 @@ class MLPClient:
 class MLPAlgorithm(Algorithm):
     """Base for algorithms whose prediction model is ``MLP(n_features, hidden)``."""
 
-    _eval_model: MLP | None = None
-    _eval_loaded: object = None  # the params object last loaded into the evaluation model
+    _evaluator: Evaluator | None = None
 
     def _new_model(self, spec: FederationSpec, seed: int, *purpose: Any) -> MLP:
         return make_mlp(spec.n_features, self.training.hidden, derive_seed(seed, "init", *purpose))
@@ -36,13 +35,7 @@ class MLPAlgorithm(Algorithm):
         return make_optimizer(model.parameters(), t.optimizer, t.lr, t.momentum, t.weight_decay)
 
     def predict(self, params: Mapping[str, np.ndarray], X: np.ndarray) -> np.ndarray:
-        first = next(iter(params.values()))
-        d_in = int(np.shape(first)[1])
-        if self._eval_model is None or self._eval_model.net[0].in_features != d_in:
-            self._eval_model = MLP(d_in, self.training.hidden)
-            self._eval_loaded = None
-        if params is not self._eval_loaded:  # the same dict for every institution under FedAvg
-            set_params(self._eval_model, params)
-            self._eval_loaded = params
-        self._eval_model.eval()
-        return predict(self._eval_model, X)
+        if self._evaluator is None:
+            hidden = self.training.hidden
+            self._evaluator = Evaluator(lambda d_in: MLP(d_in, hidden), "net.0.weight")
+        return self._evaluator(params, X)

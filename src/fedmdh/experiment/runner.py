@@ -10,7 +10,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 
 from fedmdh import __version__
 from fedmdh.config import ExperimentConfig

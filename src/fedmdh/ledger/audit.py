@@ -293,7 +293,6 @@ def verify(path: str | Path, algorithm: Algorithm | None = None, rpc_url: str | 
         state = algorithm.aggregate(state, updates)
         agg_hash = sha256_hex(codec.encode_payload(state))
         if "0x" + agg_hash != st.finalized[r]:
-            dissent = ", ".join(names.get(d["participant"], "?") for d in st.dissent[r])
             return fail(f"round {r}: {algorithm.name}.aggregate recomputed from the blobs gives {agg_hash[:16]}, "
                         f"the round finalized {st.finalized[r][2:18]}", done)
         for d in st.dissent[r]:

@@ -30,7 +30,7 @@ from fedmdh.ledger.chain import GAS, GAS_PER_PARTICIPANT, GAS_PER_VALUE, Chain
 from fedmdh.ledger.errors import LedgerError
 from fedmdh.ledger.events import decode_logs
 from fedmdh.ledger.keys import PASSPHRASE_ENV, KeystoreSettings, load_or_create
-from fedmdh.ledger.options import MODES, LedgerOptions
+from fedmdh.ledger.options import LedgerOptions
 
 SUBMITTER = "submitter"
 TASK_FILE = "task.json"

@@ -56,6 +56,32 @@ def predict(model: nn.Module, X: np.ndarray) -> np.ndarray:
         return model(torch.from_numpy(np.ascontiguousarray(X, dtype=np.float32))).double().numpy()
 
 
+class Evaluator:
+    """An evaluation copy of a network for ``predict(params, X)``.
+
+    Rebuilt when the input width changes; reloaded only when handed a different params dict (the
+    same dict serves every institution when the model is shared, so a round loads it once).
+    ``params`` keys are the network's state-dict keys.
+    """
+
+    def __init__(self, build: Callable[[int], nn.Module], input_key: str) -> None:
+        self._build = build
+        self._input_key = input_key
+        self._model: nn.Module | None = None
+        self._d_in = -1
+        self._loaded: object = None
+
+    def __call__(self, params: Mapping[str, np.ndarray], X: np.ndarray) -> np.ndarray:
+        d_in = int(np.shape(params[self._input_key])[1])
+        if self._model is None or d_in != self._d_in:
+            self._model, self._d_in, self._loaded = self._build(d_in), d_in, None
+        if params is not self._loaded:
+            set_params(self._model, params)
+            self._loaded = params
+        self._model.eval()
+        return predict(self._model, X)
+
+
 def make_optimizer(
     params, name: str, lr: float, momentum: float = 0.0, weight_decay: float = 0.0
 ) -> torch.optim.Optimizer:
