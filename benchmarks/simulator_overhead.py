@@ -25,6 +25,7 @@ from fedmdh.algorithms import LocalTraining, make_algorithm
 from fedmdh.data.federation import prepare_federation
 from fedmdh.data.io import load_institution
 from fedmdh.nn.mlp import make_mlp, make_optimizer, train_steps
+from fedmdh.runtime.simulator import _simulation_threads as _threads
 from fedmdh.runtime.simulator import merge_institutions, simulate
 from fedmdh.seeding import rng_for
 
@@ -64,7 +65,8 @@ def main() -> None:
         ref.append(run_pooled())
     s, r = statistics.median(sim), statistics.median(ref)
     print(f"command: python benchmarks/simulator_overhead.py --rounds {args.rounds} --repeats {args.repeats}")
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, numpy {np.__version__}")
+    print(f"torch {torch.__version__}, numpy {np.__version__}; the simulator runs torch with "
+          f"{_threads()} thread(s) ($FEDMDH_TORCH_THREADS), the reference loop with {torch.get_num_threads()}")
     print(f"FedAvg simulator, {args.rounds} rounds x 3 institutions x {training.local_steps} steps: "
           f"median {s:.3f} s (runs: {', '.join(f'{x:.3f}' for x in sim)})")
     print(f"pooled torch loop, {steps} steps of batch {training.batch_size}:          "
