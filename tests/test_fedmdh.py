@@ -157,3 +157,15 @@ def test_ablation_variants_are_fedmdh_with_one_component_off(perovskite_fed):
     a = simulate(perovskite_fed, make_algorithm("fedmdh-no-cgan"), rounds=3, seed=2)
     b = simulate(perovskite_fed, make_algorithm("fedmdh", cgan=False), rounds=3, seed=2)
     assert [h.rmse for h in a.history] == [h.rmse for h in b.history]
+
+
+def test_fedmdh_main_job_records_on_the_ledger_and_verifies(perovskite, tmp_path):
+    """The main job's default (embedded ledger) with FedMDH: anchor mean and prediction moments on chain."""
+    from fedmdh.ledger.audit import verify
+
+    cfg = ExperimentConfig(perovskite["institutions"], perovskite["test"], "e_form", rounds=3)
+    out = tmp_path / "run"
+    run_experiment(cfg, "fedmdh", out)  # ledger: embedded by default
+    report = verify(out)
+    assert report.ok, report.problem
+    assert report.rounds_verified == 3

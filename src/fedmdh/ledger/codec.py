@@ -21,7 +21,7 @@ from fedmdh.ledger.errors import LedgerError
 MAGIC = b"fedmdh-blob/1\n"
 #: on-chain vectors are integers: value * SCALE rounded to nearest; resolution 1 / SCALE
 SCALE = 10**12
-MAX_VECTOR = 64
+MAX_VECTOR = 128
 
 
 def _arrays_bytes(arrays: Mapping[str, np.ndarray]) -> tuple[list[dict[str, Any]], list[bytes]]:

@@ -3,7 +3,7 @@
 @title FedLedger: one federated training task on chain
 @notice A submitter creates the task (target, algorithm, rounds, quorum, participant allowlist).
         Allowlisted institutions register, then each round every participant commits the sha256 of
-        its canonical serialized update, its sample count and a small vector (at most 64 values,
+        its canonical serialized update, its sample count and a small vector (at most 128 values,
         fixed point); the contract computes the sample-weighted mean of the vectors itself. Each
         participant then attests the sha256 of the aggregate it computed off chain; when every
         participant has attested, the round is finalized if a quorum agrees on one hash (those who
@@ -12,7 +12,7 @@
 """
 
 MAX_PARTICIPANTS: constant(uint256) = 32
-MAX_VECTOR: constant(uint256) = 64
+MAX_VECTOR: constant(uint256) = 128
 
 event TaskCreated:
     submitter: indexed(address)
@@ -118,7 +118,7 @@ def __init__(
     assert num_rounds > 0, "create: num_rounds must be at least 1"
     assert len(allowlist) > 0, "create: the allowlist is empty"
     assert quorum > 0 and quorum <= len(allowlist), "create: quorum must be between 1 and the allowlist size"
-    assert vector_len <= MAX_VECTOR, "create: vector_len must be at most 64"
+    assert vector_len <= MAX_VECTOR, "create: vector_len must be at most 128"
     self.submitter = msg.sender
     self.target = target
     self.algorithm = algorithm
