@@ -40,7 +40,7 @@ from fedmdh.algorithms.gaussian import mixture_moments
 from fedmdh.algorithms.mlp_common import MLPAlgorithm
 from fedmdh.algorithms.seeded import own_mask, seeded
 from fedmdh.data.federation import InstitutionData
-from fedmdh.nn.gan import ConditionalDiscriminator, ConditionalGenerator, lsgan_d_loss, lsgan_g_loss
+from fedmdh.nn.gan import ConditionalDiscriminator, ConditionalGenerator, lsgan_step
 from fedmdh.nn.mlp import MLP
 
 _SHARED = ("reg.", "G.", "D.")
@@ -171,15 +171,7 @@ class FedGAN(MLPAlgorithm):
             y_fake = y[torch.from_numpy(rng.integers(0, n, size=b))]  # local conditions: D judges x | y
             z = torch.from_numpy(rng.standard_normal((b, self.noise_dim)).astype(np.float32))
             fake = c.gen(z, y_fake) * mask
-            d_loss = lsgan_d_loss(c.disc(X[idx], y[idx]), c.disc(fake.detach(), y_fake))
-            c.d_opt.zero_grad(set_to_none=True)
-            d_loss.backward()
-            c.d_opt.step()
-            g_loss = lsgan_g_loss(c.disc(fake, y_fake))
-            c.g_opt.zero_grad(set_to_none=True)
-            g_loss.backward()
-            c.g_opt.step()
-            g_total += float(g_loss.detach())
+            g_total += lsgan_step(c.disc, c.d_opt, c.g_opt, X[idx], y[idx], fake, y_fake)
         return g_total / self.gan_steps
 
     def client_update(

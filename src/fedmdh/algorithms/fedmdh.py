@@ -67,10 +67,10 @@ from fedmdh.algorithms.base import (
     weighted_average,
 )
 from fedmdh.algorithms.gaussian import barycenter, batch_gaussian, gaussian_kl, mixture_moments, psd_sqrt, w2_squared_torch
+from fedmdh.algorithms.seeded import seeded
 from fedmdh.data.federation import InstitutionData
-from fedmdh.nn.gan import ConditionalDiscriminator, ConditionalGenerator, lsgan_d_loss, lsgan_g_loss
+from fedmdh.nn.gan import ConditionalDiscriminator, ConditionalGenerator, lsgan_step
 from fedmdh.nn.mlp import Evaluator, make_optimizer
-from fedmdh.seeding import derive_seed
 
 JITTER = 1e-6
 
@@ -207,20 +207,11 @@ class FedMDH(Algorithm):
 
     # -- construction ---------------------------------------------------------------------------
     def _net(self, d_in: int, seed: int) -> LatentRegressor:
-        state = torch.random.get_rng_state()
-        try:
-            torch.manual_seed(derive_seed(seed, "init", "fedmdh", "net"))
-            return LatentRegressor(d_in, self.training.hidden)
-        finally:
-            torch.random.set_rng_state(state)
+        return seeded(seed, ("fedmdh", "net"), lambda: LatentRegressor(d_in, self.training.hidden))
 
     def _gan(self, k: int, seed: int) -> tuple[ConditionalGenerator, ConditionalDiscriminator]:
-        state = torch.random.get_rng_state()
-        try:
-            torch.manual_seed(derive_seed(seed, "init", "fedmdh", "gan"))
-            return ConditionalGenerator(k, k, self.gan_hidden), ConditionalDiscriminator(k, self.gan_hidden)
-        finally:
-            torch.random.set_rng_state(state)
+        return seeded(seed, ("fedmdh", "gan"), lambda: (
+            ConditionalGenerator(k, k, self.gan_hidden), ConditionalDiscriminator(k, self.gan_hidden)))
 
     def init(self, spec: FederationSpec, seed: int) -> Payload:
         net = self._net(spec.n_features, seed)
@@ -379,14 +370,7 @@ class FedMDH(Algorithm):
             real, y_real = latent[idx], y[idx]
             y_fake = torch.from_numpy(cond_labels(b).astype(np.float32))
             fake = c.gen(anchor_noise(b), y_fake)
-            d_loss = lsgan_d_loss(c.disc(real, y_real), c.disc(fake.detach(), y_fake))
-            c.d_opt.zero_grad(set_to_none=True)
-            d_loss.backward()
-            c.d_opt.step()
-            g_loss = lsgan_g_loss(c.disc(fake, y_fake))
-            c.g_opt.zero_grad(set_to_none=True)
-            g_loss.backward()
-            c.g_opt.step()
+            lsgan_step(c.disc, c.d_opt, c.g_opt, real, y_real, fake, y_fake)
 
     # -- aggregation ----------------------------------------------------------------------------
     def aggregate(self, server_state: Payload, updates: Sequence[Update]) -> Payload:

@@ -46,3 +46,27 @@ def lsgan_d_loss(d_real: torch.Tensor, d_fake: torch.Tensor) -> torch.Tensor:
 def lsgan_g_loss(d_fake: torch.Tensor) -> torch.Tensor:
     """``E[(D(G(z, y)) - 1)^2]``."""
     return torch.mean((d_fake - 1.0) ** 2)
+
+
+def lsgan_step(
+    disc: nn.Module,
+    d_opt: torch.optim.Optimizer,
+    g_opt: torch.optim.Optimizer,
+    real: torch.Tensor,
+    y_real: torch.Tensor,
+    fake: torch.Tensor,
+    y_fake: torch.Tensor,
+) -> float:
+    """One discriminator step then one generator step on a batch; ``fake`` is the generator's output.
+
+    Returns the generator's loss.
+    """
+    d_loss = lsgan_d_loss(disc(real, y_real), disc(fake.detach(), y_fake))
+    d_opt.zero_grad(set_to_none=True)
+    d_loss.backward()
+    d_opt.step()
+    g_loss = lsgan_g_loss(disc(fake, y_fake))
+    g_opt.zero_grad(set_to_none=True)
+    g_loss.backward()
+    g_opt.step()
+    return float(g_loss.detach())
