@@ -62,7 +62,8 @@ def test_sent_statistics_are_the_institutions_own(perovskite_fed):
     algo, spec, server, upd = _one_update(perovskite_fed)
     d = perovskite_fed.institutions[0]
     params = {k: v for k, v in upd.payload.items() if k.startswith(MODEL_KEYS)}
-    from fedmdh.algorithms.fedmdh import LatentRegressor, _load
+    from fedmdh.algorithms.fedmdh import LatentRegressor
+    from fedmdh.nn.mlp import load_prefixed as _load
 
     net = LatentRegressor(spec.n_features, algo.training.hidden)
     _load(net.phi, params, "phi")

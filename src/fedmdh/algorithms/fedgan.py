@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from fedmdh.algorithms.base import FederationSpec, LocalTraining, Params, Payload, Update, ordered, weighted_average
-from fedmdh.algorithms.fedmdh import _load, _prefixed
+from fedmdh.nn.mlp import load_prefixed as _load, prefixed_params as _prefixed
 from fedmdh.algorithms.gaussian import mixture_moments
 from fedmdh.algorithms.mlp_common import MLPAlgorithm
 from fedmdh.algorithms.seeded import own_mask, seeded

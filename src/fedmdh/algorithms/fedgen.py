@@ -46,7 +46,8 @@ from fedmdh.algorithms.base import (
     ordered,
     weighted_average,
 )
-from fedmdh.algorithms.fedmdh import LatentRegressor, _load, _prefixed
+from fedmdh.algorithms.fedmdh import LatentRegressor
+from fedmdh.nn.mlp import load_prefixed as _load, prefixed_params as _prefixed
 from fedmdh.algorithms.gaussian import mixture_moments
 from fedmdh.algorithms.seeded import schedule_stamp, seeded
 from fedmdh.data.federation import InstitutionData

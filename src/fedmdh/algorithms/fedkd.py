@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from fedmdh.algorithms.base import FederationSpec, LocalTraining, Params, Payload, Update, ordered
-from fedmdh.algorithms.fedmdh import _load, _prefixed
+from fedmdh.nn.mlp import load_prefixed as _load, prefixed_params as _prefixed
 from fedmdh.algorithms.mlp_common import MLPAlgorithm
 from fedmdh.data.federation import InstitutionData
 from fedmdh.nn.mlp import MLP

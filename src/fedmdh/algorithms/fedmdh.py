@@ -70,7 +70,7 @@ from fedmdh.algorithms.gaussian import barycenter, batch_gaussian, gaussian_kl, 
 from fedmdh.algorithms.seeded import seeded
 from fedmdh.data.federation import InstitutionData
 from fedmdh.nn.gan import ConditionalDiscriminator, ConditionalGenerator, lsgan_step
-from fedmdh.nn.mlp import Evaluator, make_optimizer
+from fedmdh.nn.mlp import Evaluator, load_prefixed as _load, make_optimizer, prefixed_params as _prefixed
 
 JITTER = 1e-6
 
@@ -108,16 +108,6 @@ class FedMDHClient:
     d_opt: torch.optim.Optimizer | None
     masks: np.ndarray  # (K, n_features) float32: each institution's feature set, as 0/1
     own: int  # index of this institution among the masks
-
-
-def _prefixed(module: nn.Module, prefix: str) -> Params:
-    return {f"{prefix}.{k}": v.detach().cpu().numpy().copy() for k, v in module.state_dict().items()}
-
-
-def _load(module: nn.Module, params: Mapping[str, np.ndarray], prefix: str) -> None:
-    with torch.no_grad():
-        for k, v in module.state_dict().items():
-            v.copy_(torch.from_numpy(np.asarray(params[f"{prefix}.{k}"])).to(v.dtype))
 
 
 class FedMDH(Algorithm):

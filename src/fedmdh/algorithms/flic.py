@@ -46,7 +46,8 @@ from fedmdh.algorithms.base import (
     ordered,
     weighted_average,
 )
-from fedmdh.algorithms.fedmdh import JITTER, _load, _prefixed
+from fedmdh.algorithms.fedmdh import JITTER
+from fedmdh.nn.mlp import load_prefixed as _load, prefixed_params as _prefixed
 from fedmdh.algorithms.gaussian import barycenter, batch_gaussian, psd_sqrt, w2_squared_torch
 from fedmdh.algorithms.seeded import seeded
 from fedmdh.data.federation import InstitutionData

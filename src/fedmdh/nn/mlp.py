@@ -50,6 +50,18 @@ def set_params(model: nn.Module, params: Mapping[str, np.ndarray]) -> None:
             v.copy_(torch.from_numpy(np.asarray(params[k], dtype=np.float32)))
 
 
+def prefixed_params(module: nn.Module, prefix: str) -> Params:
+    """A copy of a sub-module's state as arrays named ``"<prefix>.<key>"`` (payload keys)."""
+    return {f"{prefix}.{k}": v.detach().cpu().numpy().copy() for k, v in module.state_dict().items()}
+
+
+def load_prefixed(module: nn.Module, params: Mapping[str, np.ndarray], prefix: str) -> None:
+    """Load the arrays named ``"<prefix>.<key>"`` into a sub-module (dtypes follow the module)."""
+    with torch.no_grad():
+        for k, v in module.state_dict().items():
+            v.copy_(torch.from_numpy(np.asarray(params[f"{prefix}.{k}"])).to(v.dtype))
+
+
 def predict(model: nn.Module, X: np.ndarray) -> np.ndarray:
     """Predictions of ``model`` on ``X`` as a float64 array."""
     with torch.no_grad():
