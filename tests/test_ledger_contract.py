@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from fractions import Fraction
 
 import numpy as np
@@ -35,6 +36,8 @@ class Task:
             self.tx(a, "register", f"inst{i}")
 
     def tx(self, account, fn: str, *args, gas: int = 600_000):
+        if fn == "commit":  # vectors are given as plain fixed-point values; the contract takes them packed
+            args = (*args[:3], codec.pack(args[3]))
         return self.chain.transact(account, fn, self.address, self.c.encode_abi(fn, list(args)), gas=gas)
 
     def commit_all(self, rnd: int, vectors=None, counts=(10, 20, 30)):
@@ -188,12 +191,43 @@ def test_the_onchain_weighted_mean_is_the_float64_weighted_mean_within_the_resol
         t.tx(a, "commit", 1, h, int(ni), codec.to_fixed(xi))
 
     # Execute
-    onchain = codec.from_fixed(t.c.functions.weighted_mean(1).call())
+    onchain = codec.from_fixed(codec.unpack(t.c.functions.weighted_mean(1).call(), 5))
 
-    # Assert: encoding rounds by <= 1/2 unit, the mean truncates by < 1 unit (closed form)
+    # Assert: encoding rounds by <= 1/2 unit, the mean rounds down by < 1 unit (closed form)
     expected = (n[0] * x[0] + n[1] * x[1] + n[2] * x[2]) / (n[0] + n[1] + n[2])
     tol = 1.5 / codec.SCALE + 4 * np.finfo(np.float64).eps * np.abs(x).max()
     assert np.all(np.abs(onchain - expected) <= tol)
-    exact = [int(sum(Fraction(codec.to_fixed(x[i])[j]) * int(n[i]) for i in range(3)) / int(n.sum()))
+    exact = [math.floor(sum(Fraction(codec.to_fixed(x[i])[j]) * int(n[i]) for i in range(3)) / int(n.sum()))
              for j in range(5)]
-    assert t.c.functions.weighted_mean(1).call() == exact
+    assert codec.unpack(t.c.functions.weighted_mean(1).call(), 5) == exact
+
+
+def test_packed_vectors_at_the_range_limits_aggregate_exactly_without_overflow():
+    # Prepare: the largest magnitudes the contract takes, the largest sample counts, an odd length
+    top = codec.LIMIT - 1
+    vectors = [[top, -top, 5], [-top, -top, -7], [top, top, 0]]
+    counts = (2**32 - 1, 2**32 - 2, 3)
+    t = Task(vector_len=3)
+
+    # Execute
+    t.commit_all(1, vectors, counts)
+
+    # Assert: the exact floor of the weighted mean, value by value
+    total = sum(counts)
+    expected = [sum(v[j] * n for v, n in zip(vectors, counts)) // total for j in range(3)]
+    assert codec.unpack(t.c.functions.weighted_mean(1).call(), 3) == expected
+    assert codec.unpack(codec.pack([top, -top, 5]), 3) == [top, -top, 5]
+
+
+def test_out_of_range_values_and_sample_counts_are_refused_with_a_message(task):
+    # Prepare: a word whose low half is 2**88 (a value of 2**87: one past the limit)
+    bad_word = 2**88 | (codec.BIAS << 128)
+
+    # Execute / Assert
+    with pytest.raises(LedgerRevert, match="out of range"):
+        task.chain.transact(task.members[0], "commit", task.address,
+                            task.c.encode_abi("commit", [1, H[1], 10, [bad_word]]), gas=600_000)
+    with pytest.raises(LedgerRevert, match="below 2\\*\\*32"):
+        task.tx(task.members[0], "commit", 1, H[1], 2**32, [1, 2])
+    with pytest.raises(Exception, match="strictly between"):
+        codec.pack([codec.LIMIT])

@@ -114,8 +114,10 @@ def run_experiment(
         try:
             result = simulate(fed, algo, cfg.rounds, seed=seed, on_round=on_round,
                               round_hook=recorder.round_hook if recorder else None)
+            if recorder is not None:
+                recorder.flush()  # the last round finalized the aggregate this run used
         except BaseException:
-            finish_run_ledger(recorder, None)
+            finish_run_ledger(recorder, None, after_error=True)
             raise
 
     models_dir = out / "models"
@@ -194,8 +196,10 @@ def run_benchmark(
             try:
                 res = simulate(fed, algo, cfg.rounds, seed=seed, on_round=on_round,
                                round_hook=recorder.round_hook if recorder else None)
-            finally:
-                ledger_line = finish_run_ledger(recorder, None)
+            except BaseException:
+                finish_run_ledger(recorder, None, after_error=True)
+                raise
+            ledger_line = finish_run_ledger(recorder, None)
             if ledger_line:
                 log_lines.append(f"{name} seed {seed}: {ledger_line}")
             results.append(res)

@@ -51,6 +51,29 @@ def load_artifact() -> dict[str, Any]:
     return json.loads(artifact_path().read_text(encoding="utf-8"))
 
 
+@lru_cache(maxsize=None)
+def _function(name: str) -> tuple[bytes, tuple[str, ...]]:
+    from eth_utils import keccak
+
+    for item in load_artifact()["abi"]:
+        if item.get("type") == "function" and item["name"] == name:
+            types = tuple(i["type"] for i in item["inputs"])
+            return keccak(text=f"{name}({','.join(types)})")[:4], types
+    raise KeyError(f"the contract has no function {name!r}")
+
+
+def call_data(name: str, *args: Any) -> bytes:
+    """The transaction data calling the contract's function ``name`` with ``args`` (ABI-encoded).
+
+    Straight from the ABI with eth-abi: several times faster than a web3 contract object's
+    ``encode_abi``, which matters when a round sends a dozen transactions.
+    """
+    from eth_abi import encode
+
+    selector, types = _function(name)
+    return selector + encode(list(types), list(args))
+
+
 def write_artifact() -> Path:
     path = artifact_path()
     path.write_text(json.dumps(compile_source(), indent=1, sort_keys=True) + "\n", encoding="utf-8")

@@ -99,7 +99,7 @@ def build_rounds(records: list[tuple[dict[str, Any], list[dict[str, Any]]]]) -> 
             elif name == "Registered":
                 st.names[a["participant"]] = a["name"]
             elif name == "Committed":
-                st.commits[a["round"]][a["participant"]] = a
+                st.commits[a["round"]][a["participant"]] = {**a, "vector": codec.committed_vector(rec["raw"])}
             elif name == "Aggregated":
                 st.means[a["round"]] = a
             elif name == "Attested":
@@ -137,7 +137,8 @@ def show(path: str | Path) -> dict[str, Any]:
             "round": r,
             "commitments": {st.names.get(a, a): {"update_hash": c["update_hash"], "num_examples": c["num_examples"]}
                             for a, c in sorted(st.commits[r].items(), key=lambda kv: st.names.get(kv[0], kv[0]))},
-            "onchain_mean": dict(zip(labels, codec.from_fixed(mean["mean"]).tolist())) if mean else None,
+            "onchain_mean": (dict(zip(labels, codec.from_fixed(codec.unpack(mean["mean"], len(labels))).tolist()))
+                             if mean else None),
             "attestations": {st.names.get(a, a): h for a, h in st.attests[r].items()},
             "dissent": [st.names.get(d["participant"], d["participant"]) for d in st.dissent[r]],
             "finalized": st.finalized.get(r),
@@ -191,10 +192,17 @@ def _replayed_logs(task: dict[str, Any], records: list[dict[str, Any]], rpc_url:
             return out, f"transaction {_describe(rec)}: signed by {signer}, not by {rec['from']}"
     if task["chain"] == "embedded":
         chain = Chain.embedded()
+        replayed: dict[str, str | None] = {}  # tx hash -> revert reason, for the blocks replayed whole
 
         def source(rec: dict[str, Any]) -> Any:
-            tx_hash = chain.send_raw(bytes.fromhex(rec["raw"][2:]))
-            return chain.w3.eth.get_transaction_receipt(tx_hash)
+            if rec["tx_hash"] not in replayed:
+                # replay the whole recorded block at once (as recorded), one by one if the chain refuses it
+                block = [r for r in sent if r.get("block") is not None and r.get("block") == rec.get("block")]
+                done = chain.mine_batch([bytes.fromhex(r["raw"][2:]) for r in block]) if block else None
+                if done is None:
+                    return chain.receipt(chain.send_raw(bytes.fromhex(rec["raw"][2:])))
+                replayed.update(done)
+            return chain.receipt(rec["tx_hash"])
 
         notes.append(f"replayed {len(sent)} signed transactions on a fresh embedded chain")
     else:
@@ -281,14 +289,16 @@ def verify(path: str | Path, algorithm: Algorithm | None = None, rpc_url: str | 
                 return fail(f"round {r}, institution {inst}: the update blob's institution or sample count differs "
                             "from the commitment", done)
             lay, flat = codec.flatten(codec.onchain_vectors(algorithm, upd))
-            if [tuple(x) for x in lay] != layout or codec.to_fixed(flat) != list(c["vector"]):
+            if [tuple(x) for x in lay] != layout or codec.pack(codec.to_fixed(flat)) != list(c["vector"]):
                 return fail(f"round {r}, institution {inst}: the committed on-chain vector is not the update's", done)
             updates.append(upd)
         mean = st.means.get(r)
         total_n = sum(int(c["num_examples"]) for c in st.commits[r].values())
-        expected = [_trunc_div(sum(int(c["vector"][i]) * int(c["num_examples"]) for c in st.commits[r].values()), total_n)
-                    for i in range(sum(int(n) for _, n in layout))]
-        if mean is None or list(mean["mean"]) != expected:
+        size = sum(int(n) for _, n in layout)
+        values = [(codec.unpack(c["vector"], size), int(c["num_examples"])) for c in st.commits[r].values()]
+        # the contract's mean rounds down (floor), exactly
+        expected = [sum(v[i] * n for v, n in values) // total_n for i in range(size)]
+        if mean is None or list(mean["mean"]) != codec.pack(expected):
             return fail(f"round {r}: the contract's weighted mean differs from the exact recomputation", done)
         state = algorithm.aggregate(state, updates)
         agg_hash = sha256_hex(codec.encode_payload(state))
@@ -305,11 +315,6 @@ def verify(path: str | Path, algorithm: Algorithm | None = None, rpc_url: str | 
             return fail(problem, done)
         notes.append(f"archived model {st.archived['model_hash'][2:18]} matches the run's models/")
     return VerifyReport(True, None, done, total, notes)
-
-
-def _trunc_div(a: int, b: int) -> int:
-    q = abs(a) // b
-    return q if a >= 0 else -q
 
 
 class _BlobProblem(Exception):

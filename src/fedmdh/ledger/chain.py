@@ -85,6 +85,8 @@ class Chain:
         self.funder = funder
         self.chain_id = int(w3.eth.chain_id)
         self._nonces: dict[str, int] = {}
+        self._mined: dict[str, dict[str, Any]] = {}  # receipts of the last embedded batch, until read
+        self._node: Any = None  # the embedded chain's own process, when it runs in one
         self._log_fh = None
         self.log_path: Path | None = None
         self.on_record: Callable[[dict[str, Any]], None] | None = None
@@ -110,6 +112,24 @@ class Chain:
         w3 = Web3(EthereumTesterProvider(tester))
         funder = Account.from_key(get_default_account_keys()[0].to_bytes())
         return cls(w3, "embedded", funder=funder, tester=tester)
+
+    @classmethod
+    def embedded_process(cls) -> "Chain":
+        """A fresh embedded chain in a process of its own (:mod:`fedmdh.ledger.node`), so that its
+        work overlaps the training; stopped by :meth:`close`."""
+        from eth_tester.backends.pyevm.main import get_default_account_keys
+
+        from fedmdh.ledger.node import EmbeddedNode
+
+        node = EmbeddedNode()
+        try:
+            w3 = Web3(Web3.HTTPProvider(node.url, request_kwargs={"timeout": 300}))
+            chain = cls(w3, "embedded", url=None, funder=Account.from_key(get_default_account_keys()[0].to_bytes()))
+        except BaseException:
+            node.stop()
+            raise
+        chain._node = node
+        return chain
 
     @classmethod
     def rpc(cls, url: str, timeout: float = 30.0) -> "Chain":
@@ -138,6 +158,9 @@ class Chain:
         if self._log_fh is not None:
             self._log_fh.close()
             self._log_fh = None
+        if self._node is not None:
+            self._node.stop()
+            self._node = None
 
     def _record(self, rec: dict[str, Any]) -> None:
         if self._log_fh is not None:
@@ -186,6 +209,75 @@ class Chain:
     def send_raw(self, raw: bytes) -> str:
         return _hex(self.w3.eth.send_raw_transaction(raw))
 
+    def receipt(self, tx_hash: str) -> Any:
+        """The transaction's receipt, waiting for it on a node (keys as web3 names them)."""
+        if tx_hash in self._mined:
+            return self._mined.pop(tx_hash)
+        if self.tester is None:
+            return self.w3.eth.wait_for_transaction_receipt(tx_hash, timeout=300, poll_latency=0.02)
+        # the embedded chain mined it already; eth-tester's own receipt skips web3's formatting layers
+        r = self.tester.get_transaction_receipt(tx_hash)
+        return {
+            "status": r["status"],
+            "gasUsed": r["gas_used"],
+            "blockNumber": r["block_number"],
+            "contractAddress": r["contract_address"] or None,
+            "logs": [{"address": log["address"], "topics": log["topics"], "data": log["data"]} for log in r["logs"]],
+        }
+
+    def mine_batch(self, raws: Sequence[bytes]) -> list[tuple[str, str | None]] | None:
+        """Embedded chain only: execute ``raws`` in order in one new block; ``None`` when it cannot.
+
+        The in-process chain otherwise mines one block per transaction, and every block recomputes
+        the state trie; one block per batch computes it once. Returns ``(tx hash, revert reason or
+        None)`` per transaction. A batch the chain refuses as a whole (a stale nonce, too little
+        ether) returns ``None`` without changing the chain, and the caller sends one by one.
+        """
+        if self._node is not None:
+            reply = self.w3.provider.make_request("fedmdh_mineBatch", [[_hex(r) for r in raws]])
+            if "error" in reply:
+                raise LedgerError(f"the embedded chain process failed: {reply['error'].get('message')}")
+            if reply["result"] is None:
+                return None
+            self._mined.update({d["hash"]: d["receipt"] for d in reply["result"]})
+            return [(d["hash"], d["reason"]) for d in reply["result"]]
+        if self.tester is None:
+            return None
+        from eth.vm.forks.paris import ParisVM
+        from eth_tester.backends.pyevm.main import ZERO_ADDRESS
+
+        evm_chain = self.tester.backend.chain
+        vm = evm_chain.get_vm()
+        header_before = evm_chain.header
+        try:
+            txs = [vm.get_transaction_builder().decode(bytes(r)) for r in raws]
+            kwargs: dict[str, Any] = {"coinbase": ZERO_ADDRESS}
+            if isinstance(vm, ParisVM):
+                kwargs["mix_hash"] = bytes(32)  # prevrandao; the contract never reads it
+            result, receipts, computations = evm_chain.mine_all(txs, **kwargs)
+        except Exception:  # noqa: BLE001 - py-evm refused the block before changing the canonical chain
+            evm_chain.header = header_before
+            return None
+        from eth._utils.address import generate_contract_address
+
+        number = int(result.imported_block.header.block_number)
+        out, used = [], 0
+        for tx, receipt, computation in zip(txs, receipts, computations):
+            tx_hash = _hex(tx.hash)
+            self._mined[tx_hash] = {  # what eth-tester's receipt says, without its formatting layers
+                "status": 1 if computation.is_success else 0,
+                "gasUsed": int(receipt.gas_used) - used,
+                "blockNumber": number,
+                "contractAddress": (Web3.to_checksum_address(generate_contract_address(tx.sender, tx.nonce))
+                                    if not tx.to else None),
+                "logs": [{"address": Web3.to_checksum_address(log.address),
+                          "topics": ["0x" + int(t).to_bytes(32, "big").hex() for t in log.topics],
+                          "data": "0x" + bytes(log.data).hex()} for log in receipt.logs],
+            }
+            used = int(receipt.gas_used)
+            out.append((tx_hash, _revert_message(computation)))
+        return out
+
     def submit(self, items: Sequence[tuple[LocalAccount, str, str | None, Any, dict[str, Any]]]) -> list[Sent]:
         """Send several signed transactions, then wait for all receipts (one block time, not n).
 
@@ -193,11 +285,20 @@ class Chain:
         recorded with the transaction. A rejected transaction raises :class:`LedgerRevert` with
         the contract's message, after the others were recorded.
         """
-        pending = []
+        signed = []
         for account, fn, to, data, meta in items:
             gas = meta.pop("gas")
             raw, tx = self.sign(account, to, data, gas, meta.pop("value", 0))
             rec = {"fn": fn, "from": account.address, "to": to, "raw": _hex(raw), "gas_limit": gas, **meta}
+            signed.append((account, rec, raw))
+        pending = []
+        batch = self.mine_batch([raw for _, _, raw in signed]) if signed else None
+        if batch is not None:
+            for (_, rec, _), (tx_hash, reason) in zip(signed, batch):
+                rec["tx_hash"] = tx_hash
+                pending.append((rec, tx_hash, reason))
+            signed = []
+        for account, rec, raw in signed:
             try:
                 rec["tx_hash"] = self.send_raw(raw)
             except ContractLogicError as exc:  # the embedded chain executes on send
@@ -217,7 +318,7 @@ class Chain:
                 self._record(rec)
                 error = error or LedgerRevert(rec["fn"], reason)
                 continue
-            receipt = self.w3.eth.wait_for_transaction_receipt(tx_hash, timeout=300, poll_latency=0.02)
+            receipt = self.receipt(tx_hash)
             rec.update(
                 status=int(receipt["status"]),
                 gas_used=int(receipt["gasUsed"]),
@@ -226,7 +327,7 @@ class Chain:
                 logs=receipt_logs(receipt),
             )
             if rec["status"] != 1:
-                rec["error"] = self._revert_reason(rec, receipt)
+                rec["error"] = reason or self._revert_reason(rec, receipt)
                 self._record(rec)
                 error = error or LedgerRevert(rec["fn"], rec["error"])
                 continue
@@ -269,6 +370,22 @@ class Chain:
         for a in needy:
             h = self.w3.eth.send_transaction({"from": accounts[0], "to": a, "value": amount})
             self.w3.eth.wait_for_transaction_receipt(h, timeout=300, poll_latency=0.02)
+
+
+def _revert_message(computation: Any) -> str | None:
+    """The revert reason of a failed py-evm computation (``None`` when it succeeded)."""
+    if computation.is_success:
+        return None
+    out = bytes(computation.output or b"")
+    if out[:4] == bytes.fromhex("08c379a0"):
+        from eth_abi import decode
+
+        try:
+            return str(decode(["string"], out[4:])[0])
+        except Exception:  # noqa: BLE001
+            pass
+    err = computation.error
+    return f"{type(err).__name__}: {err}" if err is not None else "reverted"
 
 
 def _reason(exc: Exception) -> str:

@@ -9,7 +9,7 @@ its sha256 is what an institution commits on chain and what a verifier recompute
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from fractions import Fraction
 from typing import Any
 
@@ -21,6 +21,9 @@ from fedmdh.ledger.errors import LedgerError
 MAGIC = b"fedmdh-blob/1\n"
 #: on-chain vectors are integers: value * SCALE rounded to nearest; resolution 1 / SCALE
 SCALE = 10**12
+#: the contract packs two values per word (see pack); each must satisfy |value| < LIMIT
+BIAS = LIMIT = 2**87
+HALF = 2**128 - 1
 MAX_VECTOR = 128
 
 
@@ -132,8 +135,43 @@ def to_fixed(values: np.ndarray) -> list[int]:
     for x in np.asarray(values, dtype=np.float64).ravel():
         if not np.isfinite(x):
             raise LedgerError(f"on-chain vector value {x} is not finite.")
-        out.append(round(Fraction(float(x)) * SCALE))
+        v = round(Fraction(float(x)) * SCALE)
+        if not -LIMIT < v < LIMIT:
+            raise LedgerError(f"on-chain vector value {x} is too large for the contract's fixed point "
+                              f"(|value| must stay below {LIMIT / SCALE:.3g}).")
+        out.append(v)
     return out
+
+
+def pack(values: Sequence[int]) -> list[int]:
+    """Two fixed-point values per 256-bit word, as the contract takes them: value + BIAS in each
+    128-bit half, the even-indexed value in the low half (an odd count pads a zero)."""
+    vals = [int(v) for v in values]
+    if any(not -LIMIT < v < LIMIT for v in vals):
+        raise LedgerError(f"fixed-point values must lie strictly between -{LIMIT} and {LIMIT}.")
+    if len(vals) % 2:
+        vals.append(0)
+    return [(vals[i] + BIAS) | ((vals[i + 1] + BIAS) << 128) for i in range(0, len(vals), 2)]
+
+
+def unpack(words: Sequence[int], count: int) -> list[int]:
+    """The inverse of :func:`pack` for ``count`` values."""
+    out = []
+    for w in words:
+        out += [(int(w) & HALF) - BIAS, (int(w) >> 128) - BIAS]
+    return out[:count]
+
+
+def committed_vector(raw_tx: str | bytes) -> list[int]:
+    """The packed vector a recorded ``commit`` transaction carries (its calldata, signed with it)."""
+    import rlp
+    from eth_abi import decode
+    from eth_account.typed_transactions import TypedTransaction
+    from hexbytes import HexBytes
+
+    raw = bytes.fromhex(raw_tx[2:]) if isinstance(raw_tx, str) else bytes(raw_tx)
+    data = bytes(TypedTransaction.from_bytes(HexBytes(raw)).as_dict()["data"] if raw[0] < 0x7F else rlp.decode(raw)[5])
+    return [int(w) for w in decode(["uint256", "bytes32", "uint256", "uint256[]"], data[4:])[3]]
 
 
 def from_fixed(values: list[int]) -> np.ndarray:

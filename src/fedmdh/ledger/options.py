@@ -26,12 +26,18 @@ class LedgerOptions:
         embedded chain (throwaway accounts), ``~/.fedmdh/keystore`` on a node.
     quorum:
         Attestations that finalize a round; default a majority of the participants.
+    pipeline:
+        Overlap each round's chain work with the next round's training (default). The next round
+        starts from the aggregate computed locally; one round later the recorder checks that the
+        chain finalized exactly that aggregate and stops the run otherwise. ``False`` waits for
+        every round's finalization and continues from the finalized aggregate.
     """
 
     mode: str = "embedded"
     rpc_url: str | None = None
     keystore: Path | None = None
     quorum: int | None = None
+    pipeline: bool = True
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:

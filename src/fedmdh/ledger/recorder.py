@@ -14,6 +14,7 @@ import json
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ from eth_account.signers.local import LocalAccount
 from fedmdh.algorithms.base import Algorithm, Payload, Update
 from fedmdh.errors import InputError
 from fedmdh.ledger import codec
-from fedmdh.ledger.artifacts import load_artifact
+from fedmdh.ledger.artifacts import call_data, load_artifact
 from fedmdh.ledger.blobs import BlobStore, DirBlobStore
 from fedmdh.ledger.chain import GAS, GAS_PER_PARTICIPANT, GAS_PER_VALUE, Chain
 from fedmdh.ledger.errors import LedgerError
@@ -82,7 +83,10 @@ class LedgerRecorder:
     costs: list[RoundCost] = field(default_factory=list)
     setup_seconds: float = 0.0
     setup_gas: int = 0
+    pipeline: bool = True
     _layout: list[tuple[str, int]] | None = None
+    _worker: ThreadPoolExecutor | None = None
+    _inflight: tuple[int, bytes, Future] | None = None
 
     # ------------------------------------------------------------ task creation
 
@@ -128,7 +132,7 @@ class LedgerRecorder:
         }
         (self.ledger_dir / TASK_FILE).write_text(json.dumps(task, indent=2, default=str), encoding="utf-8")
         regs = self.chain.submit([
-            (self.accounts[n], "register", self.address, contract.encode_abi("register", [n[:64]]),
+            (self.accounts[n], "register", self.address, call_data("register", n[:64]),
              {"gas": GAS["register"], "actor": n})
             for n in names
         ])
@@ -139,12 +143,18 @@ class LedgerRecorder:
     # ------------------------------------------------------------ rounds
 
     def round_hook(self, rnd: int, updates: Sequence[Update], aggregate: Payload) -> Payload:
-        """Commit, aggregate on chain, attest, finalize; return the finalized aggregate."""
+        """Commit, aggregate on chain, attest, finalize; return the aggregate the round finalized.
+
+        Pipelined (the default), the round's chain work runs on a worker thread while the next
+        round trains from the aggregate computed here; the next call (or :meth:`flush`) checks that
+        the chain finalized exactly that aggregate and stops the run with :class:`LedgerError` if
+        not. Unpipelined, each round waits for its finalization and returns the finalized aggregate.
+        """
+        t0 = time.perf_counter()
         updates = sorted(updates, key=lambda u: u.institution)
         if self.address is None:
             self._deploy(updates)
-        t0 = time.perf_counter()
-        contract = self._contract
+        self.flush()
         commits = []
         for u in updates:
             digest = self.blobs.put(codec.encode_update(u))
@@ -154,35 +164,61 @@ class LedgerRecorder:
                     f"round {rnd}, institution {u.institution}: on-chain vector layout {layout} differs from the "
                     f"task's {self._layout}."
                 )
-            data = contract.encode_abi("commit", [rnd, bytes.fromhex(digest), int(u.num_examples), codec.to_fixed(flat)])
+            data = call_data("commit", rnd, bytes.fromhex(digest), int(u.num_examples), codec.pack(codec.to_fixed(flat)))
             gas = GAS["commit"] + GAS_PER_VALUE * flat.size
             commits.append((self.accounts[u.institution], "commit", self.address, data,
                             {"gas": gas, "actor": u.institution, "round": rnd}))
-        sent = self.chain.submit(commits)
         agg_hash = bytes.fromhex(self.blobs.put(codec.encode_payload(aggregate)))
+        names = [u.institution for u in updates]
+        prep = time.perf_counter() - t0
+        if not self.pipeline:
+            finalized = self._chain_round(rnd, commits, names, agg_hash, prep)
+            if finalized == agg_hash:
+                return aggregate
+            return codec.decode_payload(self.blobs.get(finalized.hex()))
+        if self._worker is None:
+            self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedmdh-ledger")
+        self._inflight = (rnd, agg_hash, self._worker.submit(self._chain_round, rnd, commits, names, agg_hash, prep))
+        return aggregate
+
+    def _chain_round(self, rnd: int, commits: list, names: list[str], agg_hash: bytes, prep: float) -> bytes:
+        """Send a round's commitments, then its attestations; return the finalized aggregate hash."""
+        t0 = time.perf_counter()
+        sent = self.chain.submit(commits)
         attests = []
-        for u in updates:
-            h = self.attest_hook(u.institution, rnd, agg_hash) if self.attest_hook else agg_hash
-            data = contract.encode_abi("attest", [rnd, h])
-            gas = GAS["attest"] + GAS_PER_PARTICIPANT * len(updates)
-            attests.append((self.accounts[u.institution], "attest", self.address, data,
-                            {"gas": gas, "actor": u.institution, "round": rnd}))
+        for name in names:
+            h = self.attest_hook(name, rnd, agg_hash) if self.attest_hook else agg_hash
+            attests.append((self.accounts[name], "attest", self.address, call_data("attest", rnd, h),
+                            {"gas": GAS["attest"] + GAS_PER_PARTICIPANT * len(names), "actor": name, "round": rnd}))
         sent += self.chain.submit(attests)
         finalized = None
-        for name, args in decode_logs(sent[-1].record["logs"]):
-            if name == "RoundFailed":
+        for event, args in decode_logs(sent[-1].record["logs"]):
+            if event == "RoundFailed":
                 raise LedgerError(
-                    f"round {rnd} did not finalize: at most {args['best_votes']} of {len(updates)} participants "
+                    f"round {rnd} did not finalize: at most {args['best_votes']} of {len(names)} participants "
                     f"attested the same aggregate, the quorum is {contract_quorum(self)}."
                 )
-            if name == "RoundFinalized":
+            if event == "RoundFinalized":
                 finalized = bytes.fromhex(args["aggregate_hash"][2:])
         if finalized is None:
             raise LedgerError(f"round {rnd}: the last attestation did not close the round.")
-        self.costs.append(RoundCost(rnd, time.perf_counter() - t0, sum(s.record["gas_used"] for s in sent), len(sent)))
-        if finalized == agg_hash:
-            return aggregate
-        return codec.decode_payload(self.blobs.get(finalized.hex()))
+        self.costs.append(RoundCost(rnd, prep + time.perf_counter() - t0, sum(s.record["gas_used"] for s in sent),
+                                    len(sent)))
+        return finalized
+
+    def flush(self) -> None:
+        """Wait for the round in flight; raise if it failed or finalized another aggregate than ours."""
+        if self._inflight is None:
+            return
+        rnd, agg_hash, future = self._inflight
+        self._inflight = None
+        finalized = future.result()
+        if finalized != agg_hash:
+            raise LedgerError(
+                f"round {rnd} finalized the aggregate {finalized.hex()}, which a quorum attested, not the "
+                f"{agg_hash.hex()} computed here; the run stops (the next round had started from this process's "
+                "aggregate). Run with LedgerOptions(pipeline=False) to continue from the finalized aggregate."
+            )
 
     # ------------------------------------------------------------ archive
 
@@ -191,6 +227,7 @@ class LedgerRecorder:
         hash, and archive it (hash + locator). Returns the manifest's sha256."""
         if self.address is None:
             raise LedgerError("nothing recorded: the task was never created.")
+        self.flush()
         root = Path(models_dir)
         files = {p.relative_to(root.parent).as_posix(): self.blobs.put(p.read_bytes())
                  for p in sorted(root.rglob("*")) if p.is_file()}
@@ -200,16 +237,21 @@ class LedgerRecorder:
         items = []
         for name, acct in sorted(self.accounts.items()):
             h = model_hash_hook(name, digest) if model_hash_hook else digest
-            items.append((acct, "attest_model", self.address, contract.encode_abi("attest_model", [bytes.fromhex(h)]),
+            items.append((acct, "attest_model", self.address, call_data("attest_model", bytes.fromhex(h)),
                           {"gas": GAS["attest_model"], "actor": name}))
         self.chain.submit(items)
         locator = self.blobs.locator(digest)[:256]
         self.chain.transact(self.submitter, "archive", self.address,
-                            contract.encode_abi("archive", [bytes.fromhex(digest), locator]),
+                            call_data("archive", bytes.fromhex(digest), locator),
                             gas=GAS["archive"], actor=SUBMITTER)
         return digest
 
     def close(self) -> None:
+        """Let the round in flight finish (its transactions are logged), then close the log; raises nothing."""
+        if self._worker is not None:
+            self._worker.shutdown(wait=True)
+            self._worker = None
+        self._inflight = None
         self.chain.close()
 
     def summary(self) -> dict[str, Any]:
@@ -259,10 +301,13 @@ def open_ledger(
     accounts = {n: load_or_create(n, settings) for n in names}
     submitter = load_or_create(SUBMITTER, settings)
     if chain is None:
-        chain = Chain.rpc(options.rpc_url) if options.mode == "rpc" else Chain.embedded()
+        if options.mode == "rpc":
+            chain = Chain.rpc(options.rpc_url)
+        else:  # pipelined, the embedded chain runs in a process of its own so that its work overlaps training
+            chain = Chain.embedded_process() if options.pipeline else Chain.embedded()
     chain.open_log(ledger_dir / TX_FILE)
     return LedgerRecorder(
         chain=chain, ledger_dir=ledger_dir, blobs=DirBlobStore(ledger_dir / "blobs"), algorithm=algorithm,
         accounts=accounts, submitter=submitter, target=target, rounds=rounds, initial_state=initial_state,
-        quorum=options.quorum, attest_hook=attest_hook, config_path=config_path,
+        quorum=options.quorum, attest_hook=attest_hook, config_path=config_path, pipeline=options.pipeline,
     )

@@ -41,11 +41,17 @@ def start_run_ledger(
     )
 
 
-def finish_run_ledger(recorder: "LedgerRecorder | None", models_dir: Path | None) -> str | None:
-    """Archive the final models (when given) and close; returns a line for run.log."""
+def finish_run_ledger(recorder: "LedgerRecorder | None", models_dir: Path | None, after_error: bool = False) -> str | None:
+    """Check the last round, archive the final models (when given) and close; returns a line for run.log.
+
+    ``after_error``: the run is failing already; only let the round in flight finish and close.
+    """
     if recorder is None:
         return None
     try:
+        if after_error:
+            return None
+        recorder.flush()
         if models_dir is not None and recorder.address is not None:
             digest = recorder.archive_models(models_dir)
         else:
@@ -54,8 +60,8 @@ def finish_run_ledger(recorder: "LedgerRecorder | None", models_dir: Path | None
         recorder.close()
     s = recorder.summary()
     line = (f"ledger ({recorder.chain.kind}, contract {recorder.address}): {s['rounds']} rounds finalized, "
-            f"{s['ms_per_participant_round']:.1f} ms and {s['gas_per_participant_round']:.0f} gas per participant "
-            f"per round")
+            f"{s['ms_per_participant_round']:.1f} ms of chain work and {s['gas_per_participant_round']:.0f} gas per "
+            f"participant per round")
     if digest:
         line += f"; final models archived as {digest}"
     return line

@@ -4,7 +4,8 @@
 @notice A submitter creates the task (target, algorithm, rounds, quorum, participant allowlist).
         Allowlisted institutions register, then each round every participant commits the sha256 of
         its canonical serialized update, its sample count and a small vector (at most 128 values,
-        fixed point); the contract computes the sample-weighted mean of the vectors itself. Each
+        fixed point, two per 256-bit word: see commit); the contract computes the sample-weighted
+        mean of the vectors itself and publishes it in the Aggregated event. Each
         participant then attests the sha256 of the aggregate it computed off chain; when every
         participant has attested, the round is finalized if a quorum agrees on one hash (those who
         disagree are named in a Dissent event) or fails otherwise. After the last round, the
@@ -13,6 +14,12 @@
 
 MAX_PARTICIPANTS: constant(uint256) = 32
 MAX_VECTOR: constant(uint256) = 128
+MAX_WORDS: constant(uint256) = 64  # MAX_VECTOR values, two per word
+# A word holds two values, each as value + BIAS in one 128-bit half (both halves non-negative).
+HALF: constant(uint256) = 2**128 - 1
+BIAS: constant(uint256) = 2**87
+# bits that must be clear in a committed word: each half below 2**88, i.e. |value| < 2**87
+OUT_OF_RANGE: constant(uint256) = ~((2**88 - 1) | ((2**88 - 1) << 128))
 
 event TaskCreated:
     submitter: indexed(address)
@@ -32,12 +39,11 @@ event Committed:
     participant: indexed(address)
     update_hash: bytes32
     num_examples: uint256
-    vector: DynArray[int256, MAX_VECTOR]
 
 event Aggregated:
     round: indexed(uint256)
     total_examples: uint256
-    mean: DynArray[int256, MAX_VECTOR]
+    mean: DynArray[uint256, MAX_WORDS]  # packed like the committed vectors
 
 event Attested:
     round: indexed(uint256)
@@ -89,10 +95,12 @@ ended: public(bool)
 failed: public(bool)
 
 update_hash: public(HashMap[uint256, HashMap[address, bytes32]])
-num_examples: public(HashMap[uint256, HashMap[address, uint256]])
 commit_count: public(HashMap[uint256, uint256])
 total_examples: public(HashMap[uint256, uint256])
-weighted_sum: public(HashMap[uint256, HashMap[uint256, int256]])
+# the running sums of the round being committed, packed like the vectors (one slot per word,
+# reused every round: far cheaper than fresh slots); each round's mean is kept in its Aggregated event
+weighted_sum: public(uint256[MAX_WORDS])
+sum_round: public(uint256)
 
 attested_hash: public(HashMap[uint256, HashMap[address, bytes32]])
 attest_count: public(HashMap[uint256, uint256])
@@ -148,7 +156,12 @@ def register(name: String[64]):
 
 
 @external
-def commit(round: uint256, update_hash: bytes32, num_examples: uint256, vector: DynArray[int256, MAX_VECTOR]):
+def commit(round: uint256, update_hash: bytes32, num_examples: uint256, vector: DynArray[uint256, MAX_WORDS]):
+    """
+    @param vector the round's small vector, two fixed-point values per word: value i sits in the
+           low half of word i // 2 when i is even, in the high half when odd, as value + 2**87
+           (|value| < 2**87); an odd count leaves the last high half at 2**87 (a zero).
+    """
     assert self.registered[msg.sender], "commit: sender is not a registered participant"
     assert not self.ended, "commit: the task has ended"
     assert len(self.participants) >= self.quorum, "commit: fewer participants registered than the quorum"
@@ -156,36 +169,54 @@ def commit(round: uint256, update_hash: bytes32, num_examples: uint256, vector: 
     assert self.update_hash[round][msg.sender] == empty(bytes32), "commit: sender already committed this round"
     assert update_hash != empty(bytes32), "commit: update_hash is zero"
     assert num_examples > 0, "commit: num_examples must be positive"
-    assert len(vector) == self.vector_len, "commit: vector length differs from the task's vector_len"
-    self.started = True
+    assert num_examples < 2**32, "commit: num_examples must be below 2**32"
+    assert len(vector) == (self.vector_len + 1) // 2, "commit: vector length differs from the task's vector_len"
+    if not self.started:
+        self.started = True
     self.update_hash[round][msg.sender] = update_hash
-    self.num_examples[round][msg.sender] = num_examples
     self.commit_count[round] += 1
     self.total_examples[round] += num_examples
-    n: int256 = convert(num_examples, int256)
-    for i: uint256 in range(len(vector), bound=MAX_VECTOR):
-        self.weighted_sum[round][i] += vector[i] * n
-    log Committed(round=round, participant=msg.sender, update_hash=update_hash, num_examples=num_examples, vector=vector)
+    # Multiplying a word by n and adding words adds both halves at once, without carries: a half is
+    # below 2**88, n below 2**32, and a sum of at most 32 such products stays below 2**125.
+    i: uint256 = 0
+    if self.commit_count[round] == 1:
+        self.sum_round = round
+        for w: uint256 in vector:
+            assert w & OUT_OF_RANGE == 0, "commit: a vector value is out of range (|value| >= 2**87)"
+            self.weighted_sum[i] = unsafe_mul(w, num_examples)
+            i = unsafe_add(i, 1)
+    else:
+        for w: uint256 in vector:
+            assert w & OUT_OF_RANGE == 0, "commit: a vector value is out of range (|value| >= 2**87)"
+            self.weighted_sum[i] = unsafe_add(self.weighted_sum[i], unsafe_mul(w, num_examples))
+            i = unsafe_add(i, 1)
+    log Committed(round=round, participant=msg.sender, update_hash=update_hash, num_examples=num_examples)
     if self.commit_count[round] == len(self.participants):
         log Aggregated(round=round, total_examples=self.total_examples[round], mean=self._mean(round))
 
 
 @view
 @internal
-def _mean(round: uint256) -> DynArray[int256, MAX_VECTOR]:
-    out: DynArray[int256, MAX_VECTOR] = []
-    total: int256 = convert(self.total_examples[round], int256)
-    for i: uint256 in range(self.vector_len, bound=MAX_VECTOR):
-        # rounds toward zero: |mean - exact| < 1 unit of the fixed point
-        out.append(self.weighted_sum[round][i] // total)
+def _mean(round: uint256) -> DynArray[uint256, MAX_WORDS]:
+    # a half holds sum(n * value) + BIAS * total, so floor(half / total) == floor(mean) + BIAS: the
+    # weighted mean rounded down, packed like the vectors
+    out: DynArray[uint256, MAX_WORDS] = []
+    total: uint256 = self.total_examples[round]
+    for i: uint256 in range((self.vector_len + 1) // 2, bound=MAX_WORDS):
+        w: uint256 = self.weighted_sum[i]
+        out.append(unsafe_div(w & HALF, total) | (unsafe_div(w >> 128, total) << 128))
     return out
 
 
 @view
 @external
-def weighted_mean(round: uint256) -> DynArray[int256, MAX_VECTOR]:
-    """The sample-weighted mean of the round's committed vectors, in the same fixed point."""
+def weighted_mean(round: uint256) -> DynArray[uint256, MAX_WORDS]:
+    """The sample-weighted mean of the round's committed vectors so far, rounded down, packed like them.
+
+    Only the latest round's sums are kept; every round's final mean is in its Aggregated event.
+    """
     assert self.total_examples[round] > 0, "weighted_mean: no commitments for this round"
+    assert round == self.sum_round, "weighted_mean: only the latest round is kept; read its Aggregated event"
     return self._mean(round)
 
 
