@@ -231,3 +231,32 @@ def test_out_of_range_values_and_sample_counts_are_refused_with_a_message(task):
         task.tx(task.members[0], "commit", 1, H[1], 2**32, [1, 2])
     with pytest.raises(Exception, match="strictly between"):
         codec.pack([codec.LIMIT])
+
+
+def test_only_the_latest_rounds_sums_are_kept_and_earlier_means_live_in_the_events(task):
+    # Prepare: round 1 completes, round 2 gets one commitment
+    task.commit_all(1)
+    task.attest_all(1, [H[5]] * 3)
+    task.tx(task.members[0], "commit", 2, H[1], 10, [3, 4])
+
+    # Execute / Assert
+    assert codec.unpack(task.c.functions.weighted_mean(2).call(), 2) == [3, 4]
+    with pytest.raises(Exception, match="only the latest round is kept"):
+        task.c.functions.weighted_mean(1).call()
+
+
+def test_a_batch_the_chain_refuses_changes_nothing_and_the_transactions_go_one_by_one(task):
+    # Prepare: a batch holding an already-used transaction (stale nonce) after a valid one
+    used = task.tx(task.members[0], "commit", 1, H[1], 10, [1, 2])
+    height = task.chain.w3.eth.block_number
+    fresh, _ = task.chain.sign(task.members[1], task.address,
+                               task.c.encode_abi("commit", [1, H[2], 20, codec.pack([1, 2])]), 600_000)
+
+    # Execute
+    result = task.chain.mine_batch([fresh, bytes.fromhex(used.record["raw"][2:])])
+
+    # Assert: refused whole, the chain unchanged; the valid transaction still goes through alone
+    assert result is None
+    assert task.chain.w3.eth.block_number == height
+    task.chain.send_raw(fresh)
+    assert task.c.functions.commit_count(1).call() == 2

@@ -170,6 +170,59 @@ def test_a_dissenting_participant_is_named_and_the_run_continues_with_the_quorum
     assert res.history[-1].rmse == plain.history[-1].rmse
 
 
+def _majority_forges(perovskite_fed, tmp_path, pipeline: bool):
+    """Two of three participants attest the hash of a forged aggregate (stored as a blob)."""
+    from fedmdh.ledger.recorder import LedgerRecorder
+
+    forged: dict[int, bytes] = {}
+    payloads: dict[int, dict] = {}
+    algo = ExperimentConfig(institutions=("a", "b"), test="t", target="y", algorithms=("fedavg",)).build_algorithm(
+        "fedavg")
+    rec: LedgerRecorder = open_ledger(LedgerOptions(pipeline=pipeline), tmp_path / "ledger", algo, perovskite_fed.names,
+                                      "e_form", 3, algo.init(FederationSpec.from_federation(perovskite_fed), 0),
+                                      attest_hook=lambda inst, rnd, h: forged.get(rnd, h) if inst != "train_part0" else h)
+    honest_hook = rec.round_hook
+
+    def hook(rnd, updates, aggregate):
+        payloads[rnd] = {k: v + 1.0 for k, v in aggregate.items()}
+        forged[rnd] = bytes.fromhex(rec.blobs.put(codec.encode_payload(payloads[rnd])))
+        return honest_hook(rnd, updates, aggregate)
+
+    hook.payloads = payloads
+    return algo, rec, hook
+
+
+def test_pipelined_a_round_that_finalizes_another_aggregate_stops_the_run_one_round_later(perovskite_fed, tmp_path):
+    # Prepare
+    algo, rec, hook = _majority_forges(perovskite_fed, tmp_path, pipeline=True)
+
+    # Execute / Assert: round 2 had started from this process's aggregate, so the run must stop
+    with pytest.raises(LedgerError, match="round 1 finalized the aggregate .* not the"):
+        simulate(perovskite_fed, algo, 3, seed=0, round_hook=hook)
+    rec.close()
+    assert [r["dissent"] for r in show(tmp_path)["rounds"]][:1] == [["train_part0"]]
+
+
+def test_unpipelined_the_run_continues_from_the_aggregate_the_quorum_finalized(perovskite_fed, tmp_path):
+    # Prepare
+    algo, rec, hook = _majority_forges(perovskite_fed, tmp_path, pipeline=False)
+    seen = []
+
+    def spy(rnd, updates, aggregate):
+        out = hook(rnd, updates, aggregate)
+        forged = hook.payloads[rnd]
+        seen.append(sorted(out) == sorted(forged) and all(np.array_equal(out[k], forged[k]) for k in forged))
+        return out
+
+    # Execute
+    simulate(perovskite_fed, algo, 3, seed=0, round_hook=spy)
+    rec.close()
+
+    # Assert: every round continued from the aggregate the (forging) quorum finalized
+    assert seen == [True, True, True]
+    assert all(r["finalized"] for r in show(tmp_path)["rounds"])
+
+
 def test_without_a_quorum_the_round_does_not_finalize_and_the_run_stops(perovskite_fed, tmp_path):
     # Prepare: every participant attests something different
     algo, rec = _ledger_sim(perovskite_fed, tmp_path, 2,

@@ -62,6 +62,7 @@ def serve(port: int = 0) -> None:
 
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"  # keep-alive: one connection for the whole run
+        disable_nagle_algorithm = True  # headers and body go out at once, no delayed-ACK stalls
 
         def do_POST(self) -> None:  # noqa: N802 - the http.server name
             body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
