@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> None:
                 proc.terminate()
                 proc.wait(timeout=10)
     print()
-    print("| chain | algorithm | rounds | added wall ms / participant / round | chain work ms / participant / round |"
+    print("| chain | algorithm | rounds | added wall ms / participant / round | chain thread ms / participant / round |"
           " run off (s) | run on (s) | on/off | start-up (s) | gas / round | gas / participant / round | setup gas |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for chain, name, n, on, off in rows:
