@@ -45,3 +45,28 @@ def perovskite_fed(perovskite_tables):
 
     tables, test = perovskite_tables
     return prepare_federation(tables, test, "e_form", seed=0)
+
+
+def _chain_processes() -> list[str]:
+    """The embedded chain processes this test process started and has not stopped (Linux /proc)."""
+    import os
+
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            cmd = (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == os.getpid() and "fedmdh.ledger.node" in cmd:
+            out.append(f"{stat.parent.name}: {cmd.strip()}")
+    return out
+
+
+@pytest.fixture(autouse=True)
+def no_chain_process_left_behind(request):
+    """Every test that starts the embedded chain's process stops it (checked after each test)."""
+    before = set(_chain_processes())
+    yield
+    left = [p for p in _chain_processes() if p not in before]
+    assert not left, f"{request.node.nodeid} left chain processes running: {left}"

@@ -315,3 +315,27 @@ def test_ledger_rpc_without_a_url_is_a_user_error(perovskite, tmp_path, capsys):
     # Assert
     assert exc.value.code == 2
     assert "--chain-rpc" in capsys.readouterr().err
+
+
+def test_the_embedded_chain_process_exits_with_the_process_that_started_it():
+    # Prepare: a parent that starts the chain's process and dies without stopping it
+    import os
+    import subprocess
+    import sys
+    import time
+
+    code = ("from fedmdh.ledger.node import EmbeddedNode; n = EmbeddedNode(); print(n.proc.pid, flush=True); "
+            "import os; os._exit(0)")
+
+    # Execute
+    pid = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+
+    # Assert: gone within seconds (its stdin closed with the parent)
+    for _ in range(100):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
+    os.kill(pid, 9)
+    raise AssertionError(f"the chain process {pid} outlived its parent")

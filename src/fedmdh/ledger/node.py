@@ -6,7 +6,8 @@ small node (``python -m fedmdh.ledger.node``), talks to it like to any JSON-RPC 
 each round's chain work with the next round's training. Besides the standard ``eth_*`` methods of
 eth-tester it answers ``fedmdh_mineBatch``: execute signed transactions in order in one new block
 and return each one's hash, revert reason and receipt (one state-trie update per batch, not per
-transaction). The process lives as long as the run: :meth:`EmbeddedNode.stop` ends it by PID.
+transaction). The process lives as long as the run: :meth:`EmbeddedNode.stop` ends it by PID, and
+it exits by itself when the process that started it goes away (its stdin closes).
 """
 
 from __future__ import annotations
@@ -78,6 +79,11 @@ def serve(port: int = 0) -> None:
         def log_message(self, *args: Any) -> None:
             pass
 
+    def orphaned() -> None:  # the parent holds our stdin; when it exits, however it exits, so do we
+        sys.stdin.read()
+        os._exit(0)
+
+    threading.Thread(target=orphaned, daemon=True).start()
     server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
     server.daemon_threads = True
     print(f"{READY}http://127.0.0.1:{server.server_address[1]}", flush=True)
@@ -90,8 +96,9 @@ class EmbeddedNode:
     def __init__(self) -> None:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         self._stderr = tempfile.TemporaryFile(mode="w+")  # a file, not a pipe: a chatty child never blocks
+        # our end of its stdin stays open while we live: the node exits when it reads EOF (see serve)
         self.proc = subprocess.Popen([sys.executable, "-m", "fedmdh.ledger.node"], stdout=subprocess.PIPE,
-                                     stderr=self._stderr, stdin=subprocess.DEVNULL, text=True, env=env)
+                                     stderr=self._stderr, stdin=subprocess.PIPE, text=True, env=env)
         line = self.proc.stdout.readline() if self.proc.stdout else ""
         if not line.startswith(READY):
             self.stop()
@@ -107,8 +114,9 @@ class EmbeddedNode:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
+        for fh in (self.proc.stdin, self.proc.stdout):
+            if fh is not None:
+                fh.close()
         self._stderr.close()
 
 
