@@ -94,7 +94,7 @@ def _added_ms(on: dict, off: dict, rounds: int) -> float:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=100)
-    ap.add_argument("--algorithms", default="fedavg", help="comma-separated (e.g. fedavg,fedmdh once it exists)")
+    ap.add_argument("--algorithms", default="fedavg,fedmdh", help="comma-separated algorithm names, e.g. fedavg,fedmdh")
     ap.add_argument("--anvil-rounds", type=int, default=None, help="rounds of the anvil run [default --rounds]")
     ap.add_argument("--data-dir", type=Path, default=DATA)
     args = ap.parse_args(argv)
