@@ -260,3 +260,20 @@ def test_a_batch_the_chain_refuses_changes_nothing_and_the_transactions_go_one_b
     assert task.chain.w3.eth.block_number == height
     task.chain.send_raw(fresh)
     assert task.c.functions.commit_count(1).call() == 2
+
+
+def test_a_batch_over_the_block_gas_limit_is_mined_in_consecutive_blocks(task):
+    # Prepare: three commitments whose gas limits together exceed the block gas limit
+    limit = task.chain.tester.backend.chain.header.gas_limit
+    items = [(a, "commit", task.address, task.c.encode_abi("commit", [1, h, 10, codec.pack([1, 2])]),
+              {"gas": limit // 2, "actor": f"inst{i}", "round": 1})
+             for i, (a, h) in enumerate(zip(task.members, H[1:]))]
+
+    # Execute
+    sent = task.chain.submit(items)
+
+    # Assert: all three in order, two blocks (two fit under the limit, not three)
+    assert [s.record["status"] for s in sent] == [1, 1, 1]
+    blocks = [s.record["block"] for s in sent]
+    assert blocks[0] == blocks[1] < blocks[2]
+    assert task.c.functions.commit_count(1).call() == 3

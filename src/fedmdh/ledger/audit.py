@@ -192,16 +192,18 @@ def _replayed_logs(task: dict[str, Any], records: list[dict[str, Any]], rpc_url:
             return out, f"transaction {_describe(rec)}: signed by {signer}, not by {rec['from']}"
     if task["chain"] == "embedded":
         chain = Chain.embedded()
-        replayed: dict[str, str | None] = {}  # tx hash -> revert reason, for the blocks replayed whole
+        replayed: dict[str, str | None] = {}  # tx hash -> revert reason, for the blocks replayed at once
+        tried: set[Any] = set()
 
         def source(rec: dict[str, Any]) -> Any:
-            if rec["tx_hash"] not in replayed:
-                # replay the whole recorded block at once (as recorded), one by one if the chain refuses it
-                block = [r for r in sent if r.get("block") is not None and r.get("block") == rec.get("block")]
-                done = chain.mine_batch([bytes.fromhex(r["raw"][2:]) for r in block]) if block else None
-                if done is None:
-                    return chain.receipt(chain.send_raw(bytes.fromhex(rec["raw"][2:])))
-                replayed.update(done)
+            block_no = rec.get("block")
+            if rec["tx_hash"] not in replayed and block_no is not None and block_no not in tried:
+                # replay the whole recorded block at once, as recorded
+                tried.add(block_no)
+                block = [r for r in sent if r.get("block") == block_no]
+                replayed.update(chain.mine_batch([bytes.fromhex(r["raw"][2:]) for r in block]) or [])
+            if rec["tx_hash"] not in replayed:  # the chain refused the block: one by one
+                return chain.receipt(chain.send_raw(bytes.fromhex(rec["raw"][2:])))
             return chain.receipt(rec["tx_hash"])
 
         notes.append(f"replayed {len(sent)} signed transactions on a fresh embedded chain")

@@ -226,12 +226,14 @@ class Chain:
         }
 
     def mine_batch(self, raws: Sequence[bytes]) -> list[tuple[str, str | None]] | None:
-        """Embedded chain only: execute ``raws`` in order in one new block; ``None`` when it cannot.
+        """Embedded chain only: execute ``raws`` in order in as few new blocks as fit; ``None`` when it cannot.
 
         The in-process chain otherwise mines one block per transaction, and every block recomputes
-        the state trie; one block per batch computes it once. Returns ``(tx hash, revert reason or
-        None)`` per transaction. A batch the chain refuses as a whole (a stale nonce, too little
-        ether) returns ``None`` without changing the chain, and the caller sends one by one.
+        the state trie; one block per batch computes it once. A batch whose gas limits add up to more
+        than the block gas limit is cut into consecutive blocks. Returns ``(tx hash, revert reason or
+        None)`` per transaction mined: all of them, or a prefix when the chain refuses a block as a
+        whole (a stale nonce, too little ether; ``None`` when it refuses the first). A refused block
+        changes nothing, and the caller sends the rest one by one.
         """
         if self._node is not None:
             reply = self.w3.provider.make_request("fedmdh_mineBatch", [[_hex(r) for r in raws]])
@@ -248,9 +250,31 @@ class Chain:
 
         evm_chain = self.tester.backend.chain
         vm = evm_chain.get_vm()
-        header_before = evm_chain.header
         try:
             txs = [vm.get_transaction_builder().decode(bytes(r)) for r in raws]
+        except Exception:  # noqa: BLE001 - not a transaction py-evm decodes: let the one-by-one path say why
+            return None
+        blocks: list[list[Any]] = [[]]
+        for tx in txs:
+            if blocks[-1] and sum(t.gas for t in blocks[-1]) + tx.gas > evm_chain.header.gas_limit:
+                blocks.append([])
+            blocks[-1].append(tx)
+        out: list[tuple[str, str | None]] = []
+        for block in blocks:
+            done = self._mine_block(block)
+            if done is None:
+                return out or None
+            out += done
+        return out
+
+    def _mine_block(self, txs: list[Any]) -> list[tuple[str, str | None]] | None:
+        from eth.vm.forks.paris import ParisVM
+        from eth_tester.backends.pyevm.main import ZERO_ADDRESS
+
+        evm_chain = self.tester.backend.chain
+        vm = evm_chain.get_vm()
+        header_before = evm_chain.header
+        try:
             kwargs: dict[str, Any] = {"coinbase": ZERO_ADDRESS}
             if isinstance(vm, ParisVM):
                 kwargs["mix_hash"] = bytes(32)  # prevrandao; the contract never reads it
@@ -297,7 +321,7 @@ class Chain:
             for (_, rec, _), (tx_hash, reason) in zip(signed, batch):
                 rec["tx_hash"] = tx_hash
                 pending.append((rec, tx_hash, reason))
-            signed = []
+            signed = signed[len(batch):]
         for account, rec, raw in signed:
             try:
                 rec["tx_hash"] = self.send_raw(raw)
