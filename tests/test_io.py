@@ -131,6 +131,36 @@ def test_missing_values_are_imputed_from_own_training_means(tmp_path):
     np.testing.assert_allclose(inst_a.X[[0, 5, 9], j], expected, rtol=1e-6)
 
 
+def test_inputs_outside_an_institutions_training_range_are_clipped_to_it(tmp_path):
+    from fedmdh.data.federation import prepare_federation
+    from fedmdh.experiment.models import load_model, save_model
+
+    # Prepare: a test row far above every training value of column "a", one far below
+    a, b = _good(40, seed=1), _good(40, seed=2)
+    test = _good(30, seed=3)
+    test.loc[0, "a"] = 1e6
+    test.loc[1, "a"] = -1e6
+    ta = load_institution(_write(tmp_path / "a.csv", a), "y")
+    tb = load_institution(_write(tmp_path / "b.csv", b), "y")
+    tt = load_institution(_write(tmp_path / "t.csv", test), "y", name="test")
+
+    # Execute
+    fed = prepare_federation([ta, tb], tt, "y", seed=0, val_fraction=0.0)
+    inst = fed.institutions[0]
+    j = fed.features.index("a")
+    model = load_model(save_model(tmp_path / "m", inst, "fedavg", (8,), fed.scaler, {}))
+    X_new, _ = model.design_matrix(test)
+
+    # Assert: clipped to the standardised min and max of a's own training rows; in range, untouched
+    lo = (a["a"].min() - fed.scaler.mean[j]) / fed.scaler.scale[j]
+    hi = (a["a"].max() - fed.scaler.mean[j]) / fed.scaler.scale[j]
+    np.testing.assert_allclose(inst.X_test[[0, 1], j], [hi, lo], rtol=1e-6)
+    inside = (test["a"] >= a["a"].min()) & (test["a"] <= a["a"].max())
+    np.testing.assert_allclose(inst.X_test[inside.to_numpy(), j],
+                               (test["a"][inside] - fed.scaler.mean[j]) / fed.scaler.scale[j], rtol=1e-5)
+    np.testing.assert_array_equal(X_new, inst.X_test)  # a saved model clips new data the same way
+
+
 def test_test_set_lacking_an_institution_column(tmp_path):
     from fedmdh.data.federation import prepare_federation
 

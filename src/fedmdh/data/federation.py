@@ -129,6 +129,10 @@ class InstitutionData:
     ``X``/``y`` are the training rows, ``X_val``/``y_val`` the validation rows carved from the
     institution's own training data, ``X_test`` the shared test set seen through the institution's
     own columns. Columns the institution lacks are 0. ``feature_idx`` indexes its own columns.
+    ``clip_lo``/``clip_hi`` bound each column to the range of the institution's own training rows
+    (0 and 0 for the columns it lacks): :meth:`clip` applies them to inputs from elsewhere (the test
+    set, other institutions' validation rows, new data), since a network extrapolates wildly where it
+    never saw data (e.g. a column standardised from a few rows of a small institution).
     """
 
     name: str
@@ -142,6 +146,14 @@ class InstitutionData:
     impute_values: np.ndarray = field(repr=False)
     n_imputed: int = 0
     n_imputed_test: int = 0
+    clip_lo: np.ndarray | None = field(default=None, repr=False)
+    clip_hi: np.ndarray | None = field(default=None, repr=False)
+
+    def clip(self, X: np.ndarray) -> np.ndarray:
+        """``X`` (union space) with each column clipped to this institution's training range."""
+        if self.clip_lo is None or self.clip_hi is None:
+            return X
+        return np.clip(X, self.clip_lo, self.clip_hi).astype(X.dtype, copy=False)
 
     @property
     def n_train(self) -> int:
@@ -263,6 +275,8 @@ def prepare_federation(
         X_test_own[test_nan] = np.take(own_mean, np.nonzero(test_nan)[1])
         Xt = scaler.transform(_to_union(X_test_own, idx, len(features)))
         Xt[:, np.setdiff1d(np.arange(len(features)), idx)] = 0.0
+        lo, hi = Xu[tr].min(axis=0).astype(np.float32), Xu[tr].max(axis=0).astype(np.float32)
+        Xt = np.clip(Xt, lo, hi)
         ys = scaler.y_to_std(t.y)
         institutions.append(
             InstitutionData(
@@ -277,6 +291,8 @@ def prepare_federation(
                 impute_values=own_mean,
                 n_imputed=imputed[t.name],
                 n_imputed_test=int(test_nan.sum()),
+                clip_lo=lo,
+                clip_hi=hi,
             )
         )
     het = measure(names, [t.features for t in tables], [t.y for t in tables])

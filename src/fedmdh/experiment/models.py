@@ -35,6 +35,8 @@ class InstitutionModel:
     impute_values: np.ndarray = field(repr=False)
     params: Mapping[str, np.ndarray] = field(repr=False)
     info: Mapping[str, Any] = field(default_factory=dict)
+    clip_lo: np.ndarray | None = field(default=None, repr=False)
+    clip_hi: np.ndarray | None = field(default=None, repr=False)
 
     def design_matrix(self, frame: pd.DataFrame, source: str = "input") -> tuple[np.ndarray, int]:
         """Standardised union-space inputs from a table with this institution's columns.
@@ -61,6 +63,8 @@ class InstitutionModel:
         keep = np.zeros(len(self.scaler.features), dtype=bool)
         keep[idx] = True
         U[:, ~keep] = 0.0
+        if self.clip_lo is not None and self.clip_hi is not None:  # the range the model was trained on
+            U = np.clip(U, self.clip_lo, self.clip_hi)
         return U.astype(np.float32), int(nan.sum())
 
     def predict_std(self, X: np.ndarray) -> np.ndarray:
@@ -97,6 +101,8 @@ def save_model(
         "hidden": list(hidden),
         "features": list(institution.features),
         "impute_values": np.asarray(institution.impute_values).tolist(),
+        "clip": None if institution.clip_lo is None else [np.asarray(institution.clip_lo, np.float64).tolist(),
+                                                          np.asarray(institution.clip_hi, np.float64).tolist()],
         "scaler": scaler.to_dict(),
         "info": dict(info or {}),
     }
@@ -124,4 +130,6 @@ def load_model(folder: str | Path) -> InstitutionModel:
         impute_values=np.asarray(meta["impute_values"], dtype=np.float64),
         params=params,
         info=meta.get("info", {}),
+        clip_lo=None if not meta.get("clip") else np.asarray(meta["clip"][0], dtype=np.float32),
+        clip_hi=None if not meta.get("clip") else np.asarray(meta["clip"][1], dtype=np.float32),
     )

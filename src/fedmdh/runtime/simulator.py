@@ -169,7 +169,8 @@ def _simulate(
     server = algorithm.init(spec, seed)
     clients = {name: algorithm.init_client(spec, trainers[name], seed) for name in sorted(trainers)}
     # validation as the test protocol evaluates: every institution's model predicts every
-    # institution's validation rows through its own columns (a federated evaluation)
+    # institution's validation rows through its own columns, clipped to its training range
+    # (a federated evaluation)
     val_X = np.concatenate([d.X_val for d in insts.values()])
     val_y = np.concatenate([d.y_val for d in insts.values()]).astype(np.float64)
     val_total = val_y.size
@@ -177,7 +178,7 @@ def _simulate(
     for name, d in insts.items():
         keep = np.zeros(fed.n_features, dtype=np.float32)
         keep[d.feature_idx] = 1.0
-        val_views[name] = val_X * keep
+        val_views[name] = d.clip(val_X * keep)
 
     history: list[RoundRecord] = []
     best_val = np.inf
