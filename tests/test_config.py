@@ -26,6 +26,9 @@ def test_toml_round_trip(tmp_path):
     assert again.build_algorithm("fedprox").training.lr == 0.01
     # relative paths are resolved against the file's folder
     assert again.institutions[0] == str((tmp_path / "a.csv").resolve())
+    assert again.clip_inputs is None
+    _cfg(clip_inputs=0.5).write_toml(path)
+    assert ExperimentConfig(**read_toml(path)).clip_inputs == 0.5
 
 
 def test_defaults_apply_when_not_overridden():
@@ -41,6 +44,7 @@ def test_defaults_apply_when_not_overridden():
         (dict(seeds=0), "seeds must be >= 1"),
         (dict(rounds=0), "rounds must be >= 1"),
         (dict(val_fraction=0.7), "val_fraction"),
+        (dict(clip_inputs=-1.0), "clip_inputs must be a margin >= 0"),
         (dict(algorithm_settings={"fedavg": {"optimizer": "rmsprop"}}), "optimizer must be 'sgd' or 'adam'"),
         (dict(algorithm_settings={"fedavg": {"local_steps": 3}}), "set them under \\[training\\]"),
         (dict(algorithms=("fedprox",), algorithm_settings={"fedprox": {"proximal_mu": 0}}), "proximal_mu > 0"),

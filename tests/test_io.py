@@ -131,7 +131,7 @@ def test_missing_values_are_imputed_from_own_training_means(tmp_path):
     np.testing.assert_allclose(inst_a.X[[0, 5, 9], j], expected, rtol=1e-6)
 
 
-def test_inputs_outside_an_institutions_training_range_are_clipped_to_it(tmp_path):
+def test_with_clipping_inputs_outside_an_institutions_training_range_are_clipped_to_it(tmp_path):
     from fedmdh.data.federation import prepare_federation
     from fedmdh.experiment.models import load_model, save_model
 
@@ -145,7 +145,9 @@ def test_inputs_outside_an_institutions_training_range_are_clipped_to_it(tmp_pat
     tt = load_institution(_write(tmp_path / "t.csv", test), "y", name="test")
 
     # Execute
-    fed = prepare_federation([ta, tb], tt, "y", seed=0, val_fraction=0.0)
+    fed = prepare_federation([ta, tb], tt, "y", seed=0, val_fraction=0.0, clip_margin=0.0)
+    wide = prepare_federation([ta, tb], tt, "y", seed=0, val_fraction=0.0, clip_margin=0.5)
+    off = prepare_federation([ta, tb], tt, "y", seed=0, val_fraction=0.0)
     inst = fed.institutions[0]
     j = fed.features.index("a")
     model = load_model(save_model(tmp_path / "m", inst, "fedavg", (8,), fed.scaler, {}))
@@ -159,6 +161,11 @@ def test_inputs_outside_an_institutions_training_range_are_clipped_to_it(tmp_pat
     np.testing.assert_allclose(inst.X_test[inside.to_numpy(), j],
                                (test["a"][inside] - fed.scaler.mean[j]) / fed.scaler.scale[j], rtol=1e-5)
     np.testing.assert_array_equal(X_new, inst.X_test)  # a saved model clips new data the same way
+    # a margin widens the range by that fraction of it on each side; no margin given: no clipping
+    np.testing.assert_allclose(wide.institutions[0].X_test[[0, 1], j], [hi + 0.5 * (hi - lo), lo - 0.5 * (hi - lo)],
+                               rtol=1e-5)
+    far = (1e6 - fed.scaler.mean[j]) / fed.scaler.scale[j]
+    np.testing.assert_allclose(off.institutions[0].X_test[0, j], far, rtol=1e-5)
 
 
 def test_test_set_lacking_an_institution_column(tmp_path):

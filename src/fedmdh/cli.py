@@ -150,6 +150,12 @@ LedgerOpt = Annotated[
 ChainRpcOpt = Annotated[
     Optional[str], typer.Option("--chain-rpc", help="JSON-RPC URL of an Ethereum node (implies --ledger rpc).")
 ]
+ClipOpt = Annotated[
+    Optional[float],
+    typer.Option("--clip-inputs", metavar="MARGIN",
+                 help="Clip each institution's inputs to its training range widened by MARGIN x the range "
+                      "(0: the range itself) where its model meets rows it did not train on [default: off]."),
+]
 ExcludeOpt = Annotated[
     Optional[list[str]], typer.Option("--exclude", help="Column that is neither feature nor target (repeatable).")
 ]
@@ -187,6 +193,7 @@ def run(
     rounds: RoundsOpt = None,
     seed: Annotated[Optional[int], typer.Option("--seed", help="Seed [default 0].")] = None,
     exclude: ExcludeOpt = None,
+    clip_inputs: ClipOpt = None,
     config: ConfigOpt = None,
     ledger: LedgerOpt = None,
     chain_rpc: ChainRpcOpt = None,
@@ -200,7 +207,7 @@ def run(
     """
     cfg = _experiment_config(
         config, institutions, test, target, rounds=rounds, first_seed=seed,
-        exclude=tuple(exclude) if exclude else None, algorithms=(algorithm,), seeds=1,
+        exclude=tuple(exclude) if exclude else None, algorithms=(algorithm,), seeds=1, clip_inputs=clip_inputs,
         switches=_switches(no_gfam, no_cgan, no_rkd),
     )
     _run_and_report(cfg, algorithm, out, _ledger_options(ledger, chain_rpc, "embedded"))
@@ -274,6 +281,7 @@ def benchmark(
     seeds: Annotated[Optional[int], typer.Option("--seeds", help="Number of seeds [default 3].")] = None,
     rounds: RoundsOpt = None,
     exclude: ExcludeOpt = None,
+    clip_inputs: ClipOpt = None,
     config: ConfigOpt = None,
     ledger: LedgerOpt = None,
     chain_rpc: ChainRpcOpt = None,
@@ -291,6 +299,7 @@ def benchmark(
     cfg = _experiment_config(
         config, institutions, test, target, algorithms=_algorithms_option(algorithms), seeds=seeds,
         rounds=rounds, exclude=tuple(exclude) if exclude else None, switches=_switches(no_gfam, no_cgan, no_rkd),
+        clip_inputs=clip_inputs,
     )
     ledger_options = _ledger_options(ledger, chain_rpc, "off")
     tables = load_tables(cfg)  # validate every file before any progress display

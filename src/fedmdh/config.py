@@ -68,6 +68,7 @@ class ExperimentConfig:
     first_seed: int = 0
     rounds: int = 400
     val_fraction: float = 0.15
+    clip_inputs: float | None = None
     exclude: tuple[str, ...] = ()
     hidden: tuple[int, ...] = (64, 64)
     local_steps: int = 5
@@ -100,6 +101,9 @@ class ExperimentConfig:
             raise InputError(f"rounds must be >= 1, got {self.rounds}.")
         if not 0.0 <= self.val_fraction < 0.5:
             raise InputError(f"val_fraction must be in [0, 0.5), got {self.val_fraction}.")
+        if self.clip_inputs is not None and not self.clip_inputs >= 0.0:
+            raise InputError(f"clip_inputs must be a margin >= 0 (a fraction of the training range), got "
+                             f"{self.clip_inputs}.")
         if self.local_steps < 1 or self.batch_size < 1:
             raise InputError("local_steps and batch_size must be >= 1.")
         for a in self.algorithms:  # fail now, not after an hour of other algorithms
@@ -152,6 +156,7 @@ class ExperimentConfig:
             "first_seed": d["first_seed"],
             "rounds": d["rounds"],
             "val_fraction": d["val_fraction"],
+            **({"clip_inputs": d["clip_inputs"]} if d["clip_inputs"] is not None else {}),
             "exclude": list(d["exclude"]),
             "training": {
                 "hidden": list(d["hidden"]),
@@ -169,7 +174,7 @@ class ExperimentConfig:
 
 _TOP_KEYS = {
     "target", "institutions", "test", "algorithms", "seeds", "first_seed", "rounds",
-    "val_fraction", "exclude", "training", "algorithm",
+    "val_fraction", "clip_inputs", "exclude", "training", "algorithm",
 }
 
 
@@ -187,7 +192,7 @@ def read_toml(path: str | Path) -> dict[str, Any]:
         raise InputError(f"{path}: unknown setting {sorted(unknown)[0]!r}; known: {', '.join(sorted(_TOP_KEYS))}.")
     base = path.parent
     kw: dict[str, Any] = {}
-    for key in ("target", "seeds", "first_seed", "rounds", "val_fraction"):
+    for key in ("target", "seeds", "first_seed", "rounds", "val_fraction", "clip_inputs"):
         if key in raw:
             kw[key] = raw[key]
     if "institutions" in raw:

@@ -129,10 +129,11 @@ class InstitutionData:
     ``X``/``y`` are the training rows, ``X_val``/``y_val`` the validation rows carved from the
     institution's own training data, ``X_test`` the shared test set seen through the institution's
     own columns. Columns the institution lacks are 0. ``feature_idx`` indexes its own columns.
-    ``clip_lo``/``clip_hi`` bound each column to the range of the institution's own training rows
-    (0 and 0 for the columns it lacks): :meth:`clip` applies them to inputs from elsewhere (the test
-    set, other institutions' validation rows, new data), since a network extrapolates wildly where it
-    never saw data (e.g. a column standardised from a few rows of a small institution).
+    ``clip_lo``/``clip_hi`` (when clipping is on) bound each column to the range of the institution's
+    own training rows, widened by a margin (0 and 0 for the columns it lacks): :meth:`clip` applies
+    them to inputs from elsewhere (the test set, other institutions' validation rows, new data),
+    since a network can extrapolate wildly where it never saw data (e.g. a column standardised from
+    a few rows of a small institution).
     """
 
     name: str
@@ -209,6 +210,7 @@ def prepare_federation(
     target: str,
     seed: int = 0,
     val_fraction: float = 0.15,
+    clip_margin: float | None = None,
 ) -> PreparedFederation:
     """Standardise, split and lay out a federation in the union feature space.
 
@@ -224,6 +226,11 @@ def prepare_federation(
         Seeds the validation splits.
     val_fraction:
         Fraction of each institution's training rows held out for validation.
+    clip_margin:
+        ``None`` (default): inputs are not clipped. A number ``m >= 0``: wherever an institution's
+        model meets rows it did not train on, each column is clipped to the range of the
+        institution's own training rows widened by ``m`` times that range on each side (``0``: the
+        range itself). See :meth:`InstitutionData.clip`.
     """
     if len(tables) < 2:
         raise InputError("a federation needs at least two institutions; give two or more CSV files.")
@@ -275,8 +282,12 @@ def prepare_federation(
         X_test_own[test_nan] = np.take(own_mean, np.nonzero(test_nan)[1])
         Xt = scaler.transform(_to_union(X_test_own, idx, len(features)))
         Xt[:, np.setdiff1d(np.arange(len(features)), idx)] = 0.0
-        lo, hi = Xu[tr].min(axis=0).astype(np.float32), Xu[tr].max(axis=0).astype(np.float32)
-        Xt = np.clip(Xt, lo, hi)
+        lo = hi = None
+        if clip_margin is not None:
+            width = Xu[tr].max(axis=0) - Xu[tr].min(axis=0)
+            lo = (Xu[tr].min(axis=0) - clip_margin * width).astype(np.float32)
+            hi = (Xu[tr].max(axis=0) + clip_margin * width).astype(np.float32)
+            Xt = np.clip(Xt, lo, hi)
         ys = scaler.y_to_std(t.y)
         institutions.append(
             InstitutionData(

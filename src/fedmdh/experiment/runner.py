@@ -42,7 +42,8 @@ def load_tables(cfg: ExperimentConfig) -> Tables:
 
 
 def prepare(cfg: ExperimentConfig, tables: Tables, seed: int) -> PreparedFederation:
-    return prepare_federation(tables.institutions, tables.test, cfg.target, seed=seed, val_fraction=cfg.val_fraction)
+    return prepare_federation(tables.institutions, tables.test, cfg.target, seed=seed, val_fraction=cfg.val_fraction,
+                              clip_margin=cfg.clip_inputs)
 
 
 def federation_info(fed: PreparedFederation, tables: Tables) -> dict[str, Any]:
