@@ -26,9 +26,10 @@ def test_toml_round_trip(tmp_path):
     assert again.build_algorithm("fedprox").training.lr == 0.01
     # relative paths are resolved against the file's folder
     assert again.institutions[0] == str((tmp_path / "a.csv").resolve())
-    assert again.clip_inputs is None
-    _cfg(clip_inputs=0.5).write_toml(path)
-    assert ExperimentConfig(**read_toml(path)).clip_inputs == 0.5
+    assert again.clip_inputs == 1.0  # the default margin
+    for margin in (0.5, None):  # None (no clipping) is written as false
+        _cfg(clip_inputs=margin).write_toml(path)
+        assert ExperimentConfig(**read_toml(path)).clip_inputs == margin
 
 
 def test_defaults_apply_when_not_overridden():

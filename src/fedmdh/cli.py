@@ -111,7 +111,9 @@ def _experiment_config(
         kw["test"] = str(test)
     if target is not None:
         kw["target"] = target
+    clip = overrides.pop("clip", None) or {}
     kw.update({k: v for k, v in overrides.items() if v is not None})
+    kw.update(clip)  # may set None (off)
     if switches:  # --no-gfam / --no-cgan / --no-rkd apply to fedmdh
         settings = {k: dict(v) for k, v in dict(kw.get("algorithm_settings", {})).items()}
         settings.setdefault("fedmdh", {}).update(switches)
@@ -151,11 +153,26 @@ ChainRpcOpt = Annotated[
     Optional[str], typer.Option("--chain-rpc", help="JSON-RPC URL of an Ethereum node (implies --ledger rpc).")
 ]
 ClipOpt = Annotated[
-    Optional[float],
-    typer.Option("--clip-inputs", metavar="MARGIN",
+    Optional[str],
+    typer.Option("--clip-inputs", metavar="MARGIN|off",
                  help="Clip each institution's inputs to its training range widened by MARGIN x the range "
-                      "(0: the range itself) where its model meets rows it did not train on [default: off]."),
+                      "(0: the range itself) where its model meets rows it did not train on; off: never "
+                      "[default: 1]."),
 ]
+
+
+def _clip_option(value: Optional[str]) -> dict:
+    """``--clip-inputs`` as an ExperimentConfig override (empty: keep the config's or the default)."""
+    from fedmdh.errors import InputError
+
+    if value is None:
+        return {}
+    if value.strip().lower() == "off":
+        return {"clip_inputs": None}
+    try:
+        return {"clip_inputs": float(value)}
+    except ValueError:
+        raise InputError(f"--clip-inputs takes a margin >= 0 or off, got {value!r}.") from None
 ExcludeOpt = Annotated[
     Optional[list[str]], typer.Option("--exclude", help="Column that is neither feature nor target (repeatable).")
 ]
@@ -207,7 +224,7 @@ def run(
     """
     cfg = _experiment_config(
         config, institutions, test, target, rounds=rounds, first_seed=seed,
-        exclude=tuple(exclude) if exclude else None, algorithms=(algorithm,), seeds=1, clip_inputs=clip_inputs,
+        exclude=tuple(exclude) if exclude else None, algorithms=(algorithm,), seeds=1, clip=_clip_option(clip_inputs),
         switches=_switches(no_gfam, no_cgan, no_rkd),
     )
     _run_and_report(cfg, algorithm, out, _ledger_options(ledger, chain_rpc, "embedded"))
@@ -299,7 +316,7 @@ def benchmark(
     cfg = _experiment_config(
         config, institutions, test, target, algorithms=_algorithms_option(algorithms), seeds=seeds,
         rounds=rounds, exclude=tuple(exclude) if exclude else None, switches=_switches(no_gfam, no_cgan, no_rkd),
-        clip_inputs=clip_inputs,
+        clip=_clip_option(clip_inputs),
     )
     ledger_options = _ledger_options(ledger, chain_rpc, "off")
     tables = load_tables(cfg)  # validate every file before any progress display

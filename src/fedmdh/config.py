@@ -68,7 +68,7 @@ class ExperimentConfig:
     first_seed: int = 0
     rounds: int = 400
     val_fraction: float = 0.15
-    clip_inputs: float | None = None
+    clip_inputs: float | None = 1.0  # margin, in training-range widths; None: no clipping
     exclude: tuple[str, ...] = ()
     hidden: tuple[int, ...] = (64, 64)
     local_steps: int = 5
@@ -156,7 +156,7 @@ class ExperimentConfig:
             "first_seed": d["first_seed"],
             "rounds": d["rounds"],
             "val_fraction": d["val_fraction"],
-            **({"clip_inputs": d["clip_inputs"]} if d["clip_inputs"] is not None else {}),
+            "clip_inputs": d["clip_inputs"] if d["clip_inputs"] is not None else False,
             "exclude": list(d["exclude"]),
             "training": {
                 "hidden": list(d["hidden"]),
@@ -192,9 +192,11 @@ def read_toml(path: str | Path) -> dict[str, Any]:
         raise InputError(f"{path}: unknown setting {sorted(unknown)[0]!r}; known: {', '.join(sorted(_TOP_KEYS))}.")
     base = path.parent
     kw: dict[str, Any] = {}
-    for key in ("target", "seeds", "first_seed", "rounds", "val_fraction", "clip_inputs"):
+    for key in ("target", "seeds", "first_seed", "rounds", "val_fraction"):
         if key in raw:
             kw[key] = raw[key]
+    if "clip_inputs" in raw:  # a margin, or false for no clipping
+        kw["clip_inputs"] = None if raw["clip_inputs"] is False else raw["clip_inputs"]
     if "institutions" in raw:
         kw["institutions"] = tuple(str((base / p).resolve()) if not Path(p).is_absolute() else p
                                    for p in raw["institutions"])

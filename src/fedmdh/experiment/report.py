@@ -117,6 +117,9 @@ def write_summary(
         f"network MLP {list(cfg.hidden)}; seeds {cfg.seed_list}.",
         "Metrics on the shared test set, each institution predicting through its own columns, "
         "mean over institutions; mean ± std over seeds. Model kept at the round of lowest validation loss.",
+        ("Inputs a model did not train on: not clipped." if cfg.clip_inputs is None else
+         f"Inputs a model did not train on: each column clipped to the institution's training range "
+         f"widened by {cfg.clip_inputs:g} x the range on each side."),
         "",
         summary_table(results, institutions, cfg.target),
     ]
