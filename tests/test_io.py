@@ -180,6 +180,16 @@ def test_test_set_lacking_an_institution_column(tmp_path):
         prepare_federation([ta, tb], tt, "y")
 
 
+@pytest.mark.parametrize("value, expected", [("abc", "takes a margin >= 0 or off"), ("-1", "margin >= 0")])
+def test_cli_bad_clip_margin(tmp_path, capsys, value, expected):
+    a = _write(tmp_path / "a.csv", _good(20))
+    b = _write(tmp_path / "b.csv", _good(20, 1))
+    t = _write(tmp_path / "t.csv", _good(20, 2))
+    line = _cli_error(capsys, ["benchmark", "--institutions", a, b, "--test", t, "--target", "y", "--algorithms",
+                               "fedavg", "--clip-inputs", value, "--out", str(tmp_path / "out")])
+    assert expected in line
+
+
 def test_cli_unknown_algorithm(tmp_path, capsys):
     a = _write(tmp_path / "a.csv", _good(20))
     b = _write(tmp_path / "b.csv", _good(20, 1))
