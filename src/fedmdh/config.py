@@ -48,7 +48,7 @@ ALGORITHM_DEFAULTS: dict[str, dict[str, Any]] = {
     "fedmdh-no-rkd": {"optimizer": "sgd", "lr": 0.2},
     "fedgan": {"optimizer": "sgd", "lr": 0.2},
     "flic": {"optimizer": "sgd", "lr": 0.05},
-    "fedgen": {"optimizer": "sgd", "lr": 0.2},
+    "fedgen": {"optimizer": "sgd", "lr": 0.2, "max_grad_norm": 1.0},
     "fedkd": {"optimizer": "sgd", "lr": 0.2},
 }
 

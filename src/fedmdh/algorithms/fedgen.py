@@ -85,6 +85,10 @@ class FedGen(Algorithm):
         Weight of FedGen's diversity term in the generator's loss.
     noise_dim, gen_hidden:
         Generator noise dimension and hidden width.
+    max_grad_norm:
+        Clip the norm of each local step's gradient to this (``None``: no clipping). The
+        generated-latent term trains the head alone on latents that carry no information about
+        the labels; at the chosen learning rate one such step can blow the shared head up.
     """
 
     name = "fedgen"
@@ -99,6 +103,7 @@ class FedGen(Algorithm):
         diversity_weight: float = 1.0,
         noise_dim: int = 16,
         gen_hidden: int = 128,
+        max_grad_norm: float | None = None,
     ) -> None:
         super().__init__(training)
         for nm, v in (("gen_weight", gen_weight), ("diversity_weight", diversity_weight)):
@@ -115,6 +120,9 @@ class FedGen(Algorithm):
         self.diversity_weight = float(diversity_weight)
         self.noise_dim = int(noise_dim)
         self.gen_hidden = int(gen_hidden)
+        if max_grad_norm is not None and not max_grad_norm > 0:
+            raise ValueError(f"max_grad_norm must be > 0, got {max_grad_norm}.")
+        self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
         self._evaluator: Evaluator | None = None
         self._personal: tuple[Payload, Params] | None = None
 
@@ -123,6 +131,7 @@ class FedGen(Algorithm):
         d.update(
             gen_weight=self.gen_weight, gen_steps=self.gen_steps, gen_batch=self.gen_batch, gen_lr=self.gen_lr,
             diversity_weight=self.diversity_weight, noise_dim=self.noise_dim, gen_hidden=self.gen_hidden,
+            max_grad_norm=self.max_grad_norm,
         )
         return d
 
@@ -196,6 +205,8 @@ class FedGen(Algorithm):
                 loss = loss + self.gen_weight * torch.mean((net.h(z_gen[part]).squeeze(-1) - y_gen_t[part]) ** 2)
             c.optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if self.max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(net.parameters(), self.max_grad_norm)
             c.optimizer.step()
         yd = data.y.astype(np.float64)
         payload: Payload = {
