@@ -122,6 +122,13 @@ class Scaler:
         )
 
 
+def clip_columns(X: np.ndarray, lo: np.ndarray | None, hi: np.ndarray | None) -> np.ndarray:
+    """``X`` with each column clipped to ``[lo, hi]`` (unchanged when there are no bounds), same dtype."""
+    if lo is None or hi is None:
+        return X
+    return np.clip(X, lo, hi).astype(X.dtype, copy=False)
+
+
 @dataclass(frozen=True)
 class InstitutionData:
     """One institution's arrays in the union feature space (float32, standardised).
@@ -152,9 +159,7 @@ class InstitutionData:
 
     def clip(self, X: np.ndarray) -> np.ndarray:
         """``X`` (union space) with each column clipped to this institution's training range."""
-        if self.clip_lo is None or self.clip_hi is None:
-            return X
-        return np.clip(X, self.clip_lo, self.clip_hi).astype(X.dtype, copy=False)
+        return clip_columns(X, self.clip_lo, self.clip_hi)
 
     @property
     def n_train(self) -> int:
@@ -284,10 +289,10 @@ def prepare_federation(
         Xt[:, np.setdiff1d(np.arange(len(features)), idx)] = 0.0
         lo = hi = None
         if clip_margin is not None:
-            width = Xu[tr].max(axis=0) - Xu[tr].min(axis=0)
-            lo = (Xu[tr].min(axis=0) - clip_margin * width).astype(np.float32)
-            hi = (Xu[tr].max(axis=0) + clip_margin * width).astype(np.float32)
-            Xt = np.clip(Xt, lo, hi)
+            mn, mx = Xu[tr].min(axis=0), Xu[tr].max(axis=0)
+            lo = (mn - clip_margin * (mx - mn)).astype(np.float32)
+            hi = (mx + clip_margin * (mx - mn)).astype(np.float32)
+        Xt = clip_columns(Xt, lo, hi)
         ys = scaler.y_to_std(t.y)
         institutions.append(
             InstitutionData(

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from fedmdh.data.federation import InstitutionData, Scaler
+from fedmdh.data.federation import InstitutionData, Scaler, clip_columns
 from fedmdh.errors import InputError
 
 FORMAT = "fedmdh-model/1"
@@ -63,8 +63,7 @@ class InstitutionModel:
         keep = np.zeros(len(self.scaler.features), dtype=bool)
         keep[idx] = True
         U[:, ~keep] = 0.0
-        if self.clip_lo is not None and self.clip_hi is not None:  # the range the model was trained on
-            U = np.clip(U, self.clip_lo, self.clip_hi)
+        U = clip_columns(U, self.clip_lo, self.clip_hi)  # to the range the model was trained on
         return U.astype(np.float32), int(nan.sum())
 
     def predict_std(self, X: np.ndarray) -> np.ndarray:

@@ -194,14 +194,16 @@ def _replayed_logs(task: dict[str, Any], records: list[dict[str, Any]], rpc_url:
         chain = Chain.embedded()
         replayed: dict[str, str | None] = {}  # tx hash -> revert reason, for the blocks replayed at once
         tried: set[Any] = set()
+        blocks: dict[Any, list[dict[str, Any]]] = {}
+        for r in sent:
+            blocks.setdefault(r.get("block"), []).append(r)
 
         def source(rec: dict[str, Any]) -> Any:
             block_no = rec.get("block")
             if rec["tx_hash"] not in replayed and block_no is not None and block_no not in tried:
                 # replay the whole recorded block at once, as recorded
                 tried.add(block_no)
-                block = [r for r in sent if r.get("block") == block_no]
-                replayed.update(chain.mine_batch([bytes.fromhex(r["raw"][2:]) for r in block]) or [])
+                replayed.update(chain.mine_batch([bytes.fromhex(r["raw"][2:]) for r in blocks[block_no]]) or [])
             if rec["tx_hash"] not in replayed:  # the chain refused the block: one by one
                 return chain.receipt(chain.send_raw(bytes.fromhex(rec["raw"][2:])))
             return chain.receipt(rec["tx_hash"])
