@@ -70,7 +70,7 @@ from fedmdh.algorithms.gaussian import barycenter, batch_gaussian, gaussian_kl, 
 from fedmdh.algorithms.seeded import seeded
 from fedmdh.data.federation import InstitutionData
 from fedmdh.nn.gan import ConditionalDiscriminator, ConditionalGenerator, lsgan_step
-from fedmdh.nn.mlp import Evaluator, load_prefixed as _load, make_optimizer, prefixed_params as _prefixed
+from fedmdh.nn.mlp import Evaluator, dense_stack, load_prefixed as _load, make_optimizer, prefixed_params as _prefixed
 
 JITTER = 1e-6
 
@@ -80,11 +80,7 @@ class LatentRegressor(nn.Module):
 
     def __init__(self, d_in: int, hidden: Sequence[int]) -> None:
         super().__init__()
-        layers: list[nn.Module] = []
-        prev = d_in
-        for width in hidden:
-            layers += [nn.Linear(prev, width), nn.LeakyReLU(0.2)]
-            prev = width
+        layers, prev = dense_stack(d_in, hidden, lambda: nn.LeakyReLU(0.2))
         self.phi = nn.Sequential(*layers)
         self.h = nn.Linear(prev, 1)
 

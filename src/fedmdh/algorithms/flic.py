@@ -47,11 +47,10 @@ from fedmdh.algorithms.base import (
     weighted_average,
 )
 from fedmdh.algorithms.fedmdh import JITTER
-from fedmdh.nn.mlp import load_prefixed as _load, prefixed_params as _prefixed
 from fedmdh.algorithms.gaussian import barycenter, batch_gaussian, psd_sqrt, w2_squared_torch
 from fedmdh.algorithms.seeded import seeded
 from fedmdh.data.federation import InstitutionData
-from fedmdh.nn.mlp import Evaluator, make_optimizer
+from fedmdh.nn.mlp import Evaluator, dense_stack, load_prefixed as _load, make_optimizer, prefixed_params as _prefixed
 
 
 class FLICNet(nn.Module):
@@ -60,11 +59,7 @@ class FLICNet(nn.Module):
     def __init__(self, d_in: int, hidden: Sequence[int]) -> None:
         super().__init__()
         self.phi = nn.Sequential(nn.Linear(d_in, hidden[0]), nn.LeakyReLU(0.2))
-        layers: list[nn.Module] = []
-        prev = hidden[0]
-        for width in hidden[1:]:
-            layers += [nn.Linear(prev, width), nn.LeakyReLU(0.2)]
-            prev = width
+        layers, prev = dense_stack(hidden[0], hidden[1:], lambda: nn.LeakyReLU(0.2))
         layers.append(nn.Linear(prev, 1))
         self.head = nn.Sequential(*layers)
 

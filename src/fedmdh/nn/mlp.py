@@ -11,16 +11,22 @@ from torch import nn
 Params = dict[str, np.ndarray]
 
 
+def dense_stack(d_in: int, widths: Sequence[int], activation: Callable[[], nn.Module]) -> tuple[list[nn.Module], int]:
+    """``[Linear(d_in, w0), act, Linear(w0, w1), act, ...]`` and the last width (``d_in`` if none)."""
+    layers: list[nn.Module] = []
+    prev = d_in
+    for width in widths:
+        layers += [nn.Linear(prev, width), activation()]
+        prev = width
+    return layers, prev
+
+
 class MLP(nn.Module):
     """A fully connected regressor: ``d_in -> hidden... -> 1`` with ReLU activations."""
 
     def __init__(self, d_in: int, hidden: Sequence[int] = (64, 64)) -> None:
         super().__init__()
-        layers: list[nn.Module] = []
-        prev = d_in
-        for h in hidden:
-            layers += [nn.Linear(prev, h), nn.ReLU()]
-            prev = h
+        layers, prev = dense_stack(d_in, hidden, nn.ReLU)
         layers.append(nn.Linear(prev, 1))
         self.net = nn.Sequential(*layers)
 
