@@ -10,6 +10,7 @@ from fedmdh.algorithms import Update, make_algorithm
 from fedmdh.algorithms.base import ordered, weighted_average
 from fedmdh.algorithms.fedavg import proximal_term
 from fedmdh.data.federation import pool_moments, sufficient_stats
+from fedmdh.seeding import rng_for
 
 
 def test_weighted_average_closed_form():
@@ -39,9 +40,9 @@ def test_fedavg_aggregate_is_independent_of_arrival_order():
         for i, n in enumerate(rng.integers(10, 1000, size=5))
     ]
     algo = make_algorithm("fedavg")
-    a = algo.aggregate({}, ups)
-    b = algo.aggregate({}, list(reversed(ups)))
-    c = algo.aggregate({}, [ups[i] for i in (2, 0, 4, 1, 3)])
+    a = algo.aggregate({}, ups, rng_for(0, "aggregate"), 1)
+    b = algo.aggregate({}, list(reversed(ups)), rng_for(0, "aggregate"), 1)
+    c = algo.aggregate({}, [ups[i] for i in (2, 0, 4, 1, 3)], rng_for(0, "aggregate"), 1)
     assert a["w"].tobytes() == b["w"].tobytes() == c["w"].tobytes()
     expected = sum(u.payload["w"].astype(np.float64) * u.num_examples for u in ups) / sum(u.num_examples for u in ups)
     np.testing.assert_allclose(a["w"], expected.astype(np.float32), rtol=1e-6)

@@ -49,8 +49,8 @@ def test_no_raw_rows_in_outgoing_payloads(perovskite_fed, name):
     sent = []
     original = algo.client_update
 
-    def spy(server_state, client_state, data, rng):
-        upd, cs = original(server_state, client_state, data, rng)
+    def spy(server_state, client_state, data, rng, rnd):
+        upd, cs = original(server_state, client_state, data, rng, rnd)
         sent.append(upd)
         return upd, cs
 
@@ -102,7 +102,7 @@ def test_fedprox_pulls_toward_global_weights(perovskite_fed):
     for mu in (1e-9, 10.0):
         algo = make_algorithm("fedprox", LocalTraining(local_steps=20, lr=0.05), proximal_mu=mu)
         server = algo.init(spec, 0)
-        upd, _ = algo.client_update(server, algo.init_client(spec, d, 0), d, rng_for(0, "t"))
+        upd, _ = algo.client_update(server, algo.init_client(spec, d, 0), d, rng_for(0, "t"), 1)
         dist[mu] = sum(float(np.sum((upd.payload[k] - server[k]) ** 2)) for k in server)
     assert dist[10.0] < 0.5 * dist[1e-9]
 

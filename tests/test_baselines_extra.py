@@ -25,7 +25,7 @@ def _one_round(perovskite_fed, name: str, **hp):
     server = algo.init(spec, 0)
     updates = []
     for d in perovskite_fed.institutions:
-        upd, _ = algo.client_update(server, algo.init_client(spec, d, 0), d, rng_for(0, "t", d.name))
+        upd, _ = algo.client_update(server, algo.init_client(spec, d, 0), d, rng_for(0, "t", d.name), 1)
         updates.append(upd)
     return algo, spec, server, updates
 
@@ -90,7 +90,7 @@ def test_compressed_update_roundtrip_and_is_smaller():
 
 def test_fedkd_aggregate_is_the_weighted_mean_of_reconstructed_updates(perovskite_fed):
     algo, _, server, updates = _one_round(perovskite_fed, "fedkd", energy=1.0, energy_end=None)
-    new = algo.aggregate(server, updates)
+    new = algo.aggregate(server, updates, rng_for(0, "aggregate"), 1)
     n = np.array([u.num_examples for u in updates], np.float64)
     key = "net.0.weight"
     deltas = [svd_reconstruct(u.payload[f"{key}.U"], u.payload[f"{key}.S"], u.payload[f"{key}.V"]) for u in updates]
@@ -111,7 +111,7 @@ def test_fedkd_adaptive_weight_decreases_with_the_task_losses():
 # -- FedGen: the aggregation-side generator ------------------------------------------------------
 def test_fedgen_generator_has_latent_shape_and_responds_to_the_condition(perovskite_fed):
     algo, _, server, updates = _one_round(perovskite_fed, "fedgen", gen_steps=20)
-    new = algo.aggregate(server, updates)
+    new = algo.aggregate(server, updates, rng_for(0, "aggregate"), 1)
     y = np.repeat([-2.0, 2.0], 64)
     latent = algo.generate_latent(new, y, rng_for(0, "noise"))
     assert latent.shape == (128, algo.latent_dim)
@@ -120,7 +120,7 @@ def test_fedgen_generator_has_latent_shape_and_responds_to_the_condition(perovsk
     assert gap > 1e-2
     # the generator moved during aggregation, deterministically
     assert any(not np.array_equal(new[k], server[k]) for k in server if k.startswith("G."))
-    again = algo.aggregate(server, updates)
+    again = algo.aggregate(server, updates, rng_for(0, "aggregate"), 1)
     assert all(again[k].tobytes() == new[k].tobytes() for k in new)
 
 
@@ -128,7 +128,7 @@ def test_fedgen_label_distribution_is_the_mixture_of_the_summaries(perovskite_fe
     from fedmdh.algorithms.gaussian import mixture_moments
 
     algo, _, server, updates = _one_round(perovskite_fed, "fedgen")
-    new = algo.aggregate(server, updates)
+    new = algo.aggregate(server, updates, rng_for(0, "aggregate"), 1)
     ds = sorted(perovskite_fed.institutions, key=lambda d: d.name)
     mu, var = mixture_moments([d.y.mean() for d in ds], [d.y.var() for d in ds], [d.n_train for d in ds])
     np.testing.assert_allclose(new["label_dist"], [mu, var], rtol=1e-5, atol=1e-6)
@@ -137,7 +137,7 @@ def test_fedgen_label_distribution_is_the_mixture_of_the_summaries(perovskite_fe
 # -- FLIC: the anchor --------------------------------------------------------------------------------
 def test_flic_anchor_is_the_barycenter_of_the_sent_gaussians(perovskite_fed):
     algo, _, server, updates = _one_round(perovskite_fed, "flic")
-    new = algo.aggregate(server, updates)
+    new = algo.aggregate(server, updates, rng_for(0, "aggregate"), 1)
     ups = sorted(updates, key=lambda u: u.institution)
     m, s = barycenter([u.payload["latent_mean"] for u in ups], [u.payload["latent_cov"] for u in ups],
                       [u.num_examples for u in ups], max_iter=200, tol=1e-12)
@@ -165,9 +165,9 @@ def test_fedgan_samples_respect_the_union_layout(perovskite_fed):
 
 def test_fedgan_averaged_generator_is_the_weighted_mean(perovskite_fed):
     algo, _, server, updates = _one_round(perovskite_fed, "fedgan")
-    new = algo.aggregate(server, updates)
+    new = algo.aggregate(server, updates, rng_for(0, "aggregate"), 1)
     n = np.array([u.num_examples for u in updates], np.float64)
     for key in [k for k in server if k.startswith(("G.", "D.")) and server[k].dtype == np.float32]:
         expected = sum(w * u.payload[key].astype(np.float64) for w, u in zip(n / n.sum(), updates))
         np.testing.assert_allclose(new[key], expected, rtol=1e-5, atol=1e-6)
-    assert new["round"][0] == 1
+    assert set(new) == set(server)  # no counters: the schedule follows the round index

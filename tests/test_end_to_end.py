@@ -94,7 +94,7 @@ def test_run_saves_models_that_predict_like_the_run(perovskite, tmp_path):
         m = regression_metrics(test["e_form"].to_numpy(), pred)
         assert m["rmse"] == pytest.approx(final["per_institution"][name]["rmse"], rel=1e-6)
     log = (out / "run.log").read_text()
-    assert "imputed 0 missing training values" in log and "model of round" in log
+    assert "imputed 0 missing training values" in log and "models kept from round" in log
 
 
 def test_demo_runs_the_main_job_on_the_builtin_default(perovskite, tmp_path, capsys, monkeypatch):

@@ -27,7 +27,7 @@ def _one_update(fed, **kw):
     spec = FederationSpec.from_federation(fed)
     d = fed.institutions[0]
     server = algo.init(spec, 0)
-    upd, _ = algo.client_update(server, algo.init_client(spec, d, 0), d, rng_for(0, "t"))
+    upd, _ = algo.client_update(server, algo.init_client(spec, d, 0), d, rng_for(0, "t"), 1)
     return algo, spec, server, upd
 
 
@@ -82,9 +82,9 @@ def test_aggregate_pools_prediction_moments_and_anchor(perovskite_fed):
     server = algo.init(spec, 0)
     ups = []
     for d in perovskite_fed.institutions:
-        upd, _ = algo.client_update(server, algo.init_client(spec, d, 0), d, rng_for(0, d.name))
+        upd, _ = algo.client_update(server, algo.init_client(spec, d, 0), d, rng_for(0, d.name), 1)
         ups.append(upd)
-    new = algo.aggregate(server, list(reversed(ups)))
+    new = algo.aggregate(server, list(reversed(ups)), rng_for(0, "aggregate"), 1)
     n = [u.num_examples for u in ups]
     mu, var = mixture_moments([u.payload["pred_stats"][0] for u in ups], [u.payload["pred_stats"][1] for u in ups], n)
     assert new["pred_dist"].tolist() == pytest.approx([mu, var])
@@ -93,7 +93,7 @@ def test_aggregate_pools_prediction_moments_and_anchor(perovskite_fed):
     # the anchor covariance is the W2 barycenter: it is a fixed point (to the iterations done)
     assert np.all(np.linalg.eigvalsh(new["anchor_cov"]) > -1e-8)
     # the same bits whatever the arrival order
-    again = algo.aggregate(server, ups)
+    again = algo.aggregate(server, ups, rng_for(0, "aggregate"), 1)
     assert all(np.array_equal(again[k], new[k]) for k in new)
 
 
@@ -124,7 +124,10 @@ def test_generator_responds_to_its_condition(perovskite_fed):
 
 
 def test_end_to_end_fedmdh_run_and_predict(perovskite, tmp_path, capsys):
-    cfg = ExperimentConfig(perovskite["institutions"], perovskite["test"], "e_form", rounds=40)
+    # federated selection: with its own validation rows alone, train_part1 (a narrow label band)
+    # keeps an early round (see test_simulator_protocol.py)
+    cfg = ExperimentConfig(perovskite["institutions"], perovskite["test"], "e_form", rounds=40,
+                           selection="federated")
     out = tmp_path / "run"
     res = run_experiment(cfg, "fedmdh", out, ledger=LedgerOptions(mode="off"))
     # 40 rounds already far above a constant predictor (R2 0) on every institution

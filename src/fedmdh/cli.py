@@ -173,6 +173,13 @@ def _clip_option(value: Optional[str]) -> dict:
         return {"clip_inputs": float(value)}
     except ValueError:
         raise InputError(f"--clip-inputs takes a margin >= 0 or off, got {value!r}.") from None
+SelectionOpt = Annotated[
+    Optional[str],
+    typer.Option("--selection", metavar="own|federated",
+                 help="Model selection: each institution on its own validation rows (own, what a deployment "
+                      "does), or on every institution's validation rows through its columns (federated, "
+                      "simulator only) [default: own]."),
+]
 ExcludeOpt = Annotated[
     Optional[list[str]], typer.Option("--exclude", help="Column that is neither feature nor target (repeatable).")
 ]
@@ -211,6 +218,7 @@ def run(
     seed: Annotated[Optional[int], typer.Option("--seed", help="Seed [default 0].")] = None,
     exclude: ExcludeOpt = None,
     clip_inputs: ClipOpt = None,
+    selection: SelectionOpt = None,
     config: ConfigOpt = None,
     ledger: LedgerOpt = None,
     chain_rpc: ChainRpcOpt = None,
@@ -225,6 +233,7 @@ def run(
     cfg = _experiment_config(
         config, institutions, test, target, rounds=rounds, first_seed=seed,
         exclude=tuple(exclude) if exclude else None, algorithms=(algorithm,), seeds=1, clip=_clip_option(clip_inputs),
+        selection=selection,
         switches=_switches(no_gfam, no_cgan, no_rkd),
     )
     _run_and_report(cfg, algorithm, out, _ledger_options(ledger, chain_rpc, "embedded"))
@@ -282,7 +291,9 @@ def _run_and_report(cfg, algorithm: str, out: Path, ledger=None) -> None:
             bar.update(task, completed=rnd, description=f"{alg} seed {seed} rmse {rec.rmse:.4f}")
 
         result = run_experiment(cfg, algorithm, out, progress=progress, tables=tables, ledger=ledger)
-    _print_final(result, f"{algorithm}: test metrics (model of round {result.best_round}, chosen on validation)")
+    from fedmdh.experiment.runner import kept_rounds_text
+
+    _print_final(result, f"{algorithm}: test metrics (models {kept_rounds_text(result.best_rounds)}, chosen on validation)")
     console.print(f"saved models, metrics.jsonl and final_metrics.json to {out}")
 
 
@@ -299,6 +310,7 @@ def benchmark(
     rounds: RoundsOpt = None,
     exclude: ExcludeOpt = None,
     clip_inputs: ClipOpt = None,
+    selection: SelectionOpt = None,
     config: ConfigOpt = None,
     ledger: LedgerOpt = None,
     chain_rpc: ChainRpcOpt = None,
@@ -316,7 +328,7 @@ def benchmark(
     cfg = _experiment_config(
         config, institutions, test, target, algorithms=_algorithms_option(algorithms), seeds=seeds,
         rounds=rounds, exclude=tuple(exclude) if exclude else None, switches=_switches(no_gfam, no_cgan, no_rkd),
-        clip=_clip_option(clip_inputs),
+        clip=_clip_option(clip_inputs), selection=selection,
     )
     ledger_options = _ledger_options(ledger, chain_rpc, "off")
     tables = load_tables(cfg)  # validate every file before any progress display

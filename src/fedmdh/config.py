@@ -69,6 +69,7 @@ class ExperimentConfig:
     rounds: int = 400
     val_fraction: float = 0.15
     clip_inputs: float | None = 1.0  # margin, in training-range widths; None: no clipping
+    selection: str = "own"  # model selection: "own" validation rows, or "federated" (simulator only)
     exclude: tuple[str, ...] = ()
     hidden: tuple[int, ...] = (64, 64)
     local_steps: int = 5
@@ -104,6 +105,8 @@ class ExperimentConfig:
         if self.clip_inputs is not None and not self.clip_inputs >= 0.0:
             raise InputError(f"clip_inputs must be a margin >= 0 (a fraction of the training range), got "
                              f"{self.clip_inputs}.")
+        if self.selection not in ("own", "federated"):
+            raise InputError(f"selection must be 'own' or 'federated', got {self.selection!r}.")
         if self.local_steps < 1 or self.batch_size < 1:
             raise InputError("local_steps and batch_size must be >= 1.")
         for a in self.algorithms:  # fail now, not after an hour of other algorithms
@@ -157,6 +160,7 @@ class ExperimentConfig:
             "rounds": d["rounds"],
             "val_fraction": d["val_fraction"],
             "clip_inputs": d["clip_inputs"] if d["clip_inputs"] is not None else False,
+            "selection": d["selection"],
             "exclude": list(d["exclude"]),
             "training": {
                 "hidden": list(d["hidden"]),
@@ -174,7 +178,7 @@ class ExperimentConfig:
 
 _TOP_KEYS = {
     "target", "institutions", "test", "algorithms", "seeds", "first_seed", "rounds",
-    "val_fraction", "clip_inputs", "exclude", "training", "algorithm",
+    "val_fraction", "clip_inputs", "selection", "exclude", "training", "algorithm",
 }
 
 
@@ -192,7 +196,7 @@ def read_toml(path: str | Path) -> dict[str, Any]:
         raise InputError(f"{path}: unknown setting {sorted(unknown)[0]!r}; known: {', '.join(sorted(_TOP_KEYS))}.")
     base = path.parent
     kw: dict[str, Any] = {}
-    for key in ("target", "seeds", "first_seed", "rounds", "val_fraction"):
+    for key in ("target", "seeds", "first_seed", "rounds", "val_fraction", "selection"):
         if key in raw:
             kw[key] = raw[key]
     if "clip_inputs" in raw:  # a margin, or false for no clipping

@@ -4,11 +4,18 @@ An algorithm is a handful of functions over plain arrays, with no transport, fil
 
 - ``init(spec, seed) -> server_state``: the first global payload (a dict of arrays).
 - ``init_client(spec, data, seed) -> client_state``: what an institution keeps to itself.
-- ``client_update(server_state, client_state, data, rng) -> (Update, client_state)``: local
-  training; the :class:`Update` is everything that leaves the institution this round.
-- ``aggregate(server_state, updates) -> server_state``: deterministic: updates are ordered by
-  institution name and summed in float64, so any peer (another institution, a verifier replaying
-  a ledger) recomputes the same bits.
+- ``client_update(server_state, client_state, data, rng, rnd) -> (Update, client_state)``: local
+  training in round ``rnd`` (1-based) with the institution's own generator; the :class:`Update`
+  is everything that leaves the institution this round.
+- ``aggregate(server_state, updates, rng, rnd) -> server_state``: deterministic: updates are
+  ordered by institution name and summed in float64, and any randomness comes from ``rng``, which
+  every peer derives from the task's seed and the round; so any peer (another institution, a
+  verifier replaying a ledger) recomputes the same bits. The server state holds only what every
+  party may see: schedules (FedKD's threshold, FedGAN's warm-up) follow from ``rnd``, not from
+  counters carried in the state.
+- ``client_arrays(client_state) -> dict of arrays`` and ``load_client(client_state, arrays)``:
+  an institution's private state as plain arrays and back, bit-exactly (a deployed node keeps it
+  in its own folder between messages; the simulator goes through the same round trip).
 - ``personal_params(server_state, client_state) -> Params``: the model institution ``i`` predicts
   with, as plain arrays; ``predict(params, X)`` evaluates it.
 
@@ -24,7 +31,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from fedmdh.data.federation import InstitutionData, PreparedFederation
+from fedmdh.data.federation import FederationSetup, InstitutionData, PreparedFederation
 
 Params = dict[str, np.ndarray]
 Payload = dict[str, np.ndarray]
@@ -46,6 +53,16 @@ class FederationSpec:
             n_features=fed.n_features,
             feature_idx={d.name: d.feature_idx for d in fed.institutions},
             n_train={d.name: d.n_train for d in fed.institutions},
+        )
+
+    @classmethod
+    def from_setup(cls, setup: "FederationSetup") -> "FederationSpec":
+        """The same spec from what a federated setup phase fixed (a deployed node builds it so)."""
+        return cls(
+            names=tuple(setup.names),
+            n_features=len(setup.features),
+            feature_idx={n: setup.feature_idx(n) for n in setup.names},
+            n_train=dict(setup.n_train),
         )
 
 
@@ -155,11 +172,25 @@ class Algorithm(ABC):
 
     @abstractmethod
     def client_update(
-        self, server_state: Payload, client_state: Any, data: InstitutionData, rng: np.random.Generator
+        self, server_state: Payload, client_state: Any, data: InstitutionData, rng: np.random.Generator, rnd: int
     ) -> tuple[Update, Any]: ...
 
     @abstractmethod
-    def aggregate(self, server_state: Payload, updates: Sequence[Update]) -> Payload: ...
+    def aggregate(
+        self, server_state: Payload, updates: Sequence[Update], rng: np.random.Generator, rnd: int
+    ) -> Payload: ...
+
+    def client_arrays(self, client_state: Any) -> Payload:
+        """The institution's private state as named arrays (see :mod:`fedmdh.algorithms.state`)."""
+        from fedmdh.algorithms.state import state_arrays
+
+        return state_arrays(client_state)
+
+    def load_client(self, client_state: Any, arrays: Mapping[str, np.ndarray]) -> Any:
+        """``client_state`` (a fresh ``init_client``) with every array of :meth:`client_arrays` loaded."""
+        from fedmdh.algorithms.state import load_state_arrays
+
+        return load_state_arrays(client_state, arrays)
 
     @abstractmethod
     def personal_params(self, server_state: Payload, client_state: Any) -> Params: ...

@@ -72,7 +72,7 @@ class FedAvg(MLPAlgorithm):
         return MLPClient(model, self._new_optimizer(model))
 
     def client_update(
-        self, server_state: Payload, client_state: MLPClient, data: InstitutionData, rng: np.random.Generator
+        self, server_state: Payload, client_state: MLPClient, data: InstitutionData, rng: np.random.Generator, rnd: int
     ) -> tuple[Update, MLPClient]:
         model, optimizer = client_state.model, client_state.optimizer
         set_params(model, server_state)
@@ -90,7 +90,9 @@ class FedAvg(MLPAlgorithm):
         )
         return Update(data.name, get_params(model), data.n_train, {"loss": loss}), client_state
 
-    def aggregate(self, server_state: Payload, updates: Sequence[Update]) -> Payload:
+    def aggregate(
+        self, server_state: Payload, updates: Sequence[Update], rng: np.random.Generator, rnd: int
+    ) -> Payload:
         ups = ordered(updates)
         return weighted_average([(u.payload, u.num_examples) for u in ups])
 

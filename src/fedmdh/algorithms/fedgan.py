@@ -132,7 +132,6 @@ class FedGAN(MLPAlgorithm):
             **_prefixed(disc, "D"),
         }
         state["label_dist"] = np.array([0.0, 1.0])  # pooled standardised labels: N(0, 1)
-        state["round"] = np.zeros(1, dtype=np.int64)
         return state
 
     def init_client(self, spec: FederationSpec, data: InstitutionData, seed: int) -> FedGANClient:
@@ -175,7 +174,7 @@ class FedGAN(MLPAlgorithm):
         return g_total / self.gan_steps
 
     def client_update(
-        self, server_state: Payload, client_state: FedGANClient, data: InstitutionData, rng: np.random.Generator
+        self, server_state: Payload, client_state: FedGANClient, data: InstitutionData, rng: np.random.Generator, rnd: int
     ) -> tuple[Update, FedGANClient]:
         c = client_state
         _load(c.reg, server_state, "reg")
@@ -184,7 +183,7 @@ class FedGAN(MLPAlgorithm):
         c.optimizer.state.clear()
         steps, n = self.training.local_steps, data.n_train
         b = min(self.training.batch_size, n)
-        augment = self.gen_weight > 0 and int(server_state["round"][0]) >= self.warmup_rounds
+        augment = self.gen_weight > 0 and rnd - 1 >= self.warmup_rounds
         if augment:  # the round's synthetic rows, from the global generator before local GAN steps
             mu, var = (float(v) for v in server_state["label_dist"])
             y_gen = rng.normal(mu, np.sqrt(max(var, 1e-12)), size=b * steps).astype(np.float32)
@@ -212,7 +211,9 @@ class FedGAN(MLPAlgorithm):
         return Update(data.name, payload, n, {"loss": total / steps, "g_loss": g_loss}), c
 
     # -- aggregation ----------------------------------------------------------------------------
-    def aggregate(self, server_state: Payload, updates: Sequence[Update]) -> Payload:
+    def aggregate(
+        self, server_state: Payload, updates: Sequence[Update], rng: np.random.Generator, rnd: int
+    ) -> Payload:
         ups = ordered(updates)
         keys = [k for k in ups[0].payload if k.startswith(_SHARED)]
         new: Payload = dict(server_state)
@@ -222,7 +223,6 @@ class FedGAN(MLPAlgorithm):
             [u.num_examples for u in ups],
         )
         new["label_dist"] = np.array([mu, var])
-        new["round"] = np.asarray(server_state["round"]) + 1
         return new
 
     # -- prediction -----------------------------------------------------------------------------

@@ -20,7 +20,8 @@ into every client. The model itself (feature extractor + head) is averaged as in
   institutions' heads ``h_i`` sent this round (FedGen's ensemble cross-entropy), plus FedGen's
   diversity term ``exp(-mean_{jk} ||z_j - z_k|| * ||G_j - G_k||)`` weighted by ``diversity_weight``.
 - "Server-side" is the aggregation: ``G`` is trained inside :meth:`FedGen.aggregate`, with its
-  noise drawn from a stream derived from ``(seed, round)``, so every peer recomputes the same
+  noise drawn from the aggregation's generator (derived by every peer from the task's seed and
+  the round), so every peer recomputes the same
   generator bit for bit.
 - Institutions add ``gen_weight * MSE(h(G(z, y~)), y~)`` to their loss (gradient to ``h`` only).
 
@@ -49,11 +50,10 @@ from fedmdh.algorithms.base import (
 from fedmdh.algorithms.fedmdh import LatentRegressor
 from fedmdh.nn.mlp import load_prefixed as _load, prefixed_params as _prefixed
 from fedmdh.algorithms.gaussian import mixture_moments
-from fedmdh.algorithms.seeded import schedule_stamp, seeded
+from fedmdh.algorithms.seeded import seeded
 from fedmdh.data.federation import InstitutionData
 from fedmdh.nn.gan import ConditionalGenerator
 from fedmdh.nn.mlp import Evaluator, make_optimizer
-from fedmdh.seeding import rng_for
 
 
 @dataclass
@@ -150,7 +150,6 @@ class FedGen(Algorithm):
         net = self._net(spec.n_features, seed)
         state: Payload = {**_prefixed(net.phi, "phi"), **_prefixed(net.h, "h"), **_prefixed(self._gen(seed), "G")}
         state["label_dist"] = np.array([0.0, 1.0])  # pooled standardised labels: N(0, 1)
-        state["stamp"] = schedule_stamp(seed)  # [seed, round] for the aggregation's noise stream
         return state
 
     def init_client(self, spec: FederationSpec, data: InstitutionData, seed: int) -> FedGenClient:
@@ -177,7 +176,7 @@ class FedGen(Algorithm):
 
     # -- local round ---------------------------------------------------------------------------
     def client_update(
-        self, server_state: Payload, client_state: FedGenClient, data: InstitutionData, rng: np.random.Generator
+        self, server_state: Payload, client_state: FedGenClient, data: InstitutionData, rng: np.random.Generator, rnd: int
     ) -> tuple[Update, FedGenClient]:
         c = client_state
         net = c.net
@@ -186,7 +185,7 @@ class FedGen(Algorithm):
         c.optimizer.state.clear()
         steps, n = self.training.local_steps, data.n_train
         b = min(self.training.batch_size, n)
-        regularise = self.gen_weight > 0 and int(server_state["stamp"][1]) > 0 and b >= 2
+        regularise = self.gen_weight > 0 and rnd > 1 and b >= 2
         if regularise:  # the generator is trained from the first aggregation on
             _load(c.gen, server_state, "G")
             mu, var = (float(v) for v in server_state["label_dist"])
@@ -215,7 +214,9 @@ class FedGen(Algorithm):
         return Update(data.name, payload, n, {"loss": total / steps}), c
 
     # -- aggregation ----------------------------------------------------------------------------
-    def aggregate(self, server_state: Payload, updates: Sequence[Update]) -> Payload:
+    def aggregate(
+        self, server_state: Payload, updates: Sequence[Update], rng: np.random.Generator, rnd: int
+    ) -> Payload:
         ups = ordered(updates)
         weights = np.array([u.num_examples for u in ups], dtype=np.float64)
         weights = weights / weights.sum()
@@ -226,9 +227,7 @@ class FedGen(Algorithm):
             [u.payload["label_stats"][0] for u in ups], [u.payload["label_stats"][1] for u in ups], weights
         )
         new["label_dist"] = np.array([mu, var])
-        seed, rnd = (int(v) for v in server_state["stamp"])
-        new["stamp"] = np.array([seed, rnd + 1], dtype=np.int64)
-        new.update(self._train_generator(server_state, ups, weights, mu, var, rng_for(seed, "fedgen", "server", rnd + 1)))
+        new.update(self._train_generator(server_state, ups, weights, mu, var, rng))
         return new
 
     def _train_generator(

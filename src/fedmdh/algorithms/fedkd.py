@@ -187,7 +187,6 @@ class FedKD(MLPAlgorithm):
     # -- construction ---------------------------------------------------------------------------
     def init(self, spec: FederationSpec, seed: int) -> Payload:
         state: Payload = _prefixed(self._new_model(spec, seed, "fedkd", "mentee"), "mentee")
-        state["round"] = np.zeros(1, dtype=np.int64)
         return state
 
     def init_client(self, spec: FederationSpec, data: InstitutionData, seed: int) -> FedKDClient:
@@ -204,7 +203,7 @@ class FedKD(MLPAlgorithm):
 
     # -- local round ---------------------------------------------------------------------------
     def client_update(
-        self, server_state: Payload, client_state: FedKDClient, data: InstitutionData, rng: np.random.Generator
+        self, server_state: Payload, client_state: FedKDClient, data: InstitutionData, rng: np.random.Generator, rnd: int
     ) -> tuple[Update, FedKDClient]:
         c = client_state
         _load(c.mentee, server_state, "mentee")
@@ -237,14 +236,16 @@ class FedKD(MLPAlgorithm):
             loss.backward()
             c.optimizer.step()
         delta = {k: v.detach().double().numpy() - start[k] for k, v in c.mentee.state_dict().items()}
-        payload = compress_update(delta, self.energy_at(int(server_state["round"][0])))
+        payload = compress_update(delta, self.energy_at(rnd - 1))
         sent = int(sum(a.nbytes for a in payload.values()))
         full = int(sum(np.asarray(v, np.float32).nbytes for v in delta.values()))
         metrics = {"loss": total / steps, "bytes_sent": float(sent), "bytes_full": float(full)}
         return Update(data.name, payload, n, metrics), c
 
     # -- aggregation ----------------------------------------------------------------------------
-    def aggregate(self, server_state: Payload, updates: Sequence[Update]) -> Payload:
+    def aggregate(
+        self, server_state: Payload, updates: Sequence[Update], rng: np.random.Generator, rnd: int
+    ) -> Payload:
         ups = ordered(updates)
         keys = [k[len("mentee."):] for k in server_state if k.startswith("mentee.")]
         shapes = {k: server_state[f"mentee.{k}"] for k in keys}
@@ -255,12 +256,11 @@ class FedKD(MLPAlgorithm):
             for k in keys:
                 avg[k] += rec[k] * (u.num_examples / total)
         # the averaged update goes back compressed the same way (downlink)
-        down = decompress_update(compress_update(avg, self.energy_at(int(server_state["round"][0]))), keys, shapes)
+        down = decompress_update(compress_update(avg, self.energy_at(rnd - 1)), keys, shapes)
         new: Payload = dict(server_state)
         for k in keys:
             ref = np.asarray(server_state[f"mentee.{k}"])
             new[f"mentee.{k}"] = (ref.astype(np.float64) + down[k]).astype(ref.dtype)
-        new["round"] = np.asarray(server_state["round"]) + 1
         return new
 
     # -- prediction -----------------------------------------------------------------------------

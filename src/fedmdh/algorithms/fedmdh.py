@@ -247,7 +247,7 @@ class FedMDH(Algorithm):
         return X
 
     def client_update(
-        self, server_state: Payload, client_state: FedMDHClient, data: InstitutionData, rng: np.random.Generator
+        self, server_state: Payload, client_state: FedMDHClient, data: InstitutionData, rng: np.random.Generator, rnd: int
     ) -> tuple[Update, FedMDHClient]:
         c = client_state
         net = c.net
@@ -359,7 +359,9 @@ class FedMDH(Algorithm):
             lsgan_step(c.disc, c.d_opt, c.g_opt, real, y_real, fake, y_fake)
 
     # -- aggregation ----------------------------------------------------------------------------
-    def aggregate(self, server_state: Payload, updates: Sequence[Update]) -> Payload:
+    def aggregate(
+        self, server_state: Payload, updates: Sequence[Update], rng: np.random.Generator, rnd: int
+    ) -> Payload:
         ups = ordered(updates)
         weights = [u.num_examples for u in ups]
         new: Payload = dict(server_state)

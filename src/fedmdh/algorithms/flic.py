@@ -144,7 +144,7 @@ class FLIC(Algorithm):
         )
 
     def client_update(
-        self, server_state: Payload, client_state: FLICClient, data: InstitutionData, rng: np.random.Generator
+        self, server_state: Payload, client_state: FLICClient, data: InstitutionData, rng: np.random.Generator, rnd: int
     ) -> tuple[Update, FLICClient]:
         c = client_state
         net = c.net
@@ -199,7 +199,9 @@ class FLIC(Algorithm):
         }
         return Update(data.name, payload, n, {"loss": total / max(self.training.local_steps, 1)}), c
 
-    def aggregate(self, server_state: Payload, updates: Sequence[Update]) -> Payload:
+    def aggregate(
+        self, server_state: Payload, updates: Sequence[Update], rng: np.random.Generator, rnd: int
+    ) -> Payload:
         ups = ordered(updates)
         weights = [u.num_examples for u in ups]
         keys = [k for k in ups[0].payload if k.startswith("head.")]

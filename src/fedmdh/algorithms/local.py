@@ -31,7 +31,7 @@ class Local(MLPAlgorithm):
         return MLPClient(model, self._new_optimizer(model))
 
     def client_update(
-        self, server_state: Payload, client_state: MLPClient, data: InstitutionData, rng: np.random.Generator
+        self, server_state: Payload, client_state: MLPClient, data: InstitutionData, rng: np.random.Generator, rnd: int
     ) -> tuple[Update, MLPClient]:
         loss = train_steps(
             client_state.model,
@@ -44,7 +44,9 @@ class Local(MLPAlgorithm):
         )
         return Update(data.name, {}, data.n_train, {"loss": loss}), client_state
 
-    def aggregate(self, server_state: Payload, updates: Sequence[Update]) -> Payload:
+    def aggregate(
+        self, server_state: Payload, updates: Sequence[Update], rng: np.random.Generator, rnd: int
+    ) -> Payload:
         return server_state
 
     def personal_params(self, server_state: Payload, client_state: MLPClient) -> Params:

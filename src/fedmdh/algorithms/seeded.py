@@ -35,7 +35,3 @@ def own_mask(spec: FederationSpec, name: str) -> np.ndarray:
     mask[np.asarray(spec.feature_idx[name])] = 1.0
     return mask
 
-
-def schedule_stamp(seed: int) -> np.ndarray:
-    """``[seed, round]`` as int64: lets a deterministic ``aggregate`` derive its own random stream."""
-    return np.array([int(seed) & ((1 << 62) - 1), 0], dtype=np.int64)

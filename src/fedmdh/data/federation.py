@@ -2,18 +2,21 @@
 
 Protocol (what a real deployment would do, simulated here in one process):
 
-1. Each institution validates its own table and imputes its own missing feature values from its
-   own training means (the count is reported).
+1. Each institution validates its own table, carves its validation split and imputes its own
+   missing feature values from its own training means (the count is reported).
 2. Each institution sends per-feature sufficient statistics (count, sum, sum of squares) of its
    training rows over its own features, and the same for the target. Pooled means and standard
    deviations are computed from them (ordered by institution, float64), so no raw value leaves an
    institution. Pooled, not per-institution, moments keep the between-institution shifts that
    carry signal under label skew.
-3. Features live in the union feature space. A feature an institution lacks is set to 0 after
+3. Features live in the union feature space, the sorted union of the institutions' column names
+   (one canonical order whatever the order of the input files). A feature an institution lacks is set to 0 after
    standardisation (the pooled mean), which is what union-space methods such as FedAvg see.
-4. Each institution carves a validation split from its own training rows for early stopping and
-   hyperparameter choice; the test set is only ever used for reporting.
+4. The validation split serves model selection and hyperparameter choice; the test set is only
+   ever used for reporting.
 5. The shared test set is seen by institution i through its own feature columns only.
+6. The federation's degree (H, alpha, KL_avg) comes from column names, row counts, label moments
+   and label-histogram counts over the pooled label range.
 """
 
 from __future__ import annotations
@@ -23,7 +26,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from fedmdh.data.heterogeneity import Heterogeneity, measure
+from fedmdh.data.heterogeneity import (
+    Heterogeneity,
+    InstitutionSummary,
+    from_summaries,
+    kl_from_counts,
+    label_histogram,
+)
 from fedmdh.data.io import InstitutionTable
 from fedmdh.errors import InputError
 from fedmdh.seeding import rng_for
@@ -187,13 +196,10 @@ class PreparedFederation:
         return len(self.features)
 
 
-def union_features(tables: Sequence[InstitutionTable]) -> tuple[str, ...]:
-    """Union of the institutions' feature names, in order of first appearance."""
-    seen: dict[str, None] = {}
-    for t in tables:
-        for f in t.features:
-            seen.setdefault(f, None)
-    return tuple(seen)
+def union_features(feature_sets: Sequence[Sequence[str]]) -> tuple[str, ...]:
+    """The union of the institutions' feature names, sorted: one canonical order that does not
+    depend on the order in which institutions (or their files) are listed."""
+    return tuple(sorted(set().union(*[set(f) for f in feature_sets])))
 
 
 def _split_val(n: int, fraction: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -209,6 +215,183 @@ def _to_union(X_own: np.ndarray, idx: np.ndarray, n_union: int) -> np.ndarray:
     return out
 
 
+@dataclass(frozen=True)
+class LocalSplit:
+    """What an institution fixes on its own before talking to anyone: its validation split and the
+    imputation of its missing values from its own training means. Never leaves the institution."""
+
+    table: InstitutionTable
+    train_idx: np.ndarray
+    val_idx: np.ndarray
+    X: np.ndarray  # the table's features with missing values imputed
+    own_mean: np.ndarray
+    n_imputed: int
+
+
+def local_split(table: InstitutionTable, seed: int, val_fraction: float) -> LocalSplit:
+    """The institution's validation split (seeded by its name) and own-mean imputation."""
+    tr, va = _split_val(table.n_rows, val_fraction, rng_for(seed, "validation-split", table.name))
+    X = table.X.copy()
+    own_mean = np.nanmean(X[tr], axis=0)
+    # a column observed only in validation rows: fall back to the mean over all own rows
+    own_mean = np.where(np.isnan(own_mean), np.nanmean(X, axis=0), own_mean)
+    nan_mask = np.isnan(X)
+    X[nan_mask] = np.take(own_mean, np.nonzero(nan_mask)[1])
+    return LocalSplit(table, tr, va, X, own_mean, int(nan_mask.sum()))
+
+
+@dataclass(frozen=True)
+class SetupSummary:
+    """What one institution reveals in the setup phase: no row, only names, counts and sums.
+
+    ``x_stats``/``y_stats`` are sufficient statistics of its *training* rows (for the pooled
+    standardisation); ``label_stats``, ``label_min``/``label_max`` cover all its labels (for the
+    federation's degree: label moments and the histogram range).
+    """
+
+    institution: str
+    columns: tuple[str, ...]
+    n_rows: int
+    n_train: int
+    n_val: int
+    x_stats: SufficientStats
+    y_stats: SufficientStats
+    label_stats: SufficientStats
+    label_min: float
+    label_max: float
+
+
+def setup_summary(split: LocalSplit) -> SetupSummary:
+    t = split.table
+    return SetupSummary(
+        institution=t.name,
+        columns=tuple(t.features),
+        n_rows=t.n_rows,
+        n_train=int(split.train_idx.size),
+        n_val=int(split.val_idx.size),
+        x_stats=sufficient_stats(t.features, t.X[split.train_idx]),
+        y_stats=sufficient_stats(("__y__",), t.y[split.train_idx]),
+        label_stats=sufficient_stats(("__y__",), t.y),
+        label_min=float(np.min(t.y)),
+        label_max=float(np.max(t.y)),
+    )
+
+
+@dataclass(frozen=True)
+class FederationSetup:
+    """What the setup phase fixes for everyone: names, each institution's columns and training
+    size, the canonical union feature space, the pooled scaler and the pooled label range."""
+
+    names: tuple[str, ...]
+    columns: Mapping[str, tuple[str, ...]]
+    n_train: Mapping[str, int]
+    features: tuple[str, ...]
+    scaler: Scaler
+    label_range: tuple[float, float]
+
+    def feature_idx(self, name: str) -> np.ndarray:
+        index = {f: j for j, f in enumerate(self.features)}
+        return np.array([index[f] for f in self.columns[name]], dtype=np.int64)
+
+
+def pool_setup(summaries: Sequence[SetupSummary]) -> FederationSetup:
+    """Combine the institutions' setup summaries (in name order, float64): any peer gets the same bits."""
+    if len(summaries) < 2:
+        raise InputError("a federation needs at least two institutions; give two or more CSV files.")
+    names = [s.institution for s in summaries]
+    if len(set(names)) != len(names):
+        raise InputError(f"institution names must be unique, got {names}.")
+    by_name = {s.institution: s for s in summaries}
+    order = tuple(sorted(by_name))
+    features = union_features([by_name[n].columns for n in order])
+    mean, scale = pool_moments({n: by_name[n].x_stats for n in order}, features)
+    y_mean, y_scale = pool_moments({n: by_name[n].y_stats for n in order}, ("__y__",))
+    return FederationSetup(
+        names=order,
+        columns={n: by_name[n].columns for n in order},
+        n_train={n: by_name[n].n_train for n in order},
+        features=features,
+        scaler=Scaler(features, mean, scale, float(y_mean[0]), float(y_scale[0])),
+        label_range=(min(by_name[n].label_min for n in order), max(by_name[n].label_max for n in order)),
+    )
+
+
+def federation_heterogeneity(
+    summaries: Sequence[SetupSummary], setup: FederationSetup, counts: Mapping[str, np.ndarray]
+) -> Heterogeneity:
+    """H / alpha / KL_avg from the setup summaries and each institution's label-histogram counts
+    over :func:`~fedmdh.data.heterogeneity.label_histogram` bins of the pooled label range."""
+    by_name = {s.institution: s for s in summaries}
+    order = setup.names
+    stats = []
+    for n in order:
+        st = by_name[n].label_stats
+        m = float(st.total[0] / st.count[0])
+        stats.append(InstitutionSummary(n, by_name[n].n_rows, len(by_name[n].columns), m,
+                                        float(np.sqrt(max(st.total_sq[0] / st.count[0] - m * m, 0.0)))))
+    lo, hi = setup.label_range
+    kl = kl_from_counts([counts[n] for n in order]) if hi > lo else [0.0] * len(order)
+    return from_summaries(stats, [by_name[n].columns for n in order], kl)
+
+
+def institution_data(
+    split: LocalSplit,
+    setup: FederationSetup,
+    test: InstitutionTable | None,
+    clip_margin: float | None = None,
+) -> InstitutionData:
+    """One institution's arrays in the union space, standardised with the pooled scaler.
+
+    ``test`` (the shared test table, for reporting only) must carry the institution's columns; with
+    ``None`` the institution has no test rows.
+    """
+    t = split.table
+    scaler, features = setup.scaler, setup.features
+    idx = setup.feature_idx(t.name)
+    others = np.setdiff1d(np.arange(len(features)), idx)
+    Xu = scaler.transform(_to_union(split.X, idx, len(features)))
+    Xu[:, others] = 0.0
+    tr, va = split.train_idx, split.val_idx
+    if test is not None:
+        test_cols = {f: j for j, f in enumerate(test.features)}
+        missing = [f for f in t.features if f not in test_cols]
+        if missing:
+            raise InputError(
+                f"{test.source}: the test set lacks column {missing[0]!r} of institution {t.name} "
+                f"({t.source}){f' and {len(missing) - 1} more' if len(missing) > 1 else ''}; "
+                "the test set must carry every institution's feature columns."
+            )
+        X_test_own = test.X[:, np.array([test_cols[f] for f in t.features], dtype=np.int64)].copy()
+    else:
+        X_test_own = np.zeros((0, len(t.features)))
+    test_nan = np.isnan(X_test_own)
+    X_test_own[test_nan] = np.take(split.own_mean, np.nonzero(test_nan)[1])
+    Xt = scaler.transform(_to_union(X_test_own, idx, len(features)))
+    Xt[:, others] = 0.0
+    lo = hi = None
+    if clip_margin is not None:
+        mn, mx = Xu[tr].min(axis=0), Xu[tr].max(axis=0)
+        lo = (mn - clip_margin * (mx - mn)).astype(np.float32)
+        hi = (mx + clip_margin * (mx - mn)).astype(np.float32)
+    Xt = clip_columns(Xt, lo, hi)
+    ys = scaler.y_to_std(t.y)
+    return InstitutionData(
+        name=t.name,
+        features=t.features,
+        feature_idx=idx,
+        X=Xu[tr].astype(np.float32),
+        y=ys[tr].astype(np.float32),
+        X_val=Xu[va].astype(np.float32),
+        y_val=ys[va].astype(np.float32),
+        X_test=Xt.astype(np.float32),
+        impute_values=split.own_mean,
+        n_imputed=split.n_imputed,
+        n_imputed_test=int(test_nan.sum()),
+        clip_lo=lo,
+        clip_hi=hi,
+    )
+
+
 def prepare_federation(
     tables: Sequence[InstitutionTable],
     test: InstitutionTable,
@@ -217,7 +400,12 @@ def prepare_federation(
     val_fraction: float = 0.15,
     clip_margin: float | None = None,
 ) -> PreparedFederation:
-    """Standardise, split and lay out a federation in the union feature space.
+    """Standardise, split and lay out a federation in the union feature space, in one process.
+
+    The same steps a deployment runs across machines (:func:`local_split` and
+    :func:`setup_summary` at each institution, :func:`pool_setup` and
+    :func:`federation_heterogeneity` from what they send, :func:`institution_data` back at each
+    institution), so both produce the same bits.
 
     Parameters
     ----------
@@ -237,86 +425,21 @@ def prepare_federation(
         institution's own training rows widened by ``m`` times that range on each side (``0``: the
         range itself). See :meth:`InstitutionData.clip`.
     """
-    if len(tables) < 2:
-        raise InputError("a federation needs at least two institutions; give two or more CSV files.")
     if not 0.0 <= val_fraction < 0.5:
         raise InputError(f"val_fraction must be in [0, 0.5), got {val_fraction}.")
-    names = [t.name for t in tables]
-    if len(set(names)) != len(names):
-        raise InputError(f"institution names must be unique, got {names}.")
-    features = union_features(tables)
-    fidx = {f: j for j, f in enumerate(features)}
-    test_cols = {f: j for j, f in enumerate(test.features)}
-    for t in tables:
-        missing = [f for f in t.features if f not in test_cols]
-        if missing:
-            raise InputError(
-                f"{test.source}: the test set lacks column {missing[0]!r} of institution {t.name} "
-                f"({t.source}){f' and {len(missing) - 1} more' if len(missing) > 1 else ''}; "
-                "the test set must carry every institution's feature columns."
-            )
-
-    splits = {}
-    imputed = {}
-    for t in tables:
-        tr, va = _split_val(t.n_rows, val_fraction, rng_for(seed, "validation-split", t.name))
-        X = t.X.copy()
-        own_mean = np.nanmean(X[tr], axis=0)
-        # a column observed only in validation rows: fall back to the mean over all own rows
-        own_mean = np.where(np.isnan(own_mean), np.nanmean(X, axis=0), own_mean)
-        nan_mask = np.isnan(X)
-        X[nan_mask] = np.take(own_mean, np.nonzero(nan_mask)[1])
-        splits[t.name] = (tr, va, X, own_mean)
-        imputed[t.name] = int(nan_mask.sum())
-
-    x_stats = {t.name: sufficient_stats(t.features, t.X[splits[t.name][0]]) for t in tables}
-    y_stats = {t.name: sufficient_stats(("__y__",), t.y[splits[t.name][0]]) for t in tables}
-    mean, scale = pool_moments(x_stats, features)
-    y_mean, y_scale = pool_moments(y_stats, ("__y__",))
-    scaler = Scaler(features, mean, scale, float(y_mean[0]), float(y_scale[0]))
-
-    institutions = []
-    for t in tables:
-        tr, va, X, own_mean = splits[t.name]
-        idx = np.array([fidx[f] for f in t.features], dtype=np.int64)
-        Xu = scaler.transform(_to_union(X, idx, len(features)))
-        Xu[:, np.setdiff1d(np.arange(len(features)), idx)] = 0.0
-        t_idx = np.array([test_cols[f] for f in t.features], dtype=np.int64)
-        X_test_own = test.X[:, t_idx].copy()
-        test_nan = np.isnan(X_test_own)
-        X_test_own[test_nan] = np.take(own_mean, np.nonzero(test_nan)[1])
-        Xt = scaler.transform(_to_union(X_test_own, idx, len(features)))
-        Xt[:, np.setdiff1d(np.arange(len(features)), idx)] = 0.0
-        lo = hi = None
-        if clip_margin is not None:
-            mn, mx = Xu[tr].min(axis=0), Xu[tr].max(axis=0)
-            lo = (mn - clip_margin * (mx - mn)).astype(np.float32)
-            hi = (mx + clip_margin * (mx - mn)).astype(np.float32)
-        Xt = clip_columns(Xt, lo, hi)
-        ys = scaler.y_to_std(t.y)
-        institutions.append(
-            InstitutionData(
-                name=t.name,
-                features=t.features,
-                feature_idx=idx,
-                X=Xu[tr].astype(np.float32),
-                y=ys[tr].astype(np.float32),
-                X_val=Xu[va].astype(np.float32),
-                y_val=ys[va].astype(np.float32),
-                X_test=Xt.astype(np.float32),
-                impute_values=own_mean,
-                n_imputed=imputed[t.name],
-                n_imputed_test=int(test_nan.sum()),
-                clip_lo=lo,
-                clip_hi=hi,
-            )
-        )
-    het = measure(names, [t.features for t in tables], [t.y for t in tables])
+    splits = {t.name: local_split(t, seed, val_fraction) for t in tables}
+    summaries = [setup_summary(splits[t.name]) for t in tables]
+    setup = pool_setup(summaries)
+    lo, hi = setup.label_range
+    counts = {n: label_histogram(splits[n].table.y, lo, hi) for n in setup.names}
+    het = federation_heterogeneity(summaries, setup, counts)
+    # institutions in the order given (names are unique), so reports keep the user's order
+    institutions = tuple(institution_data(splits[t.name], setup, test, clip_margin) for t in tables)
     return PreparedFederation(
         target=target,
-        features=features,
-        institutions=tuple(institutions),
-        scaler=scaler,
+        features=setup.features,
+        institutions=institutions,
+        scaler=setup.scaler,
         y_test=test.y.copy(),
         heterogeneity=het,
         seed=seed,

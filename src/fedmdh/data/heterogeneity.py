@@ -64,6 +64,29 @@ def sample_imbalance(sizes: Sequence[int]) -> float:
     return max(sizes) / min(sizes)
 
 
+def label_histogram(y: np.ndarray, lo: float, hi: float, bins: int = KL_BINS) -> np.ndarray:
+    """Counts of ``y`` in ``bins`` equal-width bins spanning ``[lo, hi]`` (what an institution shares)."""
+    y = np.asarray(y, dtype=np.float64).ravel()
+    if hi == lo:
+        counts = np.zeros(bins, dtype=np.int64)
+        counts[0] = y.size
+        return counts
+    return np.histogram(y, np.linspace(lo, hi, bins + 1))[0].astype(np.int64)
+
+
+def kl_from_counts(counts: Sequence[np.ndarray]) -> tuple[float, ...]:
+    """KL(P_i || P) for each institution from its histogram counts over the same bins."""
+    hists = [np.asarray(c, dtype=np.float64) for c in counts]
+    pooled = np.sum(hists, axis=0)
+    P = pooled / pooled.sum()
+    out = []
+    for c in hists:
+        p = c / c.sum()
+        m = p > 0  # P > 0 wherever p > 0, since P pools p
+        out.append(float(np.sum(p[m] * np.log(p[m] / P[m]))))
+    return tuple(out)
+
+
 def label_kl(labels: Sequence[np.ndarray], bins: int = KL_BINS) -> tuple[float, ...]:
     """KL(P_i || P) for each institution, over ``bins`` equal-width bins of the pooled range."""
     arrays = [np.asarray(y, dtype=np.float64).ravel() for y in labels]
@@ -71,14 +94,7 @@ def label_kl(labels: Sequence[np.ndarray], bins: int = KL_BINS) -> tuple[float, 
     lo, hi = float(pooled.min()), float(pooled.max())
     if hi == lo:
         return tuple(0.0 for _ in arrays)
-    edges = np.linspace(lo, hi, bins + 1)
-    P = np.histogram(pooled, edges)[0] / pooled.size
-    out = []
-    for y in arrays:
-        p = np.histogram(y, edges)[0] / y.size
-        m = p > 0  # P > 0 wherever p > 0, since P pools p
-        out.append(float(np.sum(p[m] * np.log(p[m] / P[m]))))
-    return tuple(out)
+    return kl_from_counts([label_histogram(y, lo, hi, bins) for y in arrays])
 
 
 def measure(
@@ -99,10 +115,17 @@ def measure(
         )
         for n, f, y in zip(names, feature_sets, labels, strict=True)
     )
+    return from_summaries(summaries, feature_sets, kl)
+
+
+def from_summaries(
+    summaries: Sequence[InstitutionSummary], feature_sets: Sequence[Sequence[str]], kl: Sequence[float]
+) -> Heterogeneity:
+    """The degree from what institutions share: sizes, column names, label moments and KL terms."""
     return Heterogeneity(
         H=feature_overlap(feature_sets),
         alpha=sample_imbalance([s.rows for s in summaries]),
         KL_avg=float(np.mean(kl)),
-        kl=kl,
-        institutions=summaries,
+        kl=tuple(float(k) for k in kl),
+        institutions=tuple(summaries),
     )

@@ -68,6 +68,13 @@ def data_log_lines(fed: PreparedFederation) -> list[str]:
     return lines
 
 
+def kept_rounds_text(best_rounds: dict[str, int]) -> str:
+    """``from round 12`` when every institution kept the same round, else ``from rounds A 12, B 30``."""
+    if len(set(best_rounds.values())) == 1:
+        return f"from round {next(iter(best_rounds.values()))}"
+    return "from rounds " + ", ".join(f"{n} {r}" for n, r in best_rounds.items())
+
+
 def _write_json(path: Path, obj: Any) -> None:
     path.write_text(json.dumps(obj, indent=2, default=float), encoding="utf-8")
 
@@ -114,7 +121,7 @@ def run_experiment(
         recorder = start_run_ledger(ledger, out / "ledger", algo, fed, cfg.target, cfg.rounds, seed, out / "config.toml")
         try:
             result = simulate(fed, algo, cfg.rounds, seed=seed, on_round=on_round,
-                              round_hook=recorder.round_hook if recorder else None)
+                              round_hook=recorder.round_hook if recorder else None, selection=cfg.selection)
             if recorder is not None:
                 recorder.flush()  # the last round finalized the aggregate this run used
         except BaseException:
@@ -125,7 +132,7 @@ def run_experiment(
     for d in fed.institutions:
         save_model(
             models_dir / d.name, d, algorithm, cfg.hidden, fed.scaler, result.models[d.name],
-            info={"best_round": result.best_round, "seed": seed, "target": cfg.target,
+            info={"best_round": result.best_rounds[d.name], "seed": seed, "target": cfg.target,
                   "hyperparameters": algo.hyperparameters()},
         )
     final = {
@@ -133,6 +140,7 @@ def run_experiment(
         "seed": seed,
         "rounds": cfg.rounds,
         "best_round": result.best_round,
+        "best_rounds": result.best_rounds,
         "seconds": result.seconds,
         **result.final,
         "per_institution": result.final_per_institution,
@@ -143,7 +151,7 @@ def run_experiment(
         if ledger_line:
             fh.write(ledger_line + "\n")
         fh.write(
-            f"finished {cfg.rounds} rounds in {result.seconds:.1f} s; model of round {result.best_round} kept "
+            f"finished {cfg.rounds} rounds in {result.seconds:.1f} s; models kept {kept_rounds_text(result.best_rounds)} "
             f"(lowest validation loss); test rmse {result.final['rmse']:.4f} r2 {result.final['r2']:.4f}\n"
         )
     return result
@@ -196,7 +204,7 @@ def run_benchmark(
                                         cfg.rounds, seed, out / "config.toml")
             try:
                 res = simulate(fed, algo, cfg.rounds, seed=seed, on_round=on_round,
-                               round_hook=recorder.round_hook if recorder else None)
+                               round_hook=recorder.round_hook if recorder else None, selection=cfg.selection)
             except BaseException:
                 finish_run_ledger(recorder, None, after_error=True)
                 raise
@@ -208,7 +216,7 @@ def run_benchmark(
                 for rec in res.history:
                     fh.write(json.dumps(rec.to_dict()) + "\n")
             log_lines.append(
-                f"{name} seed {seed}: {res.seconds:.1f} s, best round {res.best_round}, "
+                f"{name} seed {seed}: {res.seconds:.1f} s, models kept {kept_rounds_text(res.best_rounds)}, "
                 f"rmse {res.final['rmse']:.4f} r2 {res.final['r2']:.4f}"
             )
             # write as we go so an interrupted sweep keeps what finished

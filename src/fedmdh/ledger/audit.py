@@ -27,6 +27,7 @@ from fedmdh.ledger.blobs import DirBlobStore, sha256_hex
 from fedmdh.ledger.chain import Chain, receipt_logs
 from fedmdh.ledger.events import decode_logs
 from fedmdh.ledger.recorder import TASK_FILE, TX_FILE
+from fedmdh.runtime.protocol import aggregate_rng
 
 
 def locate(path: str | Path) -> Path:
@@ -272,6 +273,7 @@ def verify(path: str | Path, algorithm: Algorithm | None = None, rpc_url: str | 
     except _BlobProblem as exc:
         return fail(f"initial state: {exc}", 0)
     layout = [tuple(x) for x in task["vector_layout"]]
+    seed = int(task.get("seed", 0))
     done = 0
     for r in range(1, int(task["rounds"]) + 1):
         if r not in st.finalized:
@@ -304,7 +306,7 @@ def verify(path: str | Path, algorithm: Algorithm | None = None, rpc_url: str | 
         expected = [sum(v[i] * n for v, n in values) // total_n for i in range(size)]
         if mean is None or list(mean["mean"]) != codec.pack(expected):
             return fail(f"round {r}: the contract's weighted mean differs from the exact recomputation", done)
-        state = algorithm.aggregate(state, updates)
+        state = algorithm.aggregate(state, updates, aggregate_rng(seed, r), r)
         agg_hash = sha256_hex(codec.encode_payload(state))
         if "0x" + agg_hash != st.finalized[r]:
             return fail(f"round {r}: {algorithm.name}.aggregate recomputed from the blobs gives {agg_hash[:16]}, "

@@ -77,6 +77,7 @@ class LedgerRecorder:
     rounds: int
     initial_state: Payload
     quorum: int | None = None
+    seed: int = 0
     attest_hook: AttestHook | None = None
     config_path: str | None = None
     address: str | None = None
@@ -122,6 +123,7 @@ class LedgerRecorder:
             "hyperparameters": self.algorithm.hyperparameters(),
             "target": self.target,
             "rounds": self.rounds,
+            "seed": self.seed,
             "quorum": quorum,
             "vector_layout": layout,
             "fixed_point_scale": codec.SCALE,
@@ -284,6 +286,7 @@ def open_ledger(
     config_path: str | None = None,
     attest_hook: AttestHook | None = None,
     chain: Chain | None = None,
+    seed: int = 0,
 ) -> LedgerRecorder | None:
     """A recorder for one task (``None`` when ``options.mode == "off"``).
 
@@ -309,5 +312,5 @@ def open_ledger(
     return LedgerRecorder(
         chain=chain, ledger_dir=ledger_dir, blobs=DirBlobStore(ledger_dir / "blobs"), algorithm=algorithm,
         accounts=accounts, submitter=submitter, target=target, rounds=rounds, initial_state=initial_state,
-        quorum=options.quorum, attest_hook=attest_hook, config_path=config_path, pipeline=options.pipeline,
+        quorum=options.quorum, seed=seed, attest_hook=attest_hook, config_path=config_path, pipeline=options.pipeline,
     )

@@ -30,14 +30,15 @@ def start_run_ledger(
     if options.mode == "off":
         return None
     from fedmdh.ledger.recorder import open_ledger
+    from fedmdh.runtime.protocol import initial_state
     from fedmdh.runtime.simulator import POOLED_NAME
 
     names = (POOLED_NAME,) if algorithm.centralized else fed.names
     # the simulator starts from algorithm.init over the federation (a pure function of spec and seed)
-    initial = algorithm.init(FederationSpec.from_federation(fed), seed)
+    initial = initial_state(algorithm, FederationSpec.from_federation(fed), seed)
     return open_ledger(
         options, ledger_dir, algorithm, names, target, rounds, initial,
-        config_path=os.path.relpath(config_file, ledger_dir), **kw,
+        config_path=os.path.relpath(config_file, ledger_dir), seed=seed, **kw,
     )
 
 

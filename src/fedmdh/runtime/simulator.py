@@ -1,13 +1,19 @@
 """The in-process simulator: drives an algorithm's pure functions over a prepared federation.
 
-Each round, every institution (in name order) runs ``client_update`` with its own generator
-derived from ``(seed, round, institution)``; the updates are aggregated; each institution's
-current model is evaluated on its validation split (for model selection) and on the shared test
-set through its own columns (for reporting only). The model an institution keeps is the one of
-the round with the lowest federation validation loss: every institution's model predicts the
-validation rows of all institutions through its own columns (each validation row keeps only the
-columns its owner has), as the test protocol does with the shared test set; the loss is the mean
-over institutions of those MSEs. The test set never influences that choice.
+Each round, every institution (in name order) loads its private state from arrays, runs
+``client_update`` with its own generator derived from ``(seed, round, institution)`` and stores
+its state back as arrays; the updates are aggregated with the round's generator; each
+institution's current model is evaluated on its validation split (for model selection) and on the
+shared test set through its own columns (for reporting only). The protocol is the deployment's
+(:mod:`fedmdh.runtime.protocol`): under the same seed both give the same bits.
+
+Model selection (``selection``): by default each institution keeps the model of the round with the
+lowest loss on its *own* validation rows, as a deployed node does. ``selection="federated"``
+scores every institution's model on the validation rows of all institutions through its own
+columns (each validation row keeps only the columns its owner has), as the test protocol does with
+the shared test set, and keeps the round with the lowest mean over institutions for everyone; it
+needs every model at every institution, which only the simulator has. The test set never
+influences either choice.
 """
 
 from __future__ import annotations
@@ -23,8 +29,16 @@ import torch
 
 from fedmdh.algorithms.base import Algorithm, FederationSpec, Params, Payload, Update
 from fedmdh.data.federation import InstitutionData, PreparedFederation
-from fedmdh.metrics import regression_metrics
-from fedmdh.seeding import rng_for
+from fedmdh.runtime.protocol import (
+    SELECTIONS,
+    ClientSlot,
+    Selection,
+    aggregate_rng,
+    client_rng,
+    initial_state,
+    own_validation_mse,
+    score_on_test,
+)
 
 POOLED_NAME = "__pooled__"
 
@@ -68,12 +82,18 @@ class RunResult:
     algorithm: str
     seed: int
     history: list[RoundRecord]
-    best_round: int
+    #: the round whose model each institution kept (chosen on validation)
+    best_rounds: dict[str, int]
     final: dict[str, float]
     final_per_institution: dict[str, dict[str, float]]
     models: dict[str, Params] = field(repr=False)
     predictions: dict[str, np.ndarray] = field(repr=False)
     seconds: float = 0.0
+
+    @property
+    def best_round(self) -> int:
+        """The latest round any institution kept (all of them, with ``selection="federated"``)."""
+        return max(self.best_rounds.values())
 
 
 def merge_institutions(fed: PreparedFederation) -> InstitutionData:
@@ -93,7 +113,8 @@ def merge_institutions(fed: PreparedFederation) -> InstitutionData:
 
 
 def _summary(per: dict[str, dict[str, float]]) -> dict[str, float]:
-    return {k: float(np.mean([m[k] for m in per.values()])) for k in ("rmse", "mae", "r2")}
+    return {k: float(np.mean([m[k] for m in per.values()])) if all(k in m for m in per.values()) else float("nan")
+            for k in ("rmse", "mae", "r2")}
 
 
 def simulate(
@@ -103,6 +124,7 @@ def simulate(
     seed: int = 0,
     on_round: Callable[[RoundRecord], None] | None = None,
     round_hook: RoundHook | None = None,
+    selection: str = "own",
 ) -> RunResult:
     """Train ``algorithm`` on ``fed`` for ``rounds`` rounds in this process.
 
@@ -121,13 +143,20 @@ def simulate(
     round_hook:
         Called with each round's updates and aggregate before they are used (e.g. to commit them
         to a ledger); the aggregate it returns is the one the institutions continue from.
+    selection:
+        ``"own"`` (default, what a deployment does): each institution keeps the model of the round
+        with the lowest loss on its own validation rows. ``"federated"``: every institution's
+        model is scored on all institutions' validation rows through its own columns and one round
+        is chosen for all (it needs every model at every institution, so only the simulator can).
     """
     if rounds < 1:
         raise ValueError(f"rounds must be >= 1, got {rounds}.")
+    if selection not in SELECTIONS:
+        raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}.")
     threads = torch.get_num_threads()
     torch.set_num_threads(_simulation_threads())
     try:
-        return _simulate(fed, algorithm, rounds, seed, on_round, round_hook)
+        return _simulate(fed, algorithm, rounds, seed, on_round, round_hook, selection)
     finally:
         torch.set_num_threads(threads)
 
@@ -152,6 +181,7 @@ def _simulate(
     seed: int,
     on_round: Callable[[RoundRecord], None] | None,
     round_hook: RoundHook | None,
+    selection: str,
 ) -> RunResult:
     t_start = time.perf_counter()
     spec = FederationSpec.from_federation(fed)
@@ -166,58 +196,44 @@ def _simulate(
     else:
         trainers = dict(insts)
 
-    server = algorithm.init(spec, seed)
-    clients = {name: algorithm.init_client(spec, trainers[name], seed) for name in sorted(trainers)}
-    # validation as the test protocol evaluates: every institution's model predicts every
-    # institution's validation rows through its own columns, clipped to its training range
-    # (a federated evaluation)
-    val_X = np.concatenate([d.X_val for d in insts.values()])
-    val_y = np.concatenate([d.y_val for d in insts.values()]).astype(np.float64)
-    val_total = val_y.size
-    val_views = {}
-    for name, d in insts.items():
-        keep = np.zeros(fed.n_features, dtype=np.float32)
-        keep[d.feature_idx] = 1.0
-        val_views[name] = d.clip(val_X * keep)
+    server = initial_state(algorithm, spec, seed)
+    slots = {name: ClientSlot(algorithm, spec, trainers[name], seed) for name in sorted(trainers)}
+    federated_val = _federated_validation(fed) if selection == "federated" else None
 
     history: list[RoundRecord] = []
-    best_val = np.inf
-    best_round = 0
-    best_models: dict[str, Params] = {}
-    best_preds: dict[str, np.ndarray] = {}
+    kept = Selection()
     for r in range(1, rounds + 1):
         t0 = time.perf_counter()
         updates = []
+        clients: dict[str, Any] = {}
         for name in sorted(trainers):
             upd, clients[name] = algorithm.client_update(
-                server, clients[name], trainers[name], rng_for(seed, "round", r, name)
+                server, slots[name].get(), trainers[name], client_rng(seed, r, name), r
             )
+            slots[name].put(clients[name])
             updates.append(upd)
-        server = algorithm.aggregate(server, updates)
+        server = algorithm.aggregate(server, updates, aggregate_rng(seed, r), r)
         if round_hook is not None:
             server = round_hook(r, sorted(updates, key=lambda u: u.institution), server)
 
         per: dict[str, dict[str, float]] = {}
         models: dict[str, Params] = {}
-        preds: dict[str, np.ndarray] = {}
-        val_mses = []
         for name, d in insts.items():
             owner = POOLED_NAME if algorithm.centralized else name
-            params = algorithm.personal_params(server, clients[owner])
-            models[name] = params
-            if val_total:
-                val_pred = algorithm.predict(params, val_views[name])
-                val_mses.append(float(np.mean((val_pred - val_y) ** 2)))
-            y_hat = fed.scaler.y_from_std(algorithm.predict(params, d.X_test))
-            preds[name] = y_hat
-            per[name] = regression_metrics(fed.y_test, y_hat)
-        val_mse = float(np.mean(val_mses)) if val_total else float("nan")
+            models[name] = algorithm.personal_params(server, clients[owner])
+        fed_val = federated_val(algorithm, models) if federated_val is not None else None
+        for name, d in insts.items():
+            params = models[name]
+            val = fed_val if fed_val is not None else own_validation_mse(algorithm, params, d)
+            metrics, y_hat = score_on_test(algorithm, params, d, fed.scaler, fed.y_test)
+            per[name] = {**metrics, "val_mse": val}
+            kept.offer(name, r, val, params, per[name], y_hat)
         summ = _summary(per)
         n_up = sum(u.num_examples for u in updates)
         record = RoundRecord(
             round=r,
             train_loss=float(sum(u.metrics.get("loss", 0.0) * u.num_examples for u in updates) / max(n_up, 1)),
-            val_mse=val_mse,
+            val_mse=_nanmean([m["val_mse"] for m in per.values()]),
             rmse=summ["rmse"],
             mae=summ["mae"],
             r2=summ["r2"],
@@ -226,23 +242,46 @@ def _simulate(
             seconds=time.perf_counter() - t0,
         )
         history.append(record)
-        # select on validation only; without validation rows the last round is kept
-        if not val_total or val_mse < best_val:
-            best_val, best_round, best_models, best_preds = val_mse, r, models, preds
-            best_per = per
         if on_round is not None:
             on_round(record)
+    final_per = {name: kept.kept[name].metrics for name in insts}
     return RunResult(
         algorithm=algorithm.name,
         seed=seed,
         history=history,
-        best_round=best_round,
-        final=_summary(best_per),
-        final_per_institution=best_per,
-        models=best_models,
-        predictions=best_preds,
+        best_rounds={name: kept.kept[name].round for name in insts},
+        final=_summary(final_per),
+        final_per_institution=final_per,
+        models={name: kept.kept[name].params for name in insts},
+        predictions={name: kept.kept[name].predictions for name in insts},
         seconds=time.perf_counter() - t_start,
     )
+
+
+def _nanmean(values: Sequence[float]) -> float:
+    finite = [v for v in values if np.isfinite(v)]
+    return float(np.mean(finite)) if finite else float("nan")
+
+
+def _federated_validation(fed: PreparedFederation) -> Callable[[Algorithm, dict[str, Params]], float] | None:
+    """The cross-institution validation loss: every institution's model predicts the validation rows
+    of all institutions through its own columns, clipped to its training range; the loss is the mean
+    over institutions of those MSEs. Needs every model at every institution (simulator only)."""
+    insts = fed.institutions
+    val_y = np.concatenate([d.y_val for d in insts]).astype(np.float64)
+    if not val_y.size:
+        return None
+    val_X = np.concatenate([d.X_val for d in insts])
+    views = {}
+    for d in insts:
+        keep = np.zeros(fed.n_features, dtype=np.float32)
+        keep[d.feature_idx] = 1.0
+        views[d.name] = d.clip(val_X * keep)
+
+    def loss(algorithm: Algorithm, models: dict[str, Params]) -> float:
+        return float(np.mean([np.mean((algorithm.predict(models[n], views[n]) - val_y) ** 2) for n in views]))
+
+    return loss
 
 
 def _with_steps(algorithm: Algorithm, steps: int) -> Algorithm:
