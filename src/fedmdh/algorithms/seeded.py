@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from fedmdh.algorithms.base import FederationSpec
+from fedmdh.nn.mlp import seeded_build
 from fedmdh.seeding import derive_seed
 
 T = TypeVar("T")
@@ -21,12 +22,7 @@ T = TypeVar("T")
 
 def seeded(seed: int, purpose: tuple[object, ...], build: Callable[[], T]) -> T:
     """``build()`` with torch's RNG seeded from ``(seed, *purpose)``; the global RNG is restored."""
-    state = torch.random.get_rng_state()
-    try:
-        torch.manual_seed(derive_seed(seed, "init", *purpose))
-        return build()
-    finally:
-        torch.random.set_rng_state(state)
+    return seeded_build(derive_seed(seed, "init", *purpose), build)
 
 
 def own_mask(spec: FederationSpec, name: str) -> np.ndarray:

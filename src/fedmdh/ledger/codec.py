@@ -31,7 +31,7 @@ def _arrays_bytes(arrays: Mapping[str, np.ndarray]) -> tuple[list[dict[str, Any]
     layout, chunks = [], []
     for name in sorted(arrays):
         a = np.asarray(arrays[name])
-        a = np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("<"))
+        a = np.require(a, dtype=a.dtype.newbyteorder("<"), requirements="C")  # keeps 0-d arrays 0-d
         layout.append({"name": name, "dtype": a.dtype.str, "shape": list(a.shape)})
         chunks.append(a.tobytes(order="C"))
     return layout, chunks

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Mapping, Sequence
+from typing import TypeVar
 
 import numpy as np
 import torch
 from torch import nn
 
 Params = dict[str, np.ndarray]
+T = TypeVar("T")
 
 
 def dense_stack(d_in: int, widths: Sequence[int], activation: Callable[[], nn.Module]) -> tuple[list[nn.Module], int]:
@@ -34,14 +37,25 @@ class MLP(nn.Module):
         return self.net(x).squeeze(-1)
 
 
+#: torch's global generator is one per process: building seeded modules holds this lock, so that
+#: several institutions served by threads of one process (tests, the task service) stay deterministic
+SEEDED_INIT_LOCK = threading.RLock()
+
+
+def seeded_build(seed: int, build: Callable[[], T]) -> T:
+    """``build()`` with torch's global generator seeded with ``seed``, then restored (under a lock)."""
+    with SEEDED_INIT_LOCK:
+        state = torch.random.get_rng_state()
+        try:
+            torch.manual_seed(seed)
+            return build()
+        finally:
+            torch.random.set_rng_state(state)
+
+
 def make_mlp(d_in: int, hidden: Sequence[int], seed: int) -> MLP:
     """An MLP whose initial weights depend only on ``seed``."""
-    gen_state = torch.random.get_rng_state()
-    try:
-        torch.manual_seed(seed)
-        return MLP(d_in, hidden)
-    finally:
-        torch.random.set_rng_state(gen_state)
+    return seeded_build(seed, lambda: MLP(d_in, hidden))
 
 
 def get_params(model: nn.Module) -> Params:

@@ -18,7 +18,6 @@ influences either choice.
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -38,6 +37,7 @@ from fedmdh.runtime.protocol import (
     initial_state,
     own_validation_mse,
     score_on_test,
+    training_threads,
 )
 
 POOLED_NAME = "__pooled__"
@@ -154,24 +154,11 @@ def simulate(
     if selection not in SELECTIONS:
         raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}.")
     threads = torch.get_num_threads()
-    torch.set_num_threads(_simulation_threads())
+    torch.set_num_threads(training_threads())
     try:
         return _simulate(fed, algorithm, rounds, seed, on_round, round_hook, selection)
     finally:
         torch.set_num_threads(threads)
-
-
-def _simulation_threads() -> int:
-    """Torch threads while simulating: ``$FEDMDH_TORCH_THREADS``, default 1.
-
-    The networks are small; intra-op threads cost more in synchronisation than they save, and
-    they collapse when another process competes for the cores (measured: a 40-round FedMDH run
-    took 2.6 s with one thread and 9.2 s with two on an idle 2-core machine).
-    """
-    try:
-        return max(1, int(os.environ.get("FEDMDH_TORCH_THREADS", "1")))
-    except ValueError:
-        return 1
 
 
 def _simulate(

@@ -1,0 +1,78 @@
+"""Messages as ``(meta, arrays)``: JSON metadata plus named numpy arrays, and their two encodings.
+
+- :func:`pack` / :func:`unpack`: bytes for the node's local socket (the ClientApp process hands
+  each Flower message to the long-running node service through it);
+- :func:`to_records` / :func:`from_records`: Flower's ``RecordDict`` (a ``ConfigRecord`` holding
+  the metadata as JSON and an ``ArrayRecord`` holding the arrays; dtype and shape survive).
+
+numpy and the standard library only (plus flwr for the record functions): the ClientApp imports it.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+MAGIC = b"fedmdh-wire/1\n"
+META_RECORD = "fedmdh.meta"
+ARRAY_RECORD = "fedmdh.arrays"
+
+Meta = dict[str, Any]
+Arrays = dict[str, np.ndarray]
+
+
+def pack(meta: Mapping[str, Any], arrays: Mapping[str, np.ndarray] | None = None) -> bytes:
+    """``MAGIC``, a length-prefixed JSON header (meta and the arrays' names, dtypes, shapes), the bytes."""
+    arrays = arrays or {}
+    layout, chunks = [], []
+    for name in sorted(arrays):
+        a = np.asarray(arrays[name])
+        a = np.require(a, dtype=a.dtype.newbyteorder("<"), requirements="C")  # keeps 0-d arrays 0-d
+        layout.append([name, a.dtype.str, list(a.shape)])
+        chunks.append(a.tobytes(order="C"))
+    head = json.dumps({"meta": dict(meta), "arrays": layout}, sort_keys=True, separators=(",", ":")).encode()
+    return MAGIC + struct.pack("<Q", len(head)) + head + b"".join(chunks)
+
+
+def unpack(data: bytes) -> tuple[Meta, Arrays]:
+    """The inverse of :func:`pack`; raises ``ValueError`` on anything else."""
+    if not data.startswith(MAGIC):
+        raise ValueError("not a fedmdh wire message")
+    pos = len(MAGIC)
+    (n,) = struct.unpack_from("<Q", data, pos)
+    pos += 8
+    head = json.loads(data[pos:pos + n])
+    pos += n
+    arrays: Arrays = {}
+    for name, dtype, shape in head["arrays"]:
+        dt = np.dtype(dtype)
+        count = int(np.prod(shape, dtype=np.int64))
+        arrays[name] = np.frombuffer(data, dtype=dt, count=count, offset=pos).reshape(shape).astype(
+            dt.newbyteorder("="))
+        pos += count * dt.itemsize
+    if pos != len(data):
+        raise ValueError("trailing bytes after a fedmdh wire message")
+    return head["meta"], arrays
+
+
+def to_records(meta: Mapping[str, Any], arrays: Mapping[str, np.ndarray] | None = None):
+    """A Flower ``RecordDict`` carrying ``meta`` (JSON in a ConfigRecord) and ``arrays`` (an ArrayRecord)."""
+    from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+
+    records: dict[str, Any] = {META_RECORD: ConfigRecord({"json": json.dumps(dict(meta), sort_keys=True)})}
+    if arrays:
+        records[ARRAY_RECORD] = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in sorted(arrays.items())})
+    return RecordDict(records)
+
+
+def from_records(content) -> tuple[Meta, Arrays]:
+    """The ``(meta, arrays)`` of a ``RecordDict`` made by :func:`to_records`."""
+    meta = json.loads(str(content[META_RECORD]["json"])) if META_RECORD in content else {}
+    arrays: Arrays = {}
+    if ARRAY_RECORD in content:
+        arrays = {k: v.numpy() for k, v in content[ARRAY_RECORD].items()}
+    return meta, arrays
