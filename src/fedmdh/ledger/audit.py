@@ -68,7 +68,8 @@ def locate(path: str | Path) -> Path:
         if (cand / TASK_FILE).exists():
             return cand
     if (p / "ledger" / TX_FILE).exists() or (p / TX_FILE).exists():
-        raise InputError(f"{p}: the run stopped before its task was created on chain; nothing to inspect.")
+        raise InputError(f"{p}: no {TASK_FILE} beside the transaction log: the run stopped before its task was created "
+                         f"on chain, or {TASK_FILE} was removed; nothing to inspect.")
     raise InputError(f"{p}: no ledger found (expected {p}/ledger/{TASK_FILE}); was the run made with --ledger off?")
 
 
@@ -545,7 +546,7 @@ class _Audit:
             return f"the task manifest names algorithm {manifest['algorithm']!r}, TaskCreated {created['algorithm']!r}"
         for key in ("initial_state", "hyperparameters", "vector_layout"):
             if json.loads(json.dumps(task.get(key), default=str)) != manifest.get(key):
-                return (f"task.json's {key} differs from the one committed on chain at task creation"
+                return (f"task.json's {key} entry differs from the task manifest committed on chain at task creation"
                         f"{_dict_difference(task.get(key), manifest.get(key))}")
         return None
 
@@ -777,6 +778,9 @@ def verify(path: str | Path, algorithm: Algorithm | None = None, rpc_url: str | 
     if written and manifest is None:
         notes.append(f"yet the run folder holds {' and '.join(written)}, which a run writes after its last round: the "
                      "log lost its end (a cut log) or the run failed while archiving; they are not covered")
+    if audit.task["chain"] == "embedded":
+        notes.append("an embedded chain lives in its log alone: a log cut at a line boundary reads as an interrupted "
+                     "run, so an incomplete run is all that can be said")
     if not partial:
         line += f" (rounds 1-{done} verified; pass --partial to accept a partial run)" if done else \
             " (pass --partial to accept a partial run)"
