@@ -394,6 +394,7 @@ class _Audit:
         self.st = Rounds()
         self.manifest: dict[str, Any] | None = None  # the task manifest; None for runs recorded before it
         self.blobs = DirBlobStore(ledger_dir / str(self.task.get("blobs") or "blobs"))
+        self._node: Any = None  # the node an RPC run's receipts were read from
 
     # ------------------------------------------------------------ 1-2: the transactions
 
@@ -435,6 +436,10 @@ class _Audit:
                     return problem
             self.replayed.append((rec, receipt["logs"]))
         self.st = build_rounds(self.replayed, self.task["contract"])
+        if self._node is not None:
+            problem = self._node_state()
+            if problem:
+                return problem
         if self.log.torn_tail:
             self.notes.append(f"the last line of {TX_FILE} is cut mid-line (an interrupted write, or a cut log): it "
                               "was not read")
@@ -476,6 +481,7 @@ class _Audit:
                 return out, (f"the node at {url} is chain {chain.chain_id}, task.json says the task was recorded on "
                              f"chain {task['chain_id']}")
             source = lambda rec: chain.w3.eth.get_transaction_receipt(rec["tx_hash"])  # noqa: E731
+            self._node = chain
             self.notes.append(f"read {len(sent)} transaction receipts back from the node at {url}")
         for rec in sent:
             try:
@@ -484,6 +490,24 @@ class _Audit:
                 out.append({"status": 0, "gas_used": None, "block": None, "contract_address": None, "logs": [],
                             "error": f"the chain refused it: {str(exc)[:200]}"})
         return out, None
+
+    def _node_state(self) -> str | None:
+        """An RPC run: the contract's state on the node must not be ahead of the log (a cut log)."""
+        st = self.st
+        try:
+            c = self._node.contract(self.task["contract"])
+            next_round = len(st.finalized) + 1
+            ahead = bytes(c.functions.finalized_hash(next_round).call()) != bytes(32)
+            archived = bytes(c.functions.archived_hash().call())
+        except Exception:  # noqa: BLE001 - no such contract on the node: the receipts said so already
+            return None
+        if ahead:
+            return (f"the task's contract on the node finalized round {next_round}, the log holds no such "
+                    "finalization: the log lost its end")
+        if archived != bytes(32) and st.archived is None:
+            return (f"the task's contract on the node archived model {archived.hex()[:16]}, the log holds no "
+                    "archive: the log lost its end")
+        return None
 
     # ------------------------------------------------------------ 3: the task
 
