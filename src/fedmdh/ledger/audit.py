@@ -91,7 +91,7 @@ class Log:
 
     path: Path
     records: list[dict[str, Any]]
-    torn_tail: bool  # the last line lacks its newline: cut mid-line (an interrupted write, or a cut)
+    torn_tail: bool  # the last line was cut mid-line (an interrupted write, or a cut) and is left out
 
 
 def read_log(ledger_dir: Path) -> Log:
@@ -101,8 +101,8 @@ def read_log(ledger_dir: Path) -> Log:
     except (OSError, UnicodeDecodeError):
         raise LedgerDamage(f"{path}: cannot be read as text; the transaction log is damaged.") from None
     lines = text.split("\n")
-    torn = bool(text) and not text.endswith("\n")
-    out = []
+    unterminated = bool(text) and not text.endswith("\n")
+    out, torn = [], False
     for i, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -111,7 +111,8 @@ def read_log(ledger_dir: Path) -> Log:
             if not isinstance(rec, dict):
                 raise ValueError
         except ValueError:
-            if torn and i == len(lines):  # an interrupted write leaves a partial last line
+            if unterminated and i == len(lines):  # an interrupted write leaves a partial last line
+                torn = True
                 break
             raise LedgerDamage(f"{path}: line {i} is not a JSON record; the transaction log is damaged.") from None
         rec["_line"] = i
@@ -135,7 +136,6 @@ class Rounds:
     """The task's state as the events of its contract tell it."""
 
     created: dict[str, Any] = field(default_factory=dict)
-    deployed: list[str] = field(default_factory=list)  # contracts the log created
     names: dict[str, str] = field(default_factory=dict)  # address -> institution
     commits: dict[int, dict[str, dict[str, Any]]] = field(default_factory=lambda: defaultdict(dict))
     means: dict[int, dict[str, Any]] = field(default_factory=dict)
@@ -161,8 +161,6 @@ def build_rounds(records: list[tuple[dict[str, Any], list[dict[str, Any]]]], con
         if rec.get("status") != 1:
             continue
         try:
-            if rec.get("fn") == "deploy" and rec.get("contract_address"):
-                st.deployed.append(str(rec["contract_address"]))
             if "round" in rec:
                 st.gas[int(rec["round"])] += int(rec.get("gas_used", 0))
             else:
@@ -238,7 +236,7 @@ def show(path: str | Path) -> dict[str, Any]:
             "gas": st.gas[r],
         })
     rejected = [_describe(r) + f": {r.get('error')}" for r in records if r.get("status") != 1]
-    notes = _signer_notes(task, ledger_dir, {"signers": "one party"})
+    notes = _signer_notes(task, ledger_dir, None)  # every run of this release: one party held the keys
     created = st.created
     for key, onchain in (("rounds", created.get("num_rounds")), ("algorithm", created.get("algorithm")),
                          ("target", created.get("target"))):
@@ -351,12 +349,13 @@ def _signed_fields(rec: dict[str, Any]) -> tuple[dict[str, Any] | None, str | No
 
 
 def _differs(rec: dict[str, Any], key: str, value: Any, source: str) -> str | None:
+    """A problem naming ``key`` when the record's value is not ``value`` (addresses and hashes in any case)."""
     recorded = rec.get(key)
-    same = (str(recorded).lower() == str(value).lower()) if key in ("from", "to", "tx_hash", "contract_address") \
-        and recorded is not None and value is not None else recorded == value
-    if same and (key in rec or value is None):
-        return None
-    return f"transaction {_describe(rec)}: its recorded {key} is {recorded!r}, {source} {value!r}"
+    if isinstance(recorded, str) and isinstance(value, str) and value.startswith("0x"):
+        same = recorded.lower() == value.lower()
+    else:
+        same = recorded == value
+    return None if same else f"transaction {_describe(rec)}: its recorded {key} is {recorded!r}, {source} {value!r}"
 
 
 def _log_difference(recorded: Any, replayed: list[dict[str, Any]]) -> str:
@@ -547,7 +546,8 @@ class _Audit:
         for rec, _ in self.replayed:  # the actor labels of the log name the account's owner
             expected = st.names.get(rec.get("from")) or (SUBMITTER if rec.get("from") == created["submitter"] else None)
             if expected is not None and rec.get("actor") != expected:
-                return f"transaction {_describe(rec)}: its recorded actor is {rec.get('actor')!r}, the account is {expected}'s"
+                return (f"transaction {_describe(rec)}: its recorded actor is {rec.get('actor')!r}, the account is "
+                        f"{expected}'s")
         digest = str(created["initial_state_hash"])[2:]
         try:
             blob = _checked_blob(self.blobs, digest)
@@ -555,9 +555,10 @@ class _Audit:
             return f"the task manifest (TaskCreated's initial_state_hash): {exc}"
         if blob.startswith(codec.MAGIC):  # recorded before the task manifest: the hash is the initial state's
             if task.get("initial_state") != digest:
-                return f"task.json's initial_state {task.get('initial_state')} is not the one created on chain ({digest})"
-            self.notes.append("this run was recorded before config.toml and the hyperparameters were committed on chain: "
-                              "they are checked against task.json only")
+                return (f"task.json's initial_state {task.get('initial_state')} is not the one created on chain "
+                        f"({digest})")
+            self.notes.append("this run was recorded before config.toml and the hyperparameters were committed on "
+                              "chain: they are checked against task.json only")
             return None
         try:
             manifest = json.loads(blob)
@@ -566,8 +567,9 @@ class _Audit:
         except ValueError:
             return f"the task manifest {digest[:16]} committed on chain is neither a manifest nor an initial state"
         self.manifest = manifest
-        if manifest["algorithm"] != created["algorithm"]:
-            return f"the task manifest names algorithm {manifest['algorithm']!r}, TaskCreated {created['algorithm']!r}"
+        if manifest.get("algorithm") != created["algorithm"]:
+            return (f"the task manifest names algorithm {manifest.get('algorithm')!r}, TaskCreated "
+                    f"{created['algorithm']!r}")
         for key in ("initial_state", "hyperparameters", "vector_layout"):
             if json.loads(json.dumps(task.get(key), default=str)) != manifest.get(key):
                 return (f"task.json's {key} entry differs from the task manifest committed on chain at task creation"
@@ -581,10 +583,12 @@ class _Audit:
         if given is None:
             from fedmdh.config import ExperimentConfig, read_toml
 
+            expected = self.manifest.get("config_sha256") if self.manifest else None
             if not task.get("config"):
+                if expected:
+                    return None, f"task.json names no config file, the task committed one (sha256 {expected[:16]})"
                 raise InputError(f"{self.ledger_dir}: the task names no config file; pass the algorithm to verify().")
             path = (self.ledger_dir / str(task["config"])).resolve()
-            expected = self.manifest.get("config_sha256") if self.manifest else None
             if expected:
                 if not path.is_file():
                     return None, f"the run's config file {path} is missing (its sha256 was committed at task creation)"
@@ -619,7 +623,8 @@ class _Audit:
         """Rounds 1.. in order; returns the last round verified and the first problem."""
         st, blobs = self.st, self.blobs
         names = {a: n for n, a in self.task["participants"].items()}
-        manifest_state = self.manifest["initial_state"] if self.manifest else str(st.created["initial_state_hash"])[2:]
+        manifest_state = (str(self.manifest.get("initial_state")) if self.manifest
+                          else str(st.created["initial_state_hash"])[2:])
         try:
             state = codec.decode_payload(_checked_blob(blobs, manifest_state))
         except _BlobProblem as exc:
@@ -921,7 +926,8 @@ def _write_under(root: Path, rel: PurePosixPath, data: bytes) -> None:
                 os.unlink(tmp, dir_fd=fd)
             except OSError:
                 pass
-            raise InputError(f"{where / name}: cannot be written (a folder is in the way?); give another --out.") from None
+            raise InputError(f"{where / name}: cannot be written (a folder is in the way?); give another "
+                             "--out.") from None
     finally:
         os.close(fd)
 
