@@ -154,7 +154,12 @@ def load_or_create(name: str, settings: KeystoreSettings) -> "LocalAccount":
             return account
         # another process created it meanwhile: use theirs
     try:
-        key = Account.decrypt(json.loads(path.read_text(encoding="utf-8")), passphrase)
+        keystore = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        raise InputError(f"{path}: {name}'s keystore file cannot be read as a keystore; restore it from a "
+                         "backup.") from None
+    try:
+        key = Account.decrypt(keystore, passphrase)
     except ValueError:
         raise InputError(f"{path}: wrong passphrase for {name}'s keystore; check ${PASSPHRASE_ENV}.") from None
     return Account.from_key(key)
