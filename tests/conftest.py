@@ -19,6 +19,16 @@ def require(path: Path) -> Path:
     return path
 
 
+@pytest.fixture(scope="session", autouse=True)
+def fedmdh_home(tmp_path_factory):
+    """Keys and other per-user state go to a temporary $FEDMDH_HOME, never to the real home."""
+    home = tmp_path_factory.mktemp("fedmdh_home")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FEDMDH_HOME", str(home))
+        mp.delenv("FEDMDH_KEYSTORE", raising=False)
+        yield home
+
+
 @pytest.fixture(scope="session")
 def perovskite() -> dict[str, object]:
     """Paths of the FedMDH paper's perovskite split: three institutions and the test file."""

@@ -92,3 +92,30 @@ def test_a_short_fedavg_run_on_anvil_records_verifies_and_archives(anvil_url, pe
         out / "models" / "train_part0" / "params.npz").read_bytes()
     assert got["model_hash"] == info["archive"]["model_hash"][2:]
     assert len(list((tmp_path / "keys").glob("*.json"))) == 4
+
+
+def test_an_rpc_run_whose_log_lost_its_end_fails_against_the_node(anvil_url, perovskite, tmp_path, monkeypatch):
+    # Prepare: a 1-round run on anvil, then the log's last 4 lines (model attestations, archive) removed
+    from fedmdh.config import ExperimentConfig
+    from fedmdh.experiment.runner import run_experiment
+    from fedmdh.ledger.audit import verify
+    from fedmdh.ledger.options import LedgerOptions
+
+    monkeypatch.setenv("FEDMDH_KEY_PASSPHRASE", "test passphrase")
+    monkeypatch.setenv("FEDMDH_KEY_KDF", "pbkdf2")
+    monkeypatch.setenv("FEDMDH_KEY_KDF_ITERATIONS", "1000")
+    cfg = ExperimentConfig(institutions=tuple(perovskite["institutions"]), test=perovskite["test"],
+                           target="e_form", rounds=1, algorithms=("fedavg",), seeds=1)
+    out = tmp_path / "run"
+    run_experiment(cfg, "fedavg", out, ledger=LedgerOptions(mode="rpc", rpc_url=anvil_url, keystore=tmp_path / "keys"))
+    log = out / "ledger" / "transactions.jsonl"
+    lines = log.read_text().splitlines(keepends=True)
+    log.write_text("".join(lines[:-4]))
+
+    # Execute
+    report = verify(out, partial=True)
+
+    # Assert: the node's contract holds the archive the log lost
+    assert not report.ok
+    assert "the task's contract on the node archived model" in report.problem
+    assert "the log holds no archive: the log lost its end" in report.problem

@@ -17,6 +17,7 @@ from fedmdh.data.federation import PreparedFederation, prepare_federation
 from fedmdh.data.io import InstitutionTable, load_institution, unique_names
 from fedmdh.experiment.models import save_model
 from fedmdh.experiment.report import write_curves, write_results_csv, write_summary
+from fedmdh.ledger.keys import check_key_names
 from fedmdh.ledger.options import LedgerOptions
 from fedmdh.ledger.runs import finish_run_ledger, start_run_ledger
 from fedmdh.runtime.simulator import RoundRecord, RunResult, simulate
@@ -34,6 +35,7 @@ class Tables:
 def load_tables(cfg: ExperimentConfig) -> Tables:
     """Read and validate every institution file and the test file of ``cfg``."""
     names = unique_names(cfg.institutions)
+    check_key_names(names)  # names that would share one signing key on the ledger
     tables = tuple(
         load_institution(p, cfg.target, name=n, exclude=cfg.exclude) for p, n in zip(cfg.institutions, names)
     )
@@ -145,8 +147,8 @@ def run_experiment(
         **result.final,
         "per_institution": result.final_per_institution,
     }
-    ledger_line = finish_run_ledger(recorder, models_dir)
     _write_json(out / "final_metrics.json", final)
+    ledger_line = finish_run_ledger(recorder, models_dir)
     with (out / "run.log").open("a", encoding="utf-8") as fh:
         if ledger_line:
             fh.write(ledger_line + "\n")
@@ -201,7 +203,7 @@ def run_benchmark(
                     progress(name, seed, rec.round, cfg.rounds, rec)
 
             recorder = start_run_ledger(ledger, out / "ledger" / f"{name}_seed{seed}", algo, fed, cfg.target,
-                                        cfg.rounds, seed, out / "config.toml")
+                                        cfg.rounds, seed, out / "config.toml", archive=False)
             try:
                 res = simulate(fed, algo, cfg.rounds, seed=seed, on_round=on_round,
                                round_hook=recorder.round_hook if recorder else None, selection=cfg.selection)

@@ -162,16 +162,40 @@ def unpack(words: Sequence[int], count: int) -> list[int]:
     return out[:count]
 
 
-def committed_vector(raw_tx: str | bytes) -> list[int]:
-    """The packed vector a recorded ``commit`` transaction carries (its calldata, signed with it)."""
+def decode_transaction(raw_tx: str | bytes) -> dict[str, Any]:
+    """The fields of a signed transaction (legacy or typed): ``to`` (checksummed, ``None`` for a
+    deployment), ``gas``, ``value``, ``nonce``, ``chain_id`` and ``data``; :class:`LedgerError` when
+    the bytes are not a transaction."""
     import rlp
-    from eth_abi import decode
     from eth_account.typed_transactions import TypedTransaction
+    from eth_utils import to_checksum_address
     from hexbytes import HexBytes
 
-    raw = bytes.fromhex(raw_tx[2:]) if isinstance(raw_tx, str) else bytes(raw_tx)
-    data = bytes(TypedTransaction.from_bytes(HexBytes(raw)).as_dict()["data"] if raw[0] < 0x7F else rlp.decode(raw)[5])
-    return [int(w) for w in decode(["uint256", "bytes32", "uint256", "uint256[]"], data[4:])[3]]
+    try:
+        raw = bytes.fromhex(raw_tx[2:]) if isinstance(raw_tx, str) else bytes(raw_tx)
+        if raw and raw[0] < 0x7F:
+            d = TypedTransaction.from_bytes(HexBytes(raw)).as_dict()
+            to, gas, value, nonce, chain_id, data = (bytes(d["to"]), d["gas"], d["value"], d["nonce"], d["chainId"],
+                                                     bytes(d["data"]))
+        else:
+            nonce, _, gas, to, value, data, v, _, _ = rlp.decode(raw)
+            nonce, gas, value, v = (int.from_bytes(x, "big") for x in (nonce, gas, value, v))
+            chain_id = (v - 35) // 2 if v >= 35 else None
+    except Exception:  # noqa: BLE001 - any decoding failure means the same: not a transaction
+        raise LedgerError("its signed bytes do not decode as a transaction") from None
+    return {"to": to_checksum_address(to) if to else None, "gas": int(gas), "value": int(value), "nonce": int(nonce),
+            "chain_id": chain_id, "data": bytes(data)}
+
+
+def committed_vector(raw_tx: str | bytes) -> list[int]:
+    """The packed vector a recorded ``commit`` transaction carries (its calldata, signed with it)."""
+    from eth_abi import decode
+
+    data = decode_transaction(raw_tx)["data"]
+    try:
+        return [int(w) for w in decode(["uint256", "bytes32", "uint256", "uint256[]"], data[4:])[3]]
+    except Exception:  # noqa: BLE001
+        raise LedgerError("its calldata does not decode as a commitment") from None
 
 
 def from_fixed(values: list[int]) -> np.ndarray:

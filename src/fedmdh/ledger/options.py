@@ -22,8 +22,9 @@ class LedgerOptions:
     rpc_url:
         JSON-RPC URL of the node for ``"rpc"``.
     keystore:
-        Folder of the institutions' keystore files. Default: ``<run>/ledger/keystore`` on the
-        embedded chain (throwaway accounts), ``~/.fedmdh/keystore`` on a node.
+        Folder of the institutions' keystore files. Default: ``$FEDMDH_KEYSTORE``, else
+        ``$FEDMDH_HOME/keystore``, else ``~/.fedmdh/keystore`` on a node, and its ``embedded/``
+        subfolder for the embedded chain's throwaway accounts (never the run folder).
     quorum:
         Attestations that finalize a round; default a majority of the participants.
     pipeline:

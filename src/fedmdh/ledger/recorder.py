@@ -26,33 +26,59 @@ from fedmdh.algorithms.base import Algorithm, Payload, Update
 from fedmdh.errors import InputError
 from fedmdh.ledger import codec
 from fedmdh.ledger.artifacts import call_data, load_artifact
-from fedmdh.ledger.blobs import BlobStore, DirBlobStore
+from fedmdh.ledger.blobs import BlobStore, DirBlobStore, sha256_hex
 from fedmdh.ledger.chain import GAS, GAS_PER_PARTICIPANT, GAS_PER_VALUE, Chain
 from fedmdh.ledger.errors import LedgerError
 from fedmdh.ledger.events import decode_logs
-from fedmdh.ledger.keys import PASSPHRASE_ENV, KeystoreSettings, load_or_create
+from fedmdh.ledger.keys import (PASSPHRASE_ENV, KeystoreSettings, check_key_names, default_keystore,
+                                embedded_keystore, key_file_name, load_or_create)
 from fedmdh.ledger.options import LedgerOptions
 
 SUBMITTER = "submitter"
 TASK_FILE = "task.json"
 TX_FILE = "transactions.jsonl"
+TASK_MANIFEST_KIND = "fedmdh-task/1"
+#: files of a run folder archived with its models (hashed into the archive's manifest) when present
+RUN_FILES = ("final_metrics.json", "metrics.jsonl", "federation.json")
 
 #: (institution, round, honest aggregate hash) -> the hash it attests; tests use it to play a dishonest peer
 AttestHook = Callable[[str, int, bytes], bytes]
 
 
-def keystore_settings(options: LedgerOptions, ledger_dir: Path) -> KeystoreSettings:
+def keystore_settings(options: LedgerOptions, ledger_dir: Path | None = None) -> KeystoreSettings:
+    """Where the keys of a run live: outside the run folder (see :mod:`fedmdh.ledger.keys`)."""
     if options.mode == "embedded" and options.keystore is None:
         # throwaway accounts of an in-process chain: cheap KDF, passphrase optional
         env_iter = os.environ.get("FEDMDH_KEY_KDF_ITERATIONS")
         return KeystoreSettings(
-            ledger_dir / "keystore",
+            embedded_keystore(),
             kdf=os.environ.get("FEDMDH_KEY_KDF", "pbkdf2"),
             iterations=int(env_iter) if env_iter else 1000,
             passphrase=os.environ.get(PASSPHRASE_ENV, ""),
+            allow_empty_passphrase=True,
         )
-    directory = options.keystore or Path.home() / ".fedmdh" / "keystore"
-    return KeystoreSettings.from_env(directory)
+    return KeystoreSettings.from_env(options.keystore or default_keystore())
+
+
+def task_manifest(algorithm: Algorithm, initial_state_hash: str, layout: Sequence[tuple[str, int]],
+                  config_sha256: str | None, archive: bool) -> bytes:
+    """The blob whose sha256 the contract records as the task's ``initial_state_hash``.
+
+    It names the initial state (by its sha256) and commits what the contract cannot hold: the
+    algorithm's hyperparameters, the sha256 of the run's config.toml, the on-chain vector layout,
+    whether the task ends with an archived model, and who held the signing keys.
+    """
+    return json.dumps({
+        "kind": TASK_MANIFEST_KIND,
+        "initial_state": initial_state_hash,
+        "algorithm": algorithm.name,
+        "hyperparameters": json.loads(json.dumps(algorithm.hyperparameters(), default=str)),
+        "config_sha256": config_sha256,
+        "vector_layout": [[n, int(s)] for n, s in layout],
+        "archive": bool(archive),
+        # this release drives every institution from one process, each with its own key
+        "signers": "one party",
+    }, sort_keys=True, indent=1).encode("utf-8")
 
 
 @dataclass
@@ -85,6 +111,7 @@ class LedgerRecorder:
     setup_seconds: float = 0.0
     setup_gas: int = 0
     pipeline: bool = True
+    archive: bool = True
     _layout: list[tuple[str, int]] | None = None
     _worker: ThreadPoolExecutor | None = None
     _inflight: tuple[int, bytes, Future] | None = None
@@ -102,10 +129,13 @@ class LedgerRecorder:
         vector_len = sum(s for _, s in layout)
         quorum = self.quorum or len(names) // 2 + 1
         init_hash = self.blobs.put(codec.encode_payload(self.initial_state))
+        config_sha = (sha256_hex((self.ledger_dir / self.config_path).read_bytes())
+                      if self.config_path and (self.ledger_dir / self.config_path).is_file() else None)
+        manifest_hash = self.blobs.put(task_manifest(self.algorithm, init_hash, layout, config_sha, self.archive))
         self.chain.fund([self.submitter.address] + [self.accounts[n].address for n in names])
         data = self.chain.deploy_data(
             self.target[:64], self.algorithm.name[:64], self.rounds, quorum, vector_len,
-            bytes.fromhex(init_hash), [self.accounts[n].address for n in names],
+            bytes.fromhex(manifest_hash), [self.accounts[n].address for n in names],
         )
         sent = self.chain.transact(self.submitter, "deploy", None, data, gas=GAS["deploy"], actor=SUBMITTER)
         self.address = sent.receipt["contractAddress"]
@@ -128,6 +158,7 @@ class LedgerRecorder:
             "vector_layout": layout,
             "fixed_point_scale": codec.SCALE,
             "initial_state": init_hash,
+            "task_manifest": manifest_hash,
             "config": self.config_path,
             "blobs": "blobs",
             "transactions": TX_FILE,
@@ -224,18 +255,24 @@ class LedgerRecorder:
 
     # ------------------------------------------------------------ archive
 
-    def archive_models(self, models_dir: str | Path, model_hash_hook: Callable[[str, str], str] | None = None) -> str:
+    def archive_models(self, models_dir: str | Path, model_hash_hook: Callable[[str, str], str] | None = None,
+                       run_files: Sequence[str | Path] = ()) -> str:
         """Store every file under ``models_dir`` as a blob, have the participants attest the manifest's
-        hash, and archive it (hash + locator). Returns the manifest's sha256."""
+        hash, and archive it (hash + locator). Returns the manifest's sha256.
+
+        ``run_files`` (files beside ``models_dir``: the run's metrics) are stored and hashed into the
+        manifest too, under ``run_files``, so that ``verify`` covers them; ``model get`` leaves them.
+        """
         if self.address is None:
             raise LedgerError("nothing recorded: the task was never created.")
         self.flush()
         root = Path(models_dir)
         files = {p.relative_to(root.parent).as_posix(): self.blobs.put(p.read_bytes())
                  for p in sorted(root.rglob("*")) if p.is_file()}
-        manifest = json.dumps({"kind": "model-archive", "files": files}, sort_keys=True, indent=1).encode("utf-8")
+        extra = {Path(p).name: self.blobs.put(Path(p).read_bytes()) for p in run_files}
+        manifest = json.dumps({"kind": "model-archive", "files": files, "run_files": extra}, sort_keys=True,
+                              indent=1).encode("utf-8")
         digest = self.blobs.put(manifest)
-        contract = self._contract
         items = []
         for name, acct in sorted(self.accounts.items()):
             h = model_hash_hook(name, digest) if model_hash_hook else digest
@@ -287,20 +324,27 @@ def open_ledger(
     attest_hook: AttestHook | None = None,
     chain: Chain | None = None,
     seed: int = 0,
+    archive: bool = True,
 ) -> LedgerRecorder | None:
     """A recorder for one task (``None`` when ``options.mode == "off"``).
 
     Keys are loaded (or created) now, so a passphrase prompt comes before training starts; the
     contract is deployed with the first round, when the on-chain vector's size is known.
+    ``archive``: the task ends with :meth:`LedgerRecorder.archive_models` (committed at creation,
+    so that ``verify`` calls a task without its archive incomplete).
     """
     if options.mode == "off":
         return None
     ledger_dir = Path(ledger_dir)
     if (ledger_dir / TX_FILE).exists():
         raise InputError(f"{ledger_dir} already holds a ledger; choose a new --out folder.")
+    names = sorted(participants)
+    check_key_names(names)
+    if key_file_name(SUBMITTER) in {key_file_name(n) for n in names}:
+        raise InputError(f"an institution named like {SUBMITTER!r} would share the task submitter's signing key "
+                         f"(keystore file {key_file_name(SUBMITTER)}); rename its file.")
     ledger_dir.mkdir(parents=True, exist_ok=True)
     settings = keystore_settings(options, ledger_dir)
-    names = sorted(participants)
     accounts = {n: load_or_create(n, settings) for n in names}
     submitter = load_or_create(SUBMITTER, settings)
     if chain is None:
@@ -313,4 +357,5 @@ def open_ledger(
         chain=chain, ledger_dir=ledger_dir, blobs=DirBlobStore(ledger_dir / "blobs"), algorithm=algorithm,
         accounts=accounts, submitter=submitter, target=target, rounds=rounds, initial_state=initial_state,
         quorum=options.quorum, seed=seed, attest_hook=attest_hook, config_path=config_path, pipeline=options.pipeline,
+        archive=archive,
     )

@@ -23,9 +23,13 @@ def start_run_ledger(
     rounds: int,
     seed: int,
     config_file: Path,
+    archive: bool = True,
     **kw: Any,
 ) -> "LedgerRecorder | None":
-    """Open the ledger of one training run (``None`` when it is off)."""
+    """Open the ledger of one training run (``None`` when it is off).
+
+    ``archive``: the run ends by archiving its models (``fedmdh run``); a benchmark's runs do not.
+    """
     options = options or LedgerOptions()
     if options.mode == "off":
         return None
@@ -38,12 +42,15 @@ def start_run_ledger(
     initial = initial_state(algorithm, FederationSpec.from_federation(fed), seed)
     return open_ledger(
         options, ledger_dir, algorithm, names, target, rounds, initial,
-        config_path=os.path.relpath(config_file, ledger_dir), seed=seed, **kw,
+        config_path=os.path.relpath(config_file, ledger_dir), seed=seed, archive=archive, **kw,
     )
 
 
 def finish_run_ledger(recorder: "LedgerRecorder | None", models_dir: Path | None, after_error: bool = False) -> str | None:
     """Check the last round, archive the final models (when given) and close; returns a line for run.log.
+
+    The run's files named by ``RUN_FILES`` beside ``models_dir`` (metrics) are archived with the
+    models when they exist by then.
 
     ``after_error``: the run is failing already; only let the round in flight finish and close.
     """
@@ -54,7 +61,10 @@ def finish_run_ledger(recorder: "LedgerRecorder | None", models_dir: Path | None
             return None
         recorder.flush()
         if models_dir is not None and recorder.address is not None:
-            digest = recorder.archive_models(models_dir)
+            from fedmdh.ledger.recorder import RUN_FILES
+
+            run_files = [models_dir.parent / n for n in RUN_FILES if (models_dir.parent / n).is_file()]
+            digest = recorder.archive_models(models_dir, run_files=run_files)
         else:
             digest = None
     finally:

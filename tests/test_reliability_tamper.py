@@ -1,0 +1,552 @@
+"""Tampering with a recorded run folder: what ``ledger verify``, ``ledger show`` and ``model get`` say.
+
+One real run (fedavg, 6 rounds, 3 institutions, the embedded chain) is recorded per module; each
+test tampers with a copy of it. docs/reliability.md lists every case with what the tool says.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import stat
+from pathlib import Path
+
+import pytest
+
+from fedmdh.cli import main
+from fedmdh.config import ExperimentConfig
+from fedmdh.errors import InputError
+from fedmdh.experiment.runner import load_tables, run_experiment
+from fedmdh.ledger.audit import get_model, show, verify
+from fedmdh.ledger.options import LedgerOptions
+
+ROUNDS = 6
+TX = "transactions.jsonl"
+ONE_PARTY = "signed by keys held by one party: shows what happened, not who agreed"
+
+
+@pytest.fixture(scope="module")
+def recorded(perovskite, tmp_path_factory) -> Path:
+    cfg = ExperimentConfig(institutions=tuple(perovskite["institutions"]), test=perovskite["test"],
+                           target=perovskite["target"], rounds=ROUNDS, algorithms=("fedavg",), seeds=1)
+    out = tmp_path_factory.mktemp("tamper") / "run"
+    run_experiment(cfg, "fedavg", out)
+    return out
+
+
+@pytest.fixture
+def run(recorded, tmp_path) -> Path:
+    dst = tmp_path / "run"
+    shutil.copytree(recorded, dst, symlinks=True)
+    return dst
+
+
+# ------------------------------------------------------------------ helpers
+
+
+def _log(run: Path) -> Path:
+    return run / "ledger" / TX
+
+
+def _records(run: Path) -> list[dict]:
+    return [json.loads(line) for line in _log(run).read_text().splitlines()]
+
+
+def _write_records(run: Path, recs: list[dict]) -> None:
+    _log(run).write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in recs))
+
+
+def _find(recs: list[dict], fn: str, rnd: int | None = None, actor: str | None = None) -> int:
+    return next(i for i, r in enumerate(recs) if r["fn"] == fn and (rnd is None or r.get("round") == rnd)
+                and (actor is None or r.get("actor") == actor))
+
+
+def _edit_json(path: Path, edit) -> None:
+    obj = json.loads(path.read_text())
+    edit(obj)
+    path.write_text(json.dumps(obj, indent=2))
+
+
+def _keep_lines(run: Path, n: int) -> None:
+    lines = _log(run).read_text().splitlines(keepends=True)
+    _log(run).write_text("".join(lines[:n]))
+
+
+def _drop_archive(run: Path) -> None:
+    """Remove the log's last 4 lines: the participants' model attestations and the archive."""
+    lines = _log(run).read_text().splitlines(keepends=True)
+    assert [json.loads(x)["fn"] for x in lines[-4:]] == ["attest_model"] * 3 + ["archive"]
+    _log(run).write_text("".join(lines[:-4]))
+
+
+def _cut_mid_line(run: Path) -> None:
+    text = _log(run).read_text()
+    last = text.rstrip("\n").rfind("\n") + 1
+    _log(run).write_text(text[: last + (len(text) - last) // 2])
+
+
+def _blob(run: Path, digest: str) -> Path:
+    return run / "ledger" / "blobs" / digest
+
+
+def _flip(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def _aggregate(run: Path, rnd: int) -> Path:
+    return _blob(run, show(run)["rounds"][rnd - 1]["finalized"][2:])
+
+
+def _edit_record(fn: str, rnd: int | None, actor: str | None, edit):
+    def tamper(run: Path) -> None:
+        recs = _records(run)
+        edit(recs[_find(recs, fn, rnd, actor)])
+        _write_records(run, recs)
+    return tamper
+
+
+def _set(key, value):
+    def edit(obj):
+        obj[key] = value(obj[key]) if callable(value) else value
+    return edit
+
+
+def _task(edit):
+    return lambda run: _edit_json(run / "ledger" / "task.json", edit)
+
+
+def _replace_in(rel: str, old: str, new: str):
+    def tamper(run: Path) -> None:
+        path = run / rel
+        text = path.read_text()
+        assert old in text
+        path.write_text(text.replace(old, new, 1))
+    return tamper
+
+
+# ------------------------------------------------------------------ ledger verify: each tamper case
+
+#: (case, tamper, what the report must say)
+CASES = [
+    ("log-last-lines-removed", _drop_archive, "incomplete: 6 of 6 rounds finalized, no archive"),
+    ("log-cut-mid-line", _cut_mid_line, "incomplete: 6 of 6 rounds finalized, no archive"),
+    ("log-cut-to-40-lines", lambda run: _keep_lines(run, 40), "incomplete: 5 of 6 rounds finalized, no archive"),
+    ("archive-removed-and-model-altered",
+     lambda run: (_drop_archive(run), _flip(run / "models" / "train_part0" / "params.npz")),
+     "incomplete: 6 of 6 rounds finalized, no archive"),
+    ("archive-tx-hash-removed", _edit_record("archive", None, None, lambda r: r.pop("tx_hash")),
+     "archive by submitter (line 48 of transactions.jsonl): recorded as accepted, yet it has no transaction hash"),
+    ("task-rounds-6-to-4", _task(_set("rounds", 4)),
+     "task.json says rounds 4, the task was created on chain with 6 (TaskCreated event)"),
+    ("task-algorithm-changed", _task(_set("algorithm", "fedprox")),
+     "task.json says algorithm 'fedprox', the task was created on chain with 'fedavg'"),
+    ("task-lr-changed", _task(lambda t: t["hyperparameters"].update(lr=0.05)),
+     "task.json's hyperparameters entry differs from the task manifest committed on chain at task creation: lr 0.05 "
+     "here vs 0.2 committed"),
+    ("task-initial-state-changed", _task(_set("initial_state", "ab" * 32)),
+     "task.json's initial_state entry differs from the task manifest committed on chain at task creation"),
+    ("task-contract-changed", _task(_set("contract", "0x" + "12" * 20)),
+     "task.json names contract 0x1212121212121212121212121212121212121212, the log deployed 0x"),
+    ("task-chain-switched-to-an-unreachable-node",
+     _task(lambda t: t.update(chain="rpc", rpc_url="http://127.0.0.1:9")),
+     "cannot check the receipts: the node at http://127.0.0.1:9 is unreachable"),
+    ("config-lr-changed", _replace_in("config.toml", "lr = 0.2", "lr = 0.05"),
+     "config.toml differs from the config committed on chain at task creation"),
+    ("config-algorithm-changed", _replace_in("config.toml", '"fedavg",\n]', '"fedprox",\n]'),
+     "config.toml differs from the config committed on chain at task creation"),
+    ("config-deleted", lambda run: (run / "config.toml").unlink(), "config.toml is missing"),
+    ("record-round-edited", _edit_record("commit", 2, "train_part1", _set("round", 3)),
+     "commit of round 3 by train_part1 (line 16 of transactions.jsonl): its recorded round is 3, its signed bytes "
+     "say 2"),
+    ("record-gas-used-edited", _edit_record("attest", 4, "train_part0", _set("gas_used", lambda g: g + 1)),
+     "attest of round 4 by train_part0 (line 30 of transactions.jsonl): its recorded gas_used is"),
+    ("record-actor-edited", _edit_record("commit", 2, "train_part1", _set("actor", "train_part2")),
+     "its recorded actor is 'train_part2', the account is train_part1's"),
+    ("event-sample-count-edited",
+     _edit_record("commit", 2, "train_part1",
+                  lambda r: r["logs"][0].update(data=r["logs"][0]["data"][:-1]
+                                                + ("e" if r["logs"][0]["data"][-1] == "f" else "f"))),
+     "commit of round 2 by train_part1 (line 16 of transactions.jsonl) does not replay to its recorded receipt: "
+     "its Committed event differs: num_examples"),
+    ("aggregate-blob-altered", lambda run: _flip(_aggregate(run, 3)), "round 3: aggregate blob"),
+    ("aggregate-blob-deleted", lambda run: _aggregate(run, 3).unlink(), "round 3: aggregate blob"),
+    ("model-file-deleted", lambda run: (run / "models" / "train_part1" / "params.npz").unlink(),
+     "model file models/train_part1/params.npz is missing from the run folder (the archive holds it)"),
+    ("models-folder-deleted", lambda run: shutil.rmtree(run / "models"),
+     "models/ is missing from the run folder; the archive holds its 6 files"),
+    ("extra-file-in-models", lambda run: (run / "models" / "train_part0" / "extra.npz").write_bytes(b"x"),
+     "models/train_part0/extra.npz is in the run folder's models/ but not in the archived model"),
+    ("final-metrics-altered", _replace_in("final_metrics.json", '"best_round": ', '"best_round": 1'),
+     "final_metrics.json in the run folder differs from the one archived with the model"),
+    ("final-metrics-deleted", lambda run: (run / "final_metrics.json").unlink(),
+     "final_metrics.json is missing from the run folder (its sha256 was archived with the model)"),
+    ("metrics-jsonl-altered", _replace_in("metrics.jsonl", '"round": 3,', '"round": 3, "note": 1,'),
+     "metrics.jsonl in the run folder differs from the one archived with the model"),
+    ("federation-json-altered", _replace_in("federation.json", '"target"', '"target_"'),
+     "federation.json in the run folder differs from the one archived with the model"),
+]
+
+
+@pytest.mark.parametrize("case,tamper,says", CASES, ids=[c[0] for c in CASES])
+def test_verify_catches_the_tampered_run_and_says_what(run, case, tamper, says):
+    # Prepare
+    tamper(run)
+
+    # Execute
+    report = verify(run)
+
+    # Assert
+    assert not report.ok, str(report)
+    assert says in str(report)
+    assert not str(report).startswith("OK")
+
+
+def test_the_untouched_copy_verifies_and_says_what_it_covers(run):
+    # Execute
+    report = verify(run)
+
+    # Assert
+    text = str(report)
+    assert report.ok and report.complete and report.rounds_verified == ROUNDS, text
+    assert text.startswith(f"OK: {ROUNDS} of {ROUNDS} rounds finalized and verified; archived model")
+    assert ONE_PARTY in report.notes
+    assert ("covered: config.toml and the hyperparameters (committed at task creation), models/ (6 files), "
+            "federation.json, final_metrics.json, metrics.jsonl; not covered: run.log") in text
+
+
+def test_a_cut_log_says_so_and_names_what_the_run_folder_still_holds(run):
+    # Prepare
+    _drop_archive(run)
+    _flip(run / "models" / "train_part0" / "params.npz")
+
+    # Execute
+    strict = verify(run)
+    accepted = verify(run, partial=True)
+
+    # Assert: not OK without --partial; with it, said plainly that the models are not covered
+    assert not strict.ok and strict.status == "incomplete"
+    assert accepted.ok and str(accepted).startswith("OK (partial): 6 of 6 rounds finalized and verified, no archive")
+    assert any("yet the run folder holds models/ and final_metrics.json" in n and "not covered" in n
+               for n in accepted.notes)
+
+
+def test_an_incomplete_run_exits_non_zero_unless_partial_is_given(run, capsys):
+    # Prepare: the log cut to 40 lines (round 6 half committed)
+    _keep_lines(run, 40)
+
+    # Execute
+    with pytest.raises(SystemExit) as exc:
+        main(["ledger", "verify", str(run)])
+    strict = capsys.readouterr().out
+    main(["ledger", "verify", str(run), "--partial"])
+    accepted = capsys.readouterr().out
+
+    # Assert
+    assert exc.value.code == 1
+    assert strict.startswith("incomplete: 5 of 6 rounds finalized, no archive (rounds 1-5 verified; pass --partial")
+    assert accepted.startswith("OK (partial): 5 of 6 rounds finalized and verified, no archive")
+
+
+# ------------------------------------------------------------------ a flipped byte in a raw transaction
+
+
+def _flip_commit_calldata(run: Path) -> None:
+    """Break the ABI encoding of round 2's commit by train_part1: its vector's offset word."""
+    recs = _records(run)
+    rec = recs[_find(recs, "commit", 2, "train_part1")]
+    import rlp
+
+    raw = bytes.fromhex(rec["raw"][2:])
+    assert raw[0] >= 0xC0, "the embedded chain's transactions are legacy (RLP) ones"
+    data = rlp.decode(raw)[5].hex()
+    at = rec["raw"].index(data) + 2 * (4 + 3 * 32)  # the first byte of the dynamic array's offset
+    rec["raw"] = rec["raw"][:at] + "ff" + rec["raw"][at + 2:]
+    _write_records(run, recs)
+
+
+def test_a_flipped_byte_in_a_raw_transaction_fails_verify_naming_the_transaction(run):
+    # Prepare
+    _flip_commit_calldata(run)
+
+    # Execute
+    report = verify(run)
+
+    # Assert
+    assert not report.ok
+    assert report.problem.startswith("transaction commit of round 2 by train_part1 (line 16 of transactions.jsonl): ")
+
+
+def test_a_flipped_byte_in_a_raw_transaction_does_not_crash_show(run, capsys):
+    # Prepare
+    _flip_commit_calldata(run)
+
+    # Execute
+    main(["ledger", "show", str(run)])
+    out = capsys.readouterr().out
+
+    # Assert: shown as logged, and said to be unchecked
+    assert "round 2: finalized" in out
+    assert "shown as logged, not checked" in out
+
+
+def test_a_flipped_byte_in_a_raw_transaction_makes_model_get_refuse_in_one_line(run, tmp_path, capsys):
+    # Prepare
+    _flip_commit_calldata(run)
+
+    # Execute
+    with pytest.raises(SystemExit) as exc:
+        main(["model", "get", str(run), "--out", str(tmp_path / "got")])
+    err = capsys.readouterr().err
+
+    # Assert
+    assert exc.value.code == 2
+    assert "the ledger does not verify, so its archive is not trusted" in err
+    assert "Traceback" not in err
+    assert not (tmp_path / "got").exists()
+
+
+def test_an_event_that_no_longer_decodes_makes_show_say_so_in_one_line(run, capsys):
+    # Prepare
+    _edit_record("commit", 2, "train_part1", lambda r: r["logs"][0].update(data="0x12"))(run)
+
+    # Execute
+    with pytest.raises(SystemExit) as exc:
+        main(["ledger", "show", str(run)])
+    err = capsys.readouterr().err
+
+    # Assert
+    assert exc.value.code == 2
+    assert "transaction commit of round 2 by train_part1 (line 16 of transactions.jsonl): its receipt does not decode" \
+        in " ".join(err.split())
+
+
+# ------------------------------------------------------------------ model get
+
+
+def _forge_archived_event(run: Path) -> bytes:
+    """Point the log's Archived event at a forged manifest (stored as a blob); returns the forged bytes."""
+    from fedmdh.ledger.blobs import DirBlobStore
+
+    blobs = DirBlobStore(run / "ledger" / "blobs")
+    recs = _records(run)
+    rec = recs[_find(recs, "archive")]
+    real = rec["logs"][0]["data"][2:66]
+    manifest = json.loads(blobs.get(real))
+    forged = b"a model from another run"
+    manifest["files"]["models/train_part0/params.npz"] = blobs.put(forged)
+    digest = blobs.put(json.dumps(manifest).encode())
+    rec["logs"][0]["data"] = "0x" + digest + rec["logs"][0]["data"][66:]
+    _write_records(run, recs)
+    return forged
+
+
+def test_model_get_refuses_an_edited_archived_event(run, tmp_path):
+    # Prepare
+    _forge_archived_event(run)
+
+    # Execute / Assert
+    with pytest.raises(InputError, match="archive by submitter .* does not replay to its recorded receipt: its "
+                                         "Archived event differs: model_hash"):
+        get_model(tmp_path / "got", run_dir=run)
+    assert not (tmp_path / "got").exists()
+
+
+def test_model_get_delivers_the_archived_model_and_says_it_was_replayed(run, tmp_path, capsys):
+    # Execute
+    main(["model", "get", str(run), "--out", str(tmp_path / "got")])
+    out = capsys.readouterr().out
+
+    # Assert
+    assert (tmp_path / "got" / "train_part1" / "params.npz").read_bytes() == (
+        run / "models" / "train_part1" / "params.npz").read_bytes()
+    assert "verified; wrote 6 files to" in out
+    assert "replayed 48 signed transactions on a fresh embedded chain" in out
+
+
+@pytest.mark.parametrize("where", ["file", "under-a-file"])
+def test_model_get_out_that_is_a_file_is_one_line(run, tmp_path, capsys, where):
+    # Prepare
+    (tmp_path / "f").write_text("not a folder")
+    out = tmp_path / "f" if where == "file" else tmp_path / "f" / "sub"
+
+    # Execute
+    with pytest.raises(SystemExit) as exc:
+        main(["model", "get", str(run), "--out", str(out)])
+    err = " ".join(capsys.readouterr().err.split())
+
+    # Assert
+    assert exc.value.code == 2
+    assert (f"--out {out}: is a file, not a folder" if where == "file" else f"--out {out}: lies under") in err
+    assert (tmp_path / "f").read_text() == "not a folder"
+
+
+def test_model_get_never_writes_through_a_symbolic_link_under_out(run, tmp_path):
+    # Prepare: an institution's folder under --out is a link to a folder elsewhere
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    out = tmp_path / "got"
+    out.mkdir()
+    (out / "train_part1").symlink_to(elsewhere, target_is_directory=True)
+
+    # Execute / Assert
+    with pytest.raises(InputError, match="train_part1: is a symbolic link or not a folder"):
+        get_model(out, run_dir=run)
+    assert list(elsewhere.iterdir()) == []
+
+
+def test_model_get_replaces_a_linked_file_instead_of_writing_into_its_target(run, tmp_path):
+    # Prepare: the model file's name under --out is a link to a file elsewhere
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    (tmp_path / "got" / "train_part0").mkdir(parents=True)
+    (tmp_path / "got" / "train_part0" / "params.npz").symlink_to(victim)
+
+    # Execute
+    get_model(tmp_path / "got", run_dir=run)
+
+    # Assert
+    got = tmp_path / "got" / "train_part0" / "params.npz"
+    assert victim.read_text() == "keep me"
+    assert not got.is_symlink()
+    assert got.read_bytes() == (run / "models" / "train_part0" / "params.npz").read_bytes()
+
+
+def _crafted_archive(perovskite_fed, run: Path, files: dict[str, bytes]) -> None:
+    """A one-round task whose participants attest, and whose submitter archives, a crafted manifest."""
+    from fedmdh.algorithms.base import FederationSpec
+    from fedmdh.algorithms import make_algorithm
+    from fedmdh.ledger.artifacts import call_data
+    from fedmdh.ledger.chain import GAS
+    from fedmdh.ledger.recorder import open_ledger
+    from fedmdh.runtime.simulator import simulate
+
+    algo = make_algorithm("fedavg")
+    rec = open_ledger(LedgerOptions(pipeline=False), run / "ledger", algo, perovskite_fed.names, "e_form", 1,
+                      algo.init(FederationSpec.from_federation(perovskite_fed), 0))
+    try:
+        simulate(perovskite_fed, algo, 1, seed=0, round_hook=rec.round_hook)
+        manifest = {"kind": "model-archive", "files": {rel: rec.blobs.put(data) for rel, data in files.items()}}
+        digest = rec.blobs.put(json.dumps(manifest).encode())
+        rec.chain.submit([(acct, "attest_model", rec.address, call_data("attest_model", bytes.fromhex(digest)),
+                           {"gas": GAS["attest_model"], "actor": name}) for name, acct in sorted(rec.accounts.items())])
+        rec.chain.transact(rec.submitter, "archive", rec.address,
+                           call_data("archive", bytes.fromhex(digest), rec.blobs.locator(digest)[:256]),
+                           gas=GAS["archive"], actor="submitter")
+    finally:
+        rec.close()
+
+
+@pytest.mark.parametrize("entry", ["models/../../../escaped.txt", "models/a/../../../escaped.txt", "ABSOLUTE"])
+def test_model_get_refuses_a_manifest_entry_outside_its_folder(perovskite_fed, tmp_path, entry):
+    # Prepare: every participant attested this manifest on chain (the keys are one party's)
+    target = tmp_path / "escaped.txt"
+    entry = str(target) if entry == "ABSOLUTE" else entry
+    _crafted_archive(perovskite_fed, tmp_path / "run", {"models/ok/params.npz": b"fine", entry: b"escaped"})
+    out = tmp_path / "deep" / "er" / "out"
+
+    # Execute / Assert
+    with pytest.raises(InputError, match="is not a plain relative path under models/; refused"):
+        get_model(out, run_dir=tmp_path / "run")
+    assert not target.exists()
+    assert not (out / "ok" / "params.npz").exists()
+
+
+# ------------------------------------------------------------------ keys
+
+
+def test_an_embedded_run_keeps_its_keys_out_of_the_run_folder_in_0600_files(recorded, fedmdh_home):
+    # Assert
+    keys = sorted((fedmdh_home / "keystore" / "embedded").glob("*.json"))
+    assert not (recorded / "ledger" / "keystore").exists()
+    assert [k.name for k in keys] == ["submitter.json", "train_part0.json", "train_part1.json", "train_part2.json"]
+    assert all(stat.S_IMODE(k.stat().st_mode) == 0o600 for k in keys)
+
+
+def test_the_keystore_folder_follows_the_environment(monkeypatch, tmp_path):
+    from fedmdh.ledger.recorder import keystore_settings
+
+    # Prepare
+    monkeypatch.setenv("FEDMDH_KEYSTORE", str(tmp_path / "ks"))
+
+    # Execute
+    embedded = keystore_settings(LedgerOptions(), tmp_path / "run" / "ledger")
+    rpc = keystore_settings(LedgerOptions(mode="rpc", rpc_url="http://127.0.0.1:8545"), tmp_path / "run" / "ledger")
+
+    # Assert
+    assert embedded.directory == tmp_path / "ks" / "embedded"
+    assert rpc.directory == tmp_path / "ks"
+
+
+def test_keystore_files_are_created_0600_from_the_start(monkeypatch, tmp_path):
+    from fedmdh.ledger.keys import KeystoreSettings, load_or_create
+
+    # Prepare: a permissive umask, and a spy on how files are created
+    created, chmods = [], []
+    real_open = os.open
+
+    def spy_open(path, flags, mode=0o777, *args, **kw):
+        if flags & os.O_CREAT:
+            created.append((Path(path).name, mode, bool(flags & os.O_EXCL)))
+        return real_open(path, flags, mode, *args, **kw)
+
+    monkeypatch.setattr(os, "open", spy_open)
+    monkeypatch.setattr(os, "chmod", lambda *a, **k: chmods.append(a))
+    old_umask = os.umask(0)
+    try:
+        # Execute
+        load_or_create("inst", KeystoreSettings(tmp_path / "keys", kdf="pbkdf2", iterations=1000, passphrase="pw"))
+    finally:
+        os.umask(old_umask)
+
+    # Assert
+    assert stat.S_IMODE((tmp_path / "keys" / "inst.json").stat().st_mode) == 0o600
+    assert created and all(mode == 0o600 and excl for _, mode, excl in created), created
+    assert chmods == []
+    assert sorted(p.name for p in (tmp_path / "keys").iterdir()) == ["inst.json"]  # no temporary file left
+
+
+def test_an_empty_passphrase_is_refused_outside_the_embedded_chain(monkeypatch, tmp_path):
+    from fedmdh.ledger.keys import load_or_create
+    from fedmdh.ledger.recorder import keystore_settings
+
+    # Prepare
+    monkeypatch.setenv("FEDMDH_KEY_PASSPHRASE", "")
+    settings = keystore_settings(LedgerOptions(mode="rpc", rpc_url="http://127.0.0.1:8545", keystore=tmp_path / "k"),
+                                 tmp_path / "run" / "ledger")
+
+    # Execute / Assert
+    with pytest.raises(InputError, match="passphrase for the keystore in .* is empty"):
+        load_or_create("inst", settings)
+    assert not (tmp_path / "k" / "inst.json").exists()
+
+
+def test_institution_names_that_would_share_a_key_are_refused_naming_both(perovskite, tmp_path, capsys):
+    # Prepare: "x y" and "x_y" map to one keystore file
+    a, b = tmp_path / "x y.csv", tmp_path / "x_y.csv"
+    shutil.copy(perovskite["institutions"][0], a)
+    shutil.copy(perovskite["institutions"][1], b)
+    cfg = ExperimentConfig(institutions=(str(a), str(b)), test=perovskite["test"], target="e_form", rounds=1,
+                           algorithms=("fedavg",), seeds=1)
+
+    # Execute / Assert: the library and the command line
+    with pytest.raises(InputError, match="institutions 'x y' and 'x_y' would share one signing key"):
+        load_tables(cfg)
+    with pytest.raises(SystemExit) as exc:
+        main(["run", "--institutions", str(a), str(b), "--test", perovskite["test"], "--target", "e_form",
+              "--rounds", "1", "--out", str(tmp_path / "out")])
+    assert exc.value.code == 2
+    assert "'x y' and 'x_y'" in capsys.readouterr().err
+
+
+def test_show_and_verify_say_the_keys_were_held_by_one_party(run, capsys):
+    # Execute
+    main(["ledger", "show", str(run)])
+    shown = capsys.readouterr().out
+    main(["ledger", "verify", str(run)])
+    verified = capsys.readouterr().out
+
+    # Assert
+    assert ONE_PARTY in shown and ONE_PARTY in verified
