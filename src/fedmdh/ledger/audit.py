@@ -717,6 +717,11 @@ class _Audit:
     def check_run_folder(self, manifest: dict[str, Any]) -> str | None:
         run_dir = self.ledger_dir.parent
         files: dict[str, str] = manifest["files"]
+        if manifest.get("held_by") == HELD_BY_INSTITUTIONS:
+            problem = self._check_held_models(run_dir, files)
+            if problem:
+                return problem
+            files = {}
         models = run_dir / "models"
         if files and not models.is_dir():
             return (f"models/ is missing from the run folder; the archive holds its {len(files)} files "
@@ -741,12 +746,30 @@ class _Audit:
             if sha256_hex(local.read_bytes()) != h:
                 return f"{name} in the run folder differs from the one archived with the model"
         covered = ["config.toml and the hyperparameters (committed at task creation)"] if self.manifest else []
-        covered.append(f"models/ ({len(files)} files)")
+        if files or manifest.get("held_by") != HELD_BY_INSTITUTIONS:
+            covered.append(f"models/ ({len(files)} files)")
         covered += sorted(manifest.get("run_files", {}))
         if "run_files" not in manifest:
             self.notes.append("final_metrics.json and metrics.jsonl are not covered: this run's archive predates "
                               "their hashing")
         self.notes.append(f"covered: {', '.join(covered)}; not covered: {NOT_COVERED} and any other file")
+        return None
+
+
+    def _check_held_models(self, run_dir: Path, files: dict[str, str]) -> str | None:
+        """A deployed task's models: checked where the nodes' folders are at hand, else only named."""
+        if not (run_dir / "nodes").is_dir():
+            insts = sorted({PurePosixPath(rel).parts[1] for rel in files})
+            self.notes.append(f"the models ({len(files)} files) are held by the institutions ({', '.join(insts)}), "
+                              "each in its node's state folder: their sha256 are archived, the files are not here")
+            return None
+        for rel, h in files.items():
+            local = held_model_file(run_dir, self.task, rel)
+            if not local.is_file():
+                return f"model file {rel} is missing from its institution's node folder ({local})"
+            if sha256_hex(local.read_bytes()) != h:
+                return f"model file {rel} in its institution's node folder differs from the archived hash"
+        self.notes.append(f"the institutions' models ({len(files)} files) in nodes/ match the archived hashes")
         return None
 
 
@@ -855,6 +878,17 @@ def _safe_rel(rel: Any, prefix: str | None) -> PurePosixPath | None:
     return PurePosixPath(rel)
 
 
+#: an archive manifest's ``held_by`` when each institution's node keeps its own model (a deployed task)
+HELD_BY_INSTITUTIONS = "institutions"
+
+
+def held_model_file(run_dir: Path, task: dict[str, Any], rel: str) -> Path:
+    """Where a deployed task's model file ``models/<institution>/<file>`` lies when the nodes' state
+    folders sit beside the run record (``fedmdh deploy local``: ``RUN/nodes/<institution>/``)."""
+    inst = PurePosixPath(rel).parts[1]
+    return run_dir / "nodes" / inst / "tasks" / str(task.get("task_id", "")) / rel
+
+
 def load_archive(blobs: DirBlobStore, digest: str) -> tuple[dict[str, Any] | None, str | None]:
     """The archive manifest under ``digest``, with every archived blob checked, or a problem.
 
@@ -870,11 +904,14 @@ def load_archive(blobs: DirBlobStore, digest: str) -> tuple[dict[str, Any] | Non
     if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict) \
             or not isinstance(manifest.get("run_files", {}), dict):
         return None, "its manifest is not a model archive"
+    held = manifest.get("held_by") == HELD_BY_INSTITUTIONS  # a deployed task: models stay at the nodes
     for key, prefix in (("files", "models"), ("run_files", None)):
         for rel, h in manifest.get(key, {}).items():
             if _safe_rel(rel, prefix) is None:
                 return None, (f"its manifest holds an entry {rel!r} that is not a plain relative path under "
                               f"{prefix + '/' if prefix else 'the run folder'}; refused")
+            if held and key == "files":
+                continue
             try:
                 _checked_blob(blobs, h)
             except _BlobProblem as exc:
@@ -991,10 +1028,21 @@ def get_model(out: str | Path, run_dir: str | Path | None = None, rpc_url: str |
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise InputError(f"--out {out}: cannot create the folder ({exc.strerror}).") from None
+    held = manifest.get("held_by") == HELD_BY_INSTITUTIONS
     for rel, h in manifest["files"].items():
-        try:
-            data = _checked_blob(blobs, h)
-        except _BlobProblem as exc:
-            raise InputError(f"archived model {digest[:16]}: archived file {rel}: {exc}.") from None
+        if held:
+            local = held_model_file(Path(run_dir), audit.task, rel) if run_dir is not None else None
+            if local is None or not local.is_file():
+                raise InputError(f"archived model {digest[:16]}: the models of this deployed task are held by the "
+                                 "institutions, each in its node's state folder (`fedmdh node` keeps them there); "
+                                 "only their sha256 are archived.")
+            data = local.read_bytes()
+            if sha256_hex(data) != h:
+                raise InputError(f"archived model {digest[:16]}: {rel} in its node's folder differs from the archive.")
+        else:
+            try:
+                data = _checked_blob(blobs, h)
+            except _BlobProblem as exc:
+                raise InputError(f"archived model {digest[:16]}: archived file {rel}: {exc}.") from None
         _write_under(out, PurePosixPath(*PurePosixPath(rel).parts[1:]), data)
     return {"model_hash": digest, "locator": locator, "files": sorted(manifest["files"]), "notes": notes}

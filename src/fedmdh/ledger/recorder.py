@@ -60,15 +60,24 @@ def keystore_settings(options: LedgerOptions, ledger_dir: Path | None = None) ->
     return KeystoreSettings.from_env(options.keystore or default_keystore())
 
 
+#: ``signers`` of a task manifest: one process held every key (the simulator's ledger), or each
+#: institution signed on its own node (a deployed task)
+ONE_PARTY_SIGNERS = "one party"
+OWN_NODE_SIGNERS = "each institution on its own node"
+
+
 def task_manifest(algorithm: Algorithm, initial_state_hash: str, layout: Sequence[tuple[str, int]],
-                  config_sha256: str | None, archive: bool) -> bytes:
+                  config_sha256: str | None, archive: bool, signers: str = ONE_PARTY_SIGNERS,
+                  extra: Mapping[str, Any] | None = None) -> bytes:
     """The blob whose sha256 the contract records as the task's ``initial_state_hash``.
 
     It names the initial state (by its sha256) and commits what the contract cannot hold: the
     algorithm's hyperparameters, the sha256 of the run's config.toml, the on-chain vector layout,
-    whether the task ends with an archived model, and who held the signing keys.
+    whether the task ends with an archived model, and who held the signing keys (``extra``: more
+    of what the task fixed, e.g. a deployed task's setup hash).
     """
     return json.dumps({
+        **dict(extra or {}),
         "kind": TASK_MANIFEST_KIND,
         "initial_state": initial_state_hash,
         "algorithm": algorithm.name,
@@ -76,8 +85,7 @@ def task_manifest(algorithm: Algorithm, initial_state_hash: str, layout: Sequenc
         "config_sha256": config_sha256,
         "vector_layout": [[n, int(s)] for n, s in layout],
         "archive": bool(archive),
-        # this release drives every institution from one process, each with its own key
-        "signers": "one party",
+        "signers": signers,
     }, sort_keys=True, indent=1).encode("utf-8")
 
 

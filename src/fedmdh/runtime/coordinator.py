@@ -33,6 +33,7 @@ import numpy as np
 
 from fedmdh import __version__
 from fedmdh.errors import FedmdhError, InputError
+from fedmdh.ledger.recorder import SUBMITTER
 
 Meta = dict[str, Any]
 Arrays = dict[str, np.ndarray]
@@ -214,14 +215,18 @@ class Coordinator:
         blobs = DirBlobStore(self.ledger_dir / "blobs")
         init_hash = blobs.put(codec.encode_payload(server))
         setup_blob = blobs.put(json.dumps(setup_record(setup), sort_keys=True, separators=(",", ":")).encode())
-        cfg.write_toml(self.out / "config.toml")
+        config_bytes, manifest, _ = deployed_task_manifest(cfg, algorithm, spec, setup_hash(setup))
+        (self.out / "config.toml").write_bytes(config_bytes)
+        manifest_hash = blobs.put(manifest)
         self.log_lines += [f"fedmdh {__version__} on Python {platform.python_version()} (coordinator)",
                            f"task {task.task_id}: algorithm {algorithm.name}, seed {seed}, {cfg.rounds} rounds",
                            f"hyperparameters {algorithm.hyperparameters()}",
                            *(f"{s.institution}: {s.n_train} training rows, {s.n_val} validation rows, "
                              f"{len(s.columns)} columns" for s in sorted(summaries, key=lambda s: s.institution))]
-        chain, account, contract, layout = self._create_contract(algorithm, spec, seed, names, addresses, init_hash)
-        self._write_task_json(chain, account, contract, algorithm, cfg, names, addresses, layout, init_hash, setup_blob)
+        layout = [tuple(x) for x in json.loads(manifest)["vector_layout"]]
+        chain, account, contract = self._create_contract(algorithm, layout, names, addresses, manifest_hash)
+        self._write_task_json(chain, account, contract, algorithm, cfg, names, addresses, layout, init_hash,
+                              setup_blob, manifest_hash)
         node_of = {name: node for node, name in self.names.items()}
         self.say(f"task contract {contract.address}; round 1 of {cfg.rounds}")
 
@@ -264,14 +269,15 @@ class Coordinator:
         finally:
             metrics_fh.close()
         final_replies = replies
-        digest = self._archive(chain, account, contract, blobs, final_replies, node_of, names)
         per = {n: dict(final_replies[n][0]["kept_metrics"]) for n in names}
         kept = {n: int(final_replies[n][0]["kept_round"]) for n in names}
         final = {"algorithm": algorithm.name, "seed": seed, "rounds": cfg.rounds, "best_round": max(kept.values()),
                  "best_rounds": kept, "seconds": time.perf_counter() - t_start,
                  **{k: _mean([m.get(k) for m in per.values()]) for k in ("rmse", "mae", "r2")},
                  "per_institution": per, "runtime": "flower", "task_id": task.task_id, "contract": contract.address}
+        # written before the archive, which commits their sha256
         (self.out / "final_metrics.json").write_text(json.dumps(_finite(final), indent=2), encoding="utf-8")
+        digest = self._archive(chain, account, contract, blobs, final_replies, node_of, names)
         self.log_lines.append(f"ledger (rpc {task.chain_rpc}, contract {contract.address}): {cfg.rounds} rounds "
                               f"finalized; the institutions' models archived as {digest} (held by the institutions)")
         self.log_lines.append(f"finished {cfg.rounds} rounds in {final['seconds']:.1f} s; models kept from rounds "
@@ -310,12 +316,11 @@ class Coordinator:
             seconds=seconds,
         )
 
-    def _create_contract(self, algorithm, spec, seed: int, names: tuple[str, ...], addresses: Mapping[str, str],
-                         init_hash: str):
+    def _create_contract(self, algorithm, layout, names: tuple[str, ...], addresses: Mapping[str, str],
+                         manifest_hash: str):
         from fedmdh.ledger.chain import GAS, Chain
         from fedmdh.ledger.keys import KeystoreSettings, load_or_create
 
-        layout = probe_layout(algorithm, spec, seed)
         vector_len = sum(n for _, n in layout)
         keystore = Path(self.task.keystore) if self.task.keystore else Path.home() / ".fedmdh" / "keystore"
         account = load_or_create("coordinator", KeystoreSettings.from_env(keystore))
@@ -327,17 +332,17 @@ class Coordinator:
         quorum = self.task.quorum or len(names) // 2 + 1
         data = chain.deploy_data(self.task.experiment["target"][:64], algorithm.name[:64],
                                  int(self.task.experiment["rounds"]), quorum, vector_len,
-                                 bytes.fromhex(init_hash), [addresses[n] for n in names])
-        sent = chain.transact(account, "deploy", None, data, gas=GAS["deploy"], actor="coordinator")
+                                 bytes.fromhex(manifest_hash), [addresses[n] for n in names])
+        sent = chain.transact(account, "deploy", None, data, gas=GAS["deploy"], actor=SUBMITTER)
         contract = chain.contract(sent.receipt["contractAddress"])
         self._record_transactions({}, [r for r in own if r.get("fn") != "transfer"])
         own.clear()
         self._own_records = own
         self._quorum = quorum
-        return chain, account, contract, layout
+        return chain, account, contract
 
     def _write_task_json(self, chain, account, contract, algorithm, cfg, names, addresses, layout, init_hash,
-                         setup_blob) -> None:
+                         setup_blob, manifest_hash) -> None:
         from fedmdh.ledger import codec
         from fedmdh.ledger.artifacts import load_artifact
 
@@ -358,9 +363,10 @@ class Coordinator:
             "rounds": cfg.rounds,
             "seed": cfg.first_seed,
             "quorum": self._quorum,
-            "vector_layout": layout,
+            "vector_layout": [[n, int(k)] for n, k in layout],
             "fixed_point_scale": codec.SCALE,
             "initial_state": init_hash,
+            "task_manifest": manifest_hash,
             "setup": setup_blob,
             "config": "../config.toml",
             "blobs": "blobs",
@@ -379,7 +385,12 @@ class Coordinator:
         files: dict[str, str] = {}
         for n in names:
             files.update(replies[n][0]["model_files"])
-        manifest = {"kind": "model-archive", "files": dict(sorted(files.items())), "held_by": "institutions"}
+        from fedmdh.ledger.audit import HELD_BY_INSTITUTIONS
+
+        run_files = {name: blobs.put((self.out / name).read_bytes())
+                     for name in ("final_metrics.json", "metrics.jsonl", "federation.json")}
+        manifest = {"kind": "model-archive", "files": dict(sorted(files.items())), "run_files": run_files,
+                    "held_by": HELD_BY_INSTITUTIONS}
         body = json.dumps(manifest, sort_keys=True, indent=1).encode("utf-8")
         digest = blobs.put(body)
         assert digest == hashlib.sha256(body).hexdigest()
@@ -388,10 +399,31 @@ class Coordinator:
         self._record_transactions(replies)
         locator = f"held by the institutions; manifest {blobs.locator(digest)}"[:256]
         chain.transact(account, "archive", contract.address, call_data("archive", bytes.fromhex(digest), locator),
-                       gas=GAS["archive"], actor="coordinator")
+                       gas=GAS["archive"], actor=SUBMITTER)
         self._record_transactions({}, list(self._own_records))
         self._own_records.clear()
         return digest
+
+
+def deployed_task_manifest(cfg, algorithm, spec, setup_sha256: str) -> tuple[bytes, bytes, str]:
+    """``(config.toml bytes, task manifest bytes, initial state hash)`` of a deployed task.
+
+    The coordinator records the manifest's sha256 as the contract's ``initial_state_hash``; every
+    node recomputes all three from what setup fixed and refuses a contract that differs.
+    """
+    import tomli_w
+
+    from fedmdh.ledger import codec
+    from fedmdh.ledger.blobs import sha256_hex
+    from fedmdh.ledger.recorder import OWN_NODE_SIGNERS, task_manifest
+    from fedmdh.runtime.protocol import initial_state
+
+    config = tomli_w.dumps(cfg.to_toml_dict()).encode("utf-8")
+    init_hash = sha256_hex(codec.encode_payload(initial_state(algorithm, spec, cfg.first_seed)))
+    layout = probe_layout(algorithm, spec, cfg.first_seed)
+    manifest = task_manifest(algorithm, init_hash, layout, sha256_hex(config), archive=True,
+                             signers=OWN_NODE_SIGNERS, extra={"setup_sha256": setup_sha256, "runtime": "flower"})
+    return config, manifest, init_hash
 
 
 def probe_layout(algorithm, spec, seed: int) -> list[tuple[str, int]]:

@@ -177,7 +177,8 @@ class NodeService:
         reply["seconds"] = time.perf_counter() - t0
         task = self.tasks.get(str(meta.get("task_id")))
         if task is not None and task.new_records:
-            reply["transactions"], task.new_records = task.new_records, []
+            reply["transactions"] = list(task.new_records)
+            task.new_records.clear()  # the chain's log callback appends to this very list
         return reply, reply_arrays
 
     def _task(self, meta: Meta) -> NodeTask:
@@ -224,8 +225,8 @@ class NodeService:
         from fedmdh.algorithms.base import FederationSpec
         from fedmdh.config import ExperimentConfig
         from fedmdh.data.federation import institution_data, label_histogram, pool_setup
-        from fedmdh.ledger import codec
         from fedmdh.ledger.blobs import sha256_hex
+        from fedmdh.runtime.coordinator import deployed_task_manifest
         from fedmdh.runtime.messages import setup_hash, setup_record, summaries_from, summary_message
         from fedmdh.runtime.protocol import ClientSlot, Selection, initial_state
 
@@ -258,12 +259,15 @@ class NodeService:
                              "or give this institution another address")
         task.addresses = participants
         c = task.contract.functions
+        _, manifest, _ = deployed_task_manifest(config, algorithm, fspec, setup_hash(setup))
         expected = {"target": config.target[:64], "algorithm": algorithm.name[:64], "num_rounds": config.rounds,
-                    "initial_state_hash": bytes.fromhex(sha256_hex(codec.encode_payload(server)))}
+                    "initial_state_hash": bytes.fromhex(sha256_hex(manifest))}
         for key, want in expected.items():
             got = getattr(c, key)().call()
-            if bytes(got) != want if isinstance(want, bytes) else got != want:
-                raise InputError(f"the task contract's {key} is {got!r}, the task says {want!r}; refusing to take part")
+            if (bytes(got) != want) if isinstance(want, bytes) else (got != want):
+                shown = (lambda v: "0x" + bytes(v).hex()[:16]) if isinstance(want, bytes) else repr
+                raise InputError(f"the task contract's {key} is {shown(got)}, this node computes {shown(want)} from "
+                                 "the task and its setup; refusing to take part")
         for name, addr in participants.items():
             if not c.allowed(addr).call():
                 raise InputError(f"{name}'s address {addr} is not on the task contract's allowlist")
