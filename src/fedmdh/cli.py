@@ -395,6 +395,12 @@ app.add_typer(_ledger_app, name="ledger")
 app.add_typer(_model_app, name="model")
 
 
+from fedmdh.cli_deploy import deploy_app as _deploy_app, node_app as _node_app  # noqa: E402
+
+app.add_typer(_node_app, name="node")
+app.add_typer(_deploy_app, name="deploy")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the app, turning user errors into one line and exit status 2."""
     warnings.filterwarnings("ignore", module=r"matminer\..*")

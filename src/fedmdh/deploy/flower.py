@@ -52,12 +52,11 @@ def executable(name: str) -> str:
     return found
 
 
-def flower_env(flwr_home: str | Path, extra: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The environment of every Flower process of a deployment."""
-    env = dict(os.environ)
+def flower_env(flwr_home: str | Path, base: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment of every Flower process of a deployment (``base``: default this process's)."""
+    env = dict(os.environ if base is None else base)
     env.update(FLWR_HOME=str(flwr_home), FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1",
                PATH=f"{bin_dir()}{os.pathsep}{env.get('PATH', '')}", PYTHONUNBUFFERED="1")
-    env.update(extra or {})
     return env
 
 

@@ -1,0 +1,317 @@
+"""``fedmdh node start`` and ``fedmdh deploy certs|coordinator|run|local`` (registered in cli.py).
+
+Thin layers over :mod:`fedmdh.deploy` and :mod:`fedmdh.runtime`: an institution runs ``node
+start`` on its own machine; the consortium runs ``deploy coordinator`` (a SuperLink) anywhere; a
+submitter runs ``deploy run``; ``deploy local`` tries all of it on one machine.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from fedmdh.errors import InputError
+
+console = Console()
+err_console = Console(stderr=True)
+
+node_app = typer.Typer(name="node", help="Run an institution's node (its data and keys stay on this machine).",
+                       no_args_is_help=True)
+deploy_app = typer.Typer(name="deploy", help="Deploy a task across machines (Flower SuperLink and SuperNodes).",
+                         no_args_is_help=True)
+
+TargetOpt = Annotated[str, typer.Option("--target", help="Target column.")]
+SuperlinkOpt = Annotated[str, typer.Option("--superlink", help="The SuperLink's address, HOST:PORT.")]
+CaOpt = Annotated[Path, typer.Option("--root-certificates", help="The consortium's CA certificate (ca.crt).")]
+ExcludeOpt = Annotated[Optional[list[str]], typer.Option("--exclude", help="Column that is not a feature (repeatable).")]
+
+
+# ---------------------------------------------------------------------- node
+
+
+@node_app.command("start")
+def node_start(
+    data: Annotated[Path, typer.Option("--data", help="This institution's CSV file (never leaves this machine).")],
+    target: TargetOpt,
+    name: Annotated[str, typer.Option("--name", help="The institution's name in the federation.")],
+    superlink: SuperlinkOpt,
+    root_certificates: CaOpt,
+    key: Annotated[Path, typer.Option("--key", help="This node's private key (registered with the coordinator).")],
+    state: Annotated[Optional[Path], typer.Option(
+        "--state", help="The node's own folder: ledger key, client state, models [default: ~/.fedmdh/nodes/NAME].")] = None,
+    test: Annotated[Optional[Path], typer.Option(
+        "--test", help="A shared test CSV: the node reports test metrics for it each round.")] = None,
+    chain_rpc: Annotated[Optional[str], typer.Option(
+        "--chain-rpc", help="The chain node this institution trusts [default: the one the task names].")] = None,
+    exclude: ExcludeOpt = None,
+    port: Annotated[Optional[int], typer.Option("--port", help="The SuperNode's local runtime port [default: free].")] = None,
+) -> None:
+    """Start this institution's node service and its Flower SuperNode; serve tasks until stopped (Ctrl-C)."""
+    import logging
+
+    from fedmdh.deploy.node_runner import run_node
+    from fedmdh.ledger.keys import fedmdh_home
+    from fedmdh.runtime.node import NodeService, check_name
+
+    check_name(name)
+    folder = state or fedmdh_home() / "nodes" / name
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s",
+                        stream=sys.stderr)
+    service = NodeService(name, data, target, folder, test=test, exclude=tuple(exclude or ()), chain_rpc=chain_rpc)
+    err_console.print(f"fedmdh node {name}: ledger address {service.address}, state {folder}, SuperLink {superlink}",
+                      highlight=False, markup=False)
+    try:
+        run_node(service, superlink, root_certificates, key, port=port)
+    except KeyboardInterrupt:
+        err_console.print(f"fedmdh node {name}: stopped", highlight=False, markup=False)
+
+
+# ---------------------------------------------------------------------- certificates and coordinator
+
+
+@deploy_app.command("certs")
+def certs(
+    out: Annotated[Path, typer.Option("--out", help="Folder for the CA, the server certificate and node keys.")],
+    host: Annotated[Optional[list[str]], typer.Option(
+        "--host", help="Host name or IP the nodes use to reach the SuperLink (repeatable) [default: 127.0.0.1].")] = None,
+    node: Annotated[Optional[list[str]], typer.Option(
+        "--node", help="An institution to make a node key pair for (repeatable).")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing CA in --out.")] = False,
+) -> None:
+    """Make the consortium's CA, the SuperLink's TLS certificate and one key pair per node."""
+    from fedmdh.deploy.certs import make_certs
+
+    files = make_certs(out, hosts=tuple(host or ("127.0.0.1", "localhost")), nodes=tuple(node or ()),
+                       overwrite=overwrite)
+    console.print(f"wrote {files.ca}, {files.server_cert}, {files.server_key}"
+                  + (f" and node keys in {out / 'nodes'}" if node else ""), highlight=False, markup=False)
+
+
+@deploy_app.command("coordinator")
+def coordinator(
+    certs_dir: Annotated[Path, typer.Option("--certs", help="The folder `fedmdh deploy certs` wrote.")],
+    port: Annotated[int, typer.Option("--port", help="The SuperLink's port (Fleet and Control API).")] = 9093,
+    host: Annotated[str, typer.Option("--host", help="Address to listen on.")] = "127.0.0.1",
+    database: Annotated[Optional[Path], typer.Option(
+        "--database", help="The SuperLink's database (keeps registrations across restarts) [default: FOLDER/superlink.db].")] = None,
+    folder: Annotated[Optional[Path], typer.Option(
+        "--folder", help="The coordinator's folder: Flower home, logs [default: ~/.fedmdh/coordinator].")] = None,
+    register: Annotated[Optional[list[str]], typer.Option(
+        "--register", help="NAME=KEY.pub: register an institution's node key (repeatable).")] = None,
+) -> None:
+    """Run the SuperLink (TLS, SuperNode authentication, no runtime installs) until stopped (Ctrl-C)."""
+    from fedmdh.deploy.certs import CertFiles
+    from fedmdh.deploy.flower import flower_env, register_node, superlink_argv, write_connection
+    from fedmdh.deploy.processes import Services, port_open, wait_until
+    from fedmdh.ledger.keys import fedmdh_home
+    from fedmdh.runtime.node import check_name
+
+    files = CertFiles(certs_dir / "ca.crt", certs_dir / "server.pem", certs_dir / "server.key", certs_dir)
+    for p in (files.ca, files.server_cert, files.server_key):
+        if not p.is_file():
+            raise InputError(f"--certs {certs_dir}: {p.name} not found; run `fedmdh deploy certs` first.")
+    pairs = []
+    for item in register or ():
+        name, sep, key = item.partition("=")
+        if not sep or not Path(key).is_file():
+            raise InputError(f"--register {item!r}: give NAME=PATH of an existing public key file.")
+        pairs.append((check_name(name), Path(key)))
+    folder = folder or fedmdh_home() / "coordinator"
+    home = folder / "flwr"
+    address = f"{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
+    write_connection(home, address, files.ca)
+    with Services(folder / "logs") as services:
+        link = services.start("superlink", superlink_argv(files, port, database or folder / "superlink.db", host),
+                              env=flower_env(home))
+        wait_until(lambda: port_open(port, "127.0.0.1" if host in ("0.0.0.0", "::") else host), link,
+                   "the SuperLink", timeout=60)
+        for name, key in pairs:
+            console.print(f"registered {name}: node id {register_node(home, key, name)}", highlight=False,
+                          markup=False)
+        console.print(f"SuperLink at {address} (pid {link.pid}, log {link.log}); Ctrl-C stops it", highlight=False,
+                      markup=False)
+        try:
+            link.proc.wait()
+        except KeyboardInterrupt:
+            return
+        raise InputError(f"the SuperLink exited with status {link.proc.returncode} (log {link.log}: {link.tail(3)})")
+
+
+# ---------------------------------------------------------------------- tasks
+
+
+def _experiment(config: Optional[Path], target: Optional[str], algorithm: str, rounds: Optional[int],
+                seed: Optional[int]) -> dict[str, Any]:
+    """The task's experiment settings (config file overlaid with the options), validated."""
+    from fedmdh.config import ExperimentConfig, read_toml
+    from fedmdh.runtime.coordinator import experiment_settings
+
+    kw = read_toml(config) if config is not None else {}
+    for k in ("institutions", "test"):
+        kw.pop(k, None)
+    if target is not None:
+        kw["target"] = target
+    if "target" not in kw:
+        raise InputError("missing --target; give it on the command line or in --config FILE.toml.")
+    kw.update({k: v for k, v in (("rounds", rounds), ("first_seed", seed)) if v is not None})
+    kw.update(algorithms=(algorithm,), seeds=1)
+    if kw.get("selection", "own") != "own":
+        raise InputError("a deployed task selects each institution's model on its own validation rows; "
+                         "selection 'federated' needs every model at every institution (simulator only).")
+    cfg = ExperimentConfig(institutions=("institution-a", "institution-b"), test="", **kw)
+    return experiment_settings(cfg)
+
+
+class _Progress:
+    """Shows the coordinator's events: a bar on a terminal, plain lines otherwise."""
+
+    def __init__(self, rounds: int, label: str) -> None:
+        self.rounds = rounds
+        self.label = label
+        self.bar = None
+        self.task = None
+        if err_console.is_terminal:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self.bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                TimeElapsedColumn(), console=err_console)
+            self.bar.start()
+            self.task = self.bar.add_task(label, total=rounds)
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        kind = event.get("event")
+        if kind == "round":
+            text = f"{self.label} round {event['round']}/{self.rounds} rmse {event.get('rmse') or float('nan'):.4f}"
+            if self.bar is not None:
+                self.bar.update(self.task, completed=event["round"], description=text)
+            else:
+                err_console.print(text, highlight=False, markup=False)
+        elif kind == "note":
+            (self.bar.console if self.bar else err_console).print(f"  {event.get('message')}", highlight=False,
+                                                                    markup=False)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+def _print_final(out: Path) -> None:
+    final = json.loads((out / "final_metrics.json").read_text(encoding="utf-8"))
+    table = Table("institution", "kept round", "RMSE", "MAE", "R2",
+                  title=f"{final['algorithm']} deployed: test metrics (each institution's model, chosen on its own "
+                        "validation rows)")
+    for name, m in final["per_institution"].items():
+        table.add_row(name, str(final["best_rounds"][name]), *(f"{m[k]:.4f}" if m.get(k) is not None else "-"
+                                                              for k in ("rmse", "mae", "r2")))
+    console.print(table)
+    console.print(f"run record in {out} (ledger/, metrics.jsonl, final_metrics.json); task contract "
+                  f"{final['contract']}", highlight=False, markup=False)
+
+
+def _check_out(out: Path) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise InputError(f"--out {out}: exists and is not an empty folder; give a new folder.")
+
+
+RoundsOpt = Annotated[Optional[int], typer.Option("--rounds", help="Communication rounds [default: 400].")]
+SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Seed [default: 0].")]
+AlgorithmOpt = Annotated[str, typer.Option("--algorithm", help="Algorithm to train.")]
+ConfigOpt = Annotated[Optional[Path], typer.Option("--config", help="TOML file with the task's settings.")]
+WaitOpt = Annotated[float, typer.Option("--wait", help="Seconds to wait for nodes and for each round's steps.")]
+
+
+@deploy_app.command("run")
+def deploy_run(
+    superlink: SuperlinkOpt,
+    root_certificates: CaOpt,
+    chain_rpc: Annotated[str, typer.Option("--chain-rpc", help="JSON-RPC URL of the chain the institutions use.")],
+    out: Annotated[Path, typer.Option("--out", help="Run record folder (written by the coordinator, on its machine).")],
+    nodes: Annotated[int, typer.Option("--nodes", help="How many institutions take part.")],
+    target: Annotated[Optional[str], typer.Option("--target", help="Target column.")] = None,
+    algorithm: AlgorithmOpt = "fedavg",
+    rounds: RoundsOpt = None,
+    seed: SeedOpt = None,
+    config: ConfigOpt = None,
+    keystore: Annotated[Optional[Path], typer.Option(
+        "--keystore", help="The coordinator's keystore (its relay key) [default: ~/.fedmdh/keystore].")] = None,
+    wait: WaitOpt = 600.0,
+) -> None:
+    """Submit a task to a running SuperLink and follow it to its end."""
+    import tempfile
+
+    from fedmdh.deploy.flower import submit, write_connection
+    from fedmdh.runtime.coordinator import DeployTask
+
+    _check_out(out)
+    experiment = _experiment(config, target, algorithm, rounds, seed)
+    task = DeployTask(secrets.token_hex(6), experiment, nodes, chain_rpc, str(out.resolve()),
+                      keystore=str(keystore.resolve()) if keystore else None, wait_s=wait)
+    with tempfile.TemporaryDirectory(prefix="fedmdh-flwr-") as home:
+        write_connection(home, superlink, root_certificates)
+        progress = _Progress(int(experiment["rounds"]), algorithm)
+        try:
+            for event in submit(home, task.to_json()):
+                progress(event)
+                if event.get("event") == "failed":
+                    raise InputError(f"the task failed: {event.get('message')}")
+        finally:
+            progress.close()
+    _print_final(out)
+
+
+@deploy_app.command("local")
+def deploy_local(
+    out: Annotated[Path, typer.Option("--out", help="Folder for the run record, the nodes' folders and the logs.")],
+    institutions: Annotated[list[Path], typer.Option("--institutions", help="One CSV file per institution.")],
+    target: TargetOpt,
+    test: Annotated[Optional[Path], typer.Option("--test", help="Shared test CSV (each node reports on it).")] = None,
+    algorithm: AlgorithmOpt = "fedavg",
+    rounds: RoundsOpt = None,
+    seed: SeedOpt = None,
+    config: ConfigOpt = None,
+    exclude: ExcludeOpt = None,
+    wait: WaitOpt = 600.0,
+) -> None:
+    """Try a deployment on this machine: a chain, a SuperLink and one node per institution, as real processes.
+
+    Every process is stopped at the end, also on Ctrl-C or error.
+    """
+    from fedmdh.data.io import unique_names
+    from fedmdh.deploy.local import run_task, start_local
+    from fedmdh.deploy.processes import Services
+    from fedmdh.runtime.coordinator import DeployTask
+    from fedmdh.runtime.node import check_name
+
+    _check_out(out)
+    if len(institutions) < 2:
+        raise InputError("give at least two institution files (--institutions A.csv B.csv ...).")
+    for p in [*institutions, *([test] if test else [])]:
+        if not p.is_file():
+            raise InputError(f"{p}: file not found; check the path.")
+    names = [check_name(n) for n in unique_names(institutions)]
+    experiment = _experiment(config, target, algorithm, rounds, seed)
+    out = out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    say = (lambda line: err_console.print(line, highlight=False, markup=False))
+    with Services(out / "deploy" / "logs") as services:
+        dep = start_local(out, dict(zip(names, (p.resolve() for p in institutions))), target,
+                          test.resolve() if test else None, services, exclude=tuple(exclude or ()), say=say)
+        task = DeployTask(secrets.token_hex(6), experiment, len(names), dep.chain_url, str(out),
+                          keystore=str(out / "deploy" / "keystore"), wait_s=wait)
+        progress = _Progress(int(experiment["rounds"]), algorithm)
+        try:
+            run_task(dep, task.to_json(), on_event=progress)
+        finally:
+            progress.close()
+        from fedmdh.ledger.audit import verify
+
+        report = verify(out)
+        say(str(report).splitlines()[0] + " (fedmdh ledger verify, while the chain runs)")
+    _print_final(out)
