@@ -144,6 +144,24 @@ def coordinator(
         raise InputError(f"the SuperLink exited with status {link.proc.returncode} (log {link.log}: {link.tail(3)})")
 
 
+@deploy_app.command("chain")
+def chain(
+    state: Annotated[Path, typer.Option("--state", help="The chain's state file (deploy local: RUN/deploy/chain-state.json).")],
+    port: Annotated[int, typer.Option("--port", help="Port on 127.0.0.1.")] = 8545,
+) -> None:
+    """Run a local chain (anvil) from a state file until stopped: a trial's chain again, e.g. to verify its run."""
+    from fedmdh.deploy.processes import Services, start_anvil
+
+    with Services(state.parent / "logs") as services:
+        svc, url = start_anvil(services, port=port, state_file=state)
+        console.print(f"chain at {url} (pid {svc.pid}) from {state}; `fedmdh ledger verify RUN --chain-rpc {url}`; "
+                      "Ctrl-C stops it", highlight=False, markup=False)
+        try:
+            svc.proc.wait()
+        except KeyboardInterrupt:
+            return
+
+
 # ---------------------------------------------------------------------- tasks
 
 
@@ -151,7 +169,7 @@ def _experiment(config: Optional[Path], target: Optional[str], algorithm: str, r
                 seed: Optional[int]) -> dict[str, Any]:
     """The task's experiment settings (config file overlaid with the options), validated."""
     from fedmdh.config import ExperimentConfig, read_toml
-    from fedmdh.runtime.coordinator import experiment_settings
+    from fedmdh.runtime.coordinator import DeployTask, experiment_settings
 
     kw = read_toml(config) if config is not None else {}
     for k in ("institutions", "test"):
@@ -162,11 +180,10 @@ def _experiment(config: Optional[Path], target: Optional[str], algorithm: str, r
         raise InputError("missing --target; give it on the command line or in --config FILE.toml.")
     kw.update({k: v for k, v in (("rounds", rounds), ("first_seed", seed)) if v is not None})
     kw.update(algorithms=(algorithm,), seeds=1)
-    if kw.get("selection", "own") != "own":
-        raise InputError("a deployed task selects each institution's model on its own validation rows; "
-                         "selection 'federated' needs every model at every institution (simulator only).")
     cfg = ExperimentConfig(institutions=("institution-a", "institution-b"), test="", **kw)
-    return experiment_settings(cfg)
+    settings = experiment_settings(cfg)
+    DeployTask("check", settings, 2, "", "").config()  # refuses references and simulator-only settings
+    return settings
 
 
 class _Progress:

@@ -123,15 +123,23 @@ def run_task(dep: Deployment, task_json: Mapping[str, Any], on_event: Callable[[
     Raises :class:`~fedmdh.errors.InputError` with the coordinator's message when the task fails.
     """
     last: dict[str, Any] = {}
-    for event in submit(dep.flwr_home, task_json, on_line=on_line):
+    tail: list[str] = []
+
+    def keep(line: str) -> None:
+        if line.strip() and "fedmdh-event" not in line:
+            tail[:] = (tail + [line.strip()])[-6:]
+        if on_line is not None:
+            on_line(line)
+
+    for event in submit(dep.flwr_home, task_json, on_line=keep):
         last = event
         if on_event is not None:
             on_event(event)
         if event.get("event") == "failed":
             raise InputError(f"the task failed: {event.get('message')}")
     if last.get("event") != "finished":
-        raise ServiceError("the task ended without finishing; see the SuperLink's log "
-                           f"{dep.services.log_dir / 'superlink.log'}")
+        raise ServiceError("the task ended without finishing (the ServerApp's last lines: "
+                           f"{' | '.join(tail)}); see the SuperLink's log {dep.services.log_dir / 'superlink.log'}")
     return last
 
 

@@ -91,10 +91,19 @@ class DeployTask:
 
     def config(self, names: tuple[str, ...] = ("institution-a", "institution-b")):
         """The experiment as an :class:`~fedmdh.config.ExperimentConfig` over the given institution names."""
+        from fedmdh.algorithms import ALGORITHMS
         from fedmdh.config import ExperimentConfig
 
         kw = {k: v for k, v in self.experiment.items() if k not in ("institutions", "test")}
-        return ExperimentConfig(institutions=tuple(names), test="", **kw)
+        cfg = ExperimentConfig(institutions=tuple(names), test="", **kw)
+        cls = ALGORITHMS[cfg.algorithms[0]]
+        if not cls.federated or cls.centralized:
+            raise InputError(f"{cls.name} is a reference that does not communicate (or needs every row in one "
+                             "place); deploy a federated algorithm, and run references with `fedmdh run`.")
+        if cfg.selection != "own":
+            raise InputError("a deployed task selects each institution's model on its own validation rows; "
+                             "selection 'federated' needs every model at every institution (simulator only).")
+        return cfg
 
     @property
     def algorithm(self) -> str:

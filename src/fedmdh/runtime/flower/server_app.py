@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import base64
 import json
-import sys
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -26,6 +25,10 @@ EVENT = "fedmdh-event "
 PULL_S = 0.1
 
 app = ServerApp()
+
+
+class TaskFailed(RuntimeError):
+    """The coordinator stopped the task (its ``failed`` event says why)."""
 
 
 def emit(kind: str, **fields: Any) -> None:
@@ -91,7 +94,7 @@ def main(grid: Grid, context: Context) -> None:
     raw = str(context.run_config.get("task", ""))
     if not raw:
         emit("failed", message="the run config has no task; submit tasks with `fedmdh deploy run`")
-        sys.exit(1)
+        raise TaskFailed("no task in the run config")
     task = DeployTask.from_json(json.loads(base64.b64decode(raw)))
     emit("started", task_id=task.task_id, rounds=task.experiment.get("rounds"), out_dir=task.out_dir)
 
@@ -103,5 +106,5 @@ def main(grid: Grid, context: Context) -> None:
                             say=lambda line: emit("note", message=line)).run()
     except FedmdhError as exc:
         emit("failed", message=str(exc))
-        raise SystemExit(1) from None
+        raise TaskFailed(str(exc)) from None  # Flower marks the run failed and flushes its log
     emit("finished", rmse=final.get("rmse"), r2=final.get("r2"), out_dir=task.out_dir)

@@ -65,7 +65,7 @@ def to_records(meta: Mapping[str, Any], arrays: Mapping[str, np.ndarray] | None 
 
     records: dict[str, Any] = {META_RECORD: ConfigRecord({"json": json.dumps(dict(meta), sort_keys=True)})}
     if arrays:
-        records[ARRAY_RECORD] = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in sorted(arrays.items())})
+        records[ARRAY_RECORD] = ArrayRecord({k: Array(np.require(v, requirements="C")) for k, v in sorted(arrays.items())})
     return RecordDict(records)
 
 

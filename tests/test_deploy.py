@@ -1,0 +1,221 @@
+"""A real deployment on 127.0.0.1: anvil, a SuperLink with TLS and SuperNode authentication, one
+``fedmdh node start`` process per institution of the perovskite split. One deployment serves the
+whole module; every task runs through Flower and is compared with the in-process simulator."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from fedmdh.algorithms import ALGORITHMS
+from fedmdh.config import ExperimentConfig
+from fedmdh.experiment.models import load_model
+from fedmdh.experiment.runner import load_tables, prepare
+from fedmdh.runtime.coordinator import DeployTask, experiment_settings
+from fedmdh.runtime.simulator import simulate
+
+NAMES = ["train_part0", "train_part1", "train_part2"]
+WAIT_S = 120.0
+
+
+def _anvil_or_skip() -> None:
+    from fedmdh.deploy.processes import anvil_binary
+    from fedmdh.errors import InputError
+
+    try:
+        anvil_binary()
+    except InputError as exc:
+        print(exc)
+        pytest.skip(str(exc))
+
+
+@pytest.fixture(scope="module")
+def deployment(perovskite, tmp_path_factory):
+    from fedmdh.deploy.local import start_local
+    from fedmdh.deploy.processes import Services
+
+    _anvil_or_skip()
+    folder = tmp_path_factory.mktemp("deploy")
+    files = {n: Path(p) for n, p in zip(NAMES, perovskite["institutions"])}
+    with Services(folder / "deploy" / "logs") as services:
+        dep = start_local(folder, files, "e_form", Path(perovskite["test"]), services)
+        yield dep
+    left = _processes_under(folder)
+    assert not left, f"processes left running: {left}"
+
+
+def _processes_under(folder: Path) -> list[str]:
+    """Processes whose command line or environment names the deployment's folder."""
+    out = []
+    key = str(folder).encode()
+    for d in Path("/proc").glob("[0-9]*"):
+        try:
+            cmd = (d / "cmdline").read_bytes()
+            if key in cmd or key in (d / "environ").read_bytes():
+                out.append(f"{d.name}: {cmd.replace(bytes(1), b' ').decode(errors='replace')[:120]}")
+        except OSError:
+            continue
+    return [p for p in out if not p.startswith(f"{os.getpid()}:")]
+
+
+def _config(perovskite, algorithm: str, rounds: int) -> ExperimentConfig:
+    return ExperimentConfig(perovskite["institutions"], perovskite["test"], "e_form", algorithms=(algorithm,),
+                            seeds=1, rounds=rounds)
+
+
+def _deploy(dep, cfg: ExperimentConfig, out: Path, task_id: str, nodes: int = 3) -> dict:
+    from fedmdh.deploy.local import run_task
+
+    task = DeployTask(task_id, experiment_settings(cfg), nodes, dep.chain_url, str(out),
+                      keystore=str(dep.folder / "deploy" / "keystore"), wait_s=WAIT_S)
+    events = []
+    last = run_task(dep, task.to_json(), on_event=events.append)
+    assert [e["round"] for e in events if e["event"] == "round"] == list(range(1, cfg.rounds + 1))
+    return last
+
+
+def _node_model(dep, name: str, task_id: str):
+    return load_model(dep.node_state(name) / "tasks" / task_id / "models" / name)
+
+
+def _assert_equals_the_simulator(dep, perovskite, algorithm: str, rounds: int, task_id: str, out: Path) -> None:
+    # Prepare
+    cfg = _config(perovskite, algorithm, rounds)
+    # Execute
+    _deploy(dep, cfg, out, task_id)
+    sim = simulate(prepare(cfg, load_tables(cfg), 0), cfg.build_algorithm(algorithm), rounds, seed=0)
+    # Assert: every institution's kept model, bit for bit, and the record's metrics
+    for name in NAMES:
+        model = _node_model(dep, name, task_id)
+        assert model.info["best_round"] == sim.best_rounds[name]
+        assert sorted(model.params) == sorted(sim.models[name])
+        for k, v in sim.models[name].items():
+            assert np.asarray(model.params[k]).tobytes() == np.asarray(v).tobytes(), (name, k)
+    final = json.loads((out / "final_metrics.json").read_text())
+    for name in NAMES:
+        assert final["per_institution"][name]["rmse"] == sim.final_per_institution[name]["rmse"]
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [x["rmse"] for x in lines] == [h.rmse for h in sim.history]
+    fed = json.loads((out / "federation.json").read_text())
+    het = prepare(cfg, load_tables(cfg), 0).heterogeneity
+    assert (fed["H"], fed["alpha"]) == (het.H, het.alpha) and fed["KL_avg"] == pytest.approx(het.KL_avg, rel=1e-12)
+
+
+def test_fedavg_deployed_is_the_simulator_bit_for_bit_and_verifies(deployment, perovskite, capsys):
+    from fedmdh.cli import main
+
+    out = deployment.folder  # the run record beside the nodes' folders, as `fedmdh deploy local` writes it
+    _assert_equals_the_simulator(deployment, perovskite, "fedavg", 3, "fedavg3", out)
+    capsys.readouterr()
+    main(["ledger", "verify", str(out)])
+    text = capsys.readouterr().out
+    assert text.startswith("OK: 3 of 3 rounds finalized and verified")
+    assert "models (6 files) in nodes/ match the archived hashes" in text
+    assert "one party" not in text  # each institution signed with its own key on its own node
+
+
+def test_fedmdh_deployed_is_the_simulator_bit_for_bit(deployment, perovskite, tmp_path):
+    from fedmdh.ledger.audit import verify
+
+    _assert_equals_the_simulator(deployment, perovskite, "fedmdh", 3, "fedmdh3", tmp_path / "run")
+    report = verify(tmp_path / "run")
+    assert report.ok, str(report)
+
+
+OTHERS = sorted(n for n, c in ALGORITHMS.items() if c.federated and not c.centralized and n not in ("fedavg", "fedmdh"))
+
+
+@pytest.mark.parametrize("algorithm", OTHERS)
+def test_every_algorithm_runs_deployed(deployment, perovskite, tmp_path, algorithm):
+    from fedmdh.ledger.audit import verify
+
+    cfg = _config(perovskite, algorithm, 2)
+    last = _deploy(deployment, cfg, tmp_path / "run", f"{algorithm.replace('-', '')}2")
+    assert last["event"] == "finished" and np.isfinite(last["rmse"])
+    assert verify(tmp_path / "run").ok
+
+
+def test_the_coordinator_holds_no_institution_key(deployment):
+    from eth_account import Account
+
+    keystore = deployment.folder / "deploy" / "keystore"
+    assert sorted(p.name for p in keystore.iterdir()) == ["coordinator.json"]
+    own = {}
+    for name in NAMES:
+        files = sorted((deployment.node_state(name) / "keystore").iterdir())
+        assert [p.name for p in files] == [f"{name}.json"]
+        own[name] = "0x" + json.loads(files[0].read_text())["address"].lower().removeprefix("0x")
+    task = json.loads((deployment.folder / "ledger" / "task.json").read_text())
+    recs = [json.loads(x) for x in (deployment.folder / "ledger" / "transactions.jsonl").read_text().splitlines()]
+    signed = [r for r in recs if r["fn"] in ("register", "commit", "attest", "attest_model")]
+    assert signed
+    for r in signed:
+        signer = Account.recover_transaction(r["raw"]).lower()
+        assert signer == own[r["actor"]] == task["participants"][r["actor"]].lower()
+    coordinator = {r["from"].lower() for r in recs if r["fn"] in ("deploy", "archive")}
+    assert coordinator == {task["submitter"].lower()} and coordinator.isdisjoint(own.values())
+
+
+def test_references_are_refused_for_a_deployment(tmp_path, capsys):
+    from fedmdh.cli import main
+
+    for algorithm in ("local", "pooled"):
+        with pytest.raises(SystemExit) as exc:
+            main(["deploy", "run", "--superlink", "127.0.0.1:1", "--root-certificates", str(tmp_path / "ca.crt"),
+                  "--chain-rpc", "http://127.0.0.1:1", "--out", str(tmp_path / "o"), "--nodes", "3",
+                  "--target", "e_form", "--algorithm", algorithm])
+        assert exc.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert "does not communicate" in err and len(err.splitlines()) == 1
+
+
+def test_a_node_whose_key_is_not_registered_is_refused(deployment, perovskite, tmp_path):
+    from fedmdh.deploy.certs import make_node_key
+
+    make_node_key(tmp_path / "x.key", tmp_path / "x.pub")
+    argv = [sys.executable, "-m", "fedmdh.cli", "node", "start", "--name", "intruder", "--data",
+            perovskite["institutions"][0], "--target", "e_form", "--superlink", deployment.superlink,
+            "--root-certificates", str(deployment.certs.ca), "--key", str(tmp_path / "x.key"),
+            "--state", str(tmp_path / "state")]
+    proc = subprocess.run(argv, env=deployment.env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "refused its key" in last and "Traceback" not in proc.stderr
+
+
+def test_nodes_with_bad_data_fail_setup_with_one_line_naming_them(deployment, perovskite, tmp_path):
+    from fedmdh.deploy.flower import register_node
+    from fedmdh.deploy.certs import make_node_key
+    from fedmdh.errors import InputError
+
+    frame = pd.read_csv(perovskite["institutions"][0])
+    bad = {"no-target": frame.drop(columns=["e_form"]).head(50), "few-rows": frame.head(5)}
+    for name, table in bad.items():
+        path = tmp_path / f"{name}.csv"
+        table.to_csv(path, index=False)
+        key = deployment.certs.folder / "nodes" / f"{name}.key"
+        make_node_key(key, key.with_suffix(".pub"))
+        register_node(deployment.flwr_home, key.with_suffix(".pub"), name)
+        deployment.node_args[name] = [*deployment.node_args[NAMES[0]]]
+        args = deployment.node_args[name]
+        for flag, value in (("--name", name), ("--data", str(path)), ("--key", str(key)),
+                            ("--state", str(deployment.node_state(name)))):
+            args[args.index(flag) + 1] = value
+        deployment.start_node(name)
+    try:
+        with pytest.raises(InputError) as exc:
+            _deploy(deployment, _config(perovskite, "fedavg", 2), tmp_path / "run", "bad", nodes=5)
+        msg = str(exc.value)
+        assert "setup failed at few-rows, no-target" in msg
+        assert "target column 'e_form' not found" in msg and "at least 10" in msg
+        assert "\n" not in msg
+    finally:
+        for name in bad:
+            deployment.stop_node(name)
