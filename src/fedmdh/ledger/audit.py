@@ -47,7 +47,7 @@ from fedmdh.ledger.blobs import DirBlobStore, sha256_hex
 from fedmdh.ledger.errors import LedgerError
 from fedmdh.ledger.events import decode_log
 from fedmdh.ledger.recorder import SUBMITTER, TASK_FILE, TASK_MANIFEST_KIND, TX_FILE
-from fedmdh.runtime.protocol import aggregate_rng
+from fedmdh.runtime.protocol import aggregate_rng, training_thread_count
 
 #: said by ``show`` and ``verify`` of every ledger whose keys one party held
 ONE_PARTY = "signed by keys held by one party: shows what happened, not who agreed"
@@ -812,7 +812,8 @@ def verify(path: str | Path, algorithm: Algorithm | None = None, rpc_url: str | 
     algorithm, problem = audit.algorithm(algorithm)
     if problem:
         return fail(problem)
-    done, problem = audit.check_rounds(algorithm)
+    with training_thread_count():  # the thread count the run's peers used: the same float sums
+        done, problem = audit.check_rounds(algorithm)
     if problem:
         return fail(problem, done)
     st = audit.st

@@ -14,8 +14,9 @@ functions, so that under the same seed they produce the same bits:
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,6 +46,19 @@ def training_threads() -> int:
         return max(1, int(os.environ.get("FEDMDH_TORCH_THREADS", "1")))
     except ValueError:
         return 1
+
+
+@contextlib.contextmanager
+def training_thread_count() -> Iterator[None]:
+    """Torch set to :func:`training_threads` inside the block (the caller's count restored after)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(training_threads())
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def client_rng(seed: int, rnd: int, name: str) -> np.random.Generator:

@@ -24,7 +24,6 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
-import torch
 
 from fedmdh.algorithms.base import Algorithm, FederationSpec, Params, Payload, Update
 from fedmdh.data.federation import InstitutionData, PreparedFederation
@@ -37,7 +36,7 @@ from fedmdh.runtime.protocol import (
     initial_state,
     own_validation_mse,
     score_on_test,
-    training_threads,
+    training_thread_count,
 )
 
 POOLED_NAME = "__pooled__"
@@ -153,12 +152,8 @@ def simulate(
         raise ValueError(f"rounds must be >= 1, got {rounds}.")
     if selection not in SELECTIONS:
         raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}.")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(training_threads())
-    try:
+    with training_thread_count():
         return _simulate(fed, algorithm, rounds, seed, on_round, round_hook, selection)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _simulate(
