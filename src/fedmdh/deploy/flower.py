@@ -120,29 +120,35 @@ def submit(flwr_home: str | Path, task_json: Mapping[str, Any], on_line: Callabl
     """Start the task on the SuperLink and yield the ServerApp's events until the run ends."""
     encoded = base64.b64encode(json.dumps(dict(task_json), sort_keys=True).encode()).decode()
     with tempfile.TemporaryDirectory(prefix="fedmdh-app-") as tmp:
-        app = app_dir(tmp)
-        argv = [executable("flwr"), "run", str(app), CONNECTION, "--run-config", f'task="{encoded}"', "--stream"]
-        proc = subprocess.Popen(argv, env=flower_env(flwr_home), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True, stdin=subprocess.DEVNULL, start_new_session=True)
-        tail: list[str] = []
-        try:
-            assert proc.stdout is not None
-            for line in proc.stdout:
-                line = line.rstrip("\n")
-                if on_line is not None:
-                    on_line(line)
-                at = line.find(EVENT)
-                if at >= 0:
-                    try:
-                        yield json.loads(line[at + len(EVENT):])
-                    except json.JSONDecodeError:
-                        pass
-                    continue
-                tail = (tail + [line])[-8:]
-            code = proc.wait()
-        finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, 15)
-                proc.wait(timeout=10)
-        if code != 0:
-            raise FlowerError(f"flwr run exited with status {code}: {' | '.join(t for t in tail if t.strip())}")
+        yield from submit_app(flwr_home, app_dir(tmp), {"task": encoded}, on_line)
+
+
+def submit_app(flwr_home: str | Path, app: str | Path, run_config: Mapping[str, str],
+               on_line: Callable[[str], None] | None = None) -> Iterator[dict[str, Any]]:
+    """``flwr run APP CONNECTION --run-config ... --stream``: yields the ``fedmdh-event`` lines of its log."""
+    config = " ".join(f'{k}="{v}"' for k, v in run_config.items())
+    argv = [executable("flwr"), "run", str(app), CONNECTION, "--run-config", config, "--stream"]
+    proc = subprocess.Popen(argv, env=flower_env(flwr_home), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, stdin=subprocess.DEVNULL, start_new_session=True)
+    tail: list[str] = []
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            line = line.rstrip("\n")
+            if on_line is not None:
+                on_line(line)
+            at = line.find(EVENT)
+            if at >= 0:
+                try:
+                    yield json.loads(line[at + len(EVENT):])
+                except json.JSONDecodeError:
+                    pass
+                continue
+            tail = (tail + [line])[-8:]
+        code = proc.wait()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, 15)
+            proc.wait(timeout=10)
+    if code != 0:
+        raise FlowerError(f"flwr run exited with status {code}: {' | '.join(t for t in tail if t.strip())}")

@@ -24,7 +24,7 @@ from fedmdh.runtime.flower.wire import pack, unpack
 from fedmdh.runtime.node import NodeService
 
 READY = "ready.json"
-#: flower-supernode's exit status when the SuperLink does not accept its key
+#: flower-supernode's exit code (in its log; its process status may be 1) when the SuperLink does not accept its key
 REFUSED = 305
 log = logging.getLogger("fedmdh.node")
 
@@ -79,8 +79,10 @@ def run_node(service: NodeService, superlink: str, root_certificates: str | Path
                  "address": service.address}).encode())
             while not stop.wait(0.5):
                 if not node.alive():
+                    log_text = node.log.read_text(encoding="utf-8", errors="replace")
+                    refused = node.proc.returncode == REFUSED or f"Exit Code: {REFUSED}" in log_text
                     hint = (": the SuperLink refused its key (register the node's public key with the "
-                            "coordinator)" if node.proc.returncode == REFUSED else "")
+                            "coordinator)" if refused else "")
                     raise ServiceError(f"the SuperNode of {service.name} exited with status {node.proc.returncode}"
                                        f"{hint} (log {node.log}: {node.tail(3)})")
     finally:
