@@ -34,7 +34,7 @@ from fedmdh.errors import InputError
 from fedmdh.service.auth import COOKIE, TokenAuth
 from fedmdh.service.runner import EventHub, TaskRunner, run_dir, task_dir
 from fedmdh.service.runtime import SimulatorRuntime, TaskRuntime, TaskSpec
-from fedmdh.service.store import FINAL, TaskRow, TaskStore
+from fedmdh.service.store import FINAL, TaskRow, TaskStore, now
 from fedmdh.service.submission import (
     MAX_INSTITUTIONS, FieldError, FileEntry, build_task, discard, sanitise_filename, too_large,
 )
@@ -103,8 +103,10 @@ def create_app(
         runner.start()
         yield
         hub.close_all()
-        await run_in_threadpool(runner.stop)
+        stopped = await run_in_threadpool(runner.stop)
         store.close()
+        print(f"{now()} fedmdh service stopped" + ("" if stopped else " (a task was still ending; it shows as "
+                                                   "interrupted at the next start)"), flush=True)
 
     app = FastAPI(
         title="fedmdh Regression Task service",
