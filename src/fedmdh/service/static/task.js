@@ -29,6 +29,7 @@
   function drawChart() {
     const el = document.getElementById("chart");
     const data = chartData();
+    el.dataset.points = String(data[0].length);
     if (chart) { chart.setData(data); return; }
     const series = [{ label: "round" }, { label: "mean", stroke: "#1f5fae", width: 2.5, value: (u, v) => fedmdh.num(v) }];
     task.institutions.forEach((name, i) => series.push({
@@ -153,6 +154,7 @@
     source = new EventSource(`/api/tasks/${id}/events`);
     source.addEventListener("round", (e) => {
       const r = JSON.parse(e.data);
+      root.dataset.liveRounds = String(Number(root.dataset.liveRounds || 0) + 1);  // rounds that came as events
       rounds.set(r.round, r);
       task.latest = r; task.round = r.round;
       renderStatus(task.status === "queued" ? "running" : task.status, r.round, r.rounds, task.error);
