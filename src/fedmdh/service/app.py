@@ -613,7 +613,7 @@ def create_app(
             raise Problem(409, f"the {runtime.name} runtime cannot resume a task (it keeps no checkpoint); submit "
                                "the task again.")
         store.requeue(row.id)
-        runner.submit(row.id, resume=True)
+        runner.submit(row.id)
         return {"id": row.id, "status": "queued"}
 
     return app

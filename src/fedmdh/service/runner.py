@@ -76,7 +76,7 @@ class TaskRunner:
     def __init__(self, store: TaskStore, runtime: TaskRuntime, folder: Path, hub: EventHub) -> None:
         self.store, self.runtime, self.folder, self.hub = store, runtime, Path(folder), hub
         self.stop_event = threading.Event()
-        self._queue: queue.Queue[tuple[str, bool] | None] = queue.Queue()
+        self._queue: queue.Queue[str | None] = queue.Queue()
         self._thread = threading.Thread(target=self._work, name="fedmdh-task-runner", daemon=True)
         self.current: str | None = None
 
@@ -85,11 +85,12 @@ class TaskRunner:
         for task_id in self.store.interrupt_running():
             log.warning("task %s was running when the service stopped: interrupted", task_id)
         for task_id in self.store.queued():
-            self._queue.put((task_id, False))
+            self._queue.put(task_id)
         self._thread.start()
 
-    def submit(self, task_id: str, resume: bool = False) -> None:
-        self._queue.put((task_id, resume))
+    def submit(self, task_id: str) -> None:
+        """Queue a stored ``queued`` task; one that has rounds already (requeued to resume) is resumed."""
+        self._queue.put(task_id)
 
     def stop(self, timeout: float = 60.0) -> bool:
         """Stop after the current round; True when the worker ended within ``timeout``."""
@@ -104,7 +105,7 @@ class TaskRunner:
             if item is None or self.stop_event.is_set():
                 break
             try:
-                self._run_one(*item)
+                self._run_one(item)
             except Exception:  # noqa: BLE001 - the worker must outlive any one task
                 log.exception("task runner: unexpected error")
 
@@ -114,16 +115,17 @@ class TaskRunner:
             self.hub.publish(task_id, "status", {"status": row.status, "round": row.round,
                                                  "rounds": row.spec["rounds"], "error": row.error})
 
-    def _run_one(self, task_id: str, resume: bool) -> None:
+    def _run_one(self, task_id: str) -> None:
         row = self.store.get(task_id, with_metrics=False)
         if row is None or row.status != "queued":
             return
+        resume = row.round > 0  # only a runtime that can resume gets such a task back (see the resume endpoint)
         spec = TaskSpec.from_dict(row.spec)
         self.current = task_id
         self.store.set_running(task_id)
         self._status(task_id)
-        print(f"{now()} task {task_id}: running {spec.algorithm}, {spec.rounds} rounds ({self.runtime.name})",
-              flush=True)
+        print(f"{now()} task {task_id}: {'resuming' if resume else 'running'} {spec.algorithm}, {spec.rounds} rounds "
+              f"({self.runtime.name})", flush=True)
 
         def progress(rnd: int, rounds: int, record: dict[str, Any]) -> None:
             self.store.add_round(task_id, rnd, record)
