@@ -50,8 +50,7 @@ _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 def sanitise_filename(name: str | None, fallback: str = "upload.csv") -> str:
     """A safe file name for an upload: no folders, no leading dots, only ``[A-Za-z0-9._-]``, at most 100 chars."""
     base = re.split(r"[\\/]", name or "")[-1]
-    base = _UNSAFE.sub("_", base).lstrip(".")
-    base = base.strip("_") or fallback
+    base = _UNSAFE.sub("_", base).strip("._") or fallback
     if len(base) > 100:
         stem, dot, ext = base.rpartition(".")
         base = (stem[: 100 - len(ext) - 1] + "." + ext) if dot and len(ext) <= 10 else base[:100]
