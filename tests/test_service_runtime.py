@@ -124,3 +124,37 @@ def test_a_sanitised_name_stays_in_its_folder(name):
     safe = sanitise_filename(name)
     assert safe and len(safe) <= 100 and "/" not in safe and "\\" not in safe and not safe.startswith(".")
     assert (Path("/up") / safe).resolve().parent == Path("/up")
+
+
+def _serve_error(capsys, args: list[str]) -> str:
+    from fedmdh.cli import main
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        main(["serve", *args])
+    assert exc.value.code == 2
+    return capsys.readouterr().err.strip()
+
+
+def test_serve_refuses_bad_options_with_one_line(capsys, tmp_path):
+    import socket
+
+    missing = tmp_path / "no-token"
+    assert _serve_error(capsys, ["--folder", str(tmp_path / "f"), "--token-file", str(missing)]) == (
+        f"error: {missing}: token file not found; give a file holding the token (e.g. `openssl rand -hex 32 > "
+        f"{missing}`), or leave --token-file out to have one made.")
+    weak = tmp_path / "weak"
+    weak.write_text("hunter2\n")
+    assert _serve_error(capsys, ["--folder", str(tmp_path / "f"), "--token-file", str(weak)]) == (
+        f"error: {weak}: the token is 7 characters long; use at least 16 (e.g. `openssl rand -hex 32`).")
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        assert _serve_error(capsys, ["--folder", str(tmp_path / "f"), "--port", str(port)]) == (
+            f"error: port {port} on 127.0.0.1 is in use; choose another with --port (0: any free port).")
+    assert _serve_error(capsys, ["--folder", str(tmp_path / "f"), "--port", "70000"]) == (
+        "error: --port must be in 0..65535, got 70000.")
+    # without --token-file the service made its own token, readable by its owner only
+    token = tmp_path / "f" / "token"
+    assert token.stat().st_mode & 0o777 == 0o600 and len(token.read_text().strip()) == 64
