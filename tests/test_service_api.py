@@ -14,6 +14,7 @@ import io
 import json
 import signal
 import sqlite3
+import threading
 import time
 import zipfile
 from pathlib import Path
@@ -587,10 +588,23 @@ def test_a_restarted_service_lists_every_task_and_marks_the_running_one_interrup
             wait_for(c, graceful, until=lambda t: t["status"] == "running" and t["round"] >= 3)
             b.note_children()
             assert b.seen_children, "the embedded chain runs in a process of its own"
+            followed: list[tuple] = []
+
+            def follow() -> None:
+                with b.client() as own:
+                    followed.extend(read_events(own, graceful))
+
+            follower = threading.Thread(target=follow, daemon=True)
+            follower.start()
+            time.sleep(1.0)
     finally:
         t0 = time.monotonic()
         assert b.stop(signal.SIGTERM) == 0
-        assert time.monotonic() - t0 < 30
+        assert time.monotonic() - t0 < 15  # an open event stream does not hold the stop up
+    follower.join(5)
+    assert not follower.is_alive() and followed[0][0] == "round"
+    assert followed[-1][0] == "end" and followed[-1][2]["status"] == "interrupted" or (
+        followed[-1][0] == "status" and followed[-1][2]["status"] == "stopping")
     c3 = ServiceProcess(folder, TOKEN).start()
     try:
         with c3.client() as c:

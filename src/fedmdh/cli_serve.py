@@ -73,7 +73,13 @@ def serve(
     url = f"http://{shown}:{port}/"
     app = create_app(folder, token, max_upload_bytes=int(max_upload_mb * 1e6), token_hint=str(token_path))
     config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=3, lifespan="on")
-    server = uvicorn.Server(config)
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame):  # Ctrl+C / SIGTERM: end event streams now, not after the grace period
+            app.state.begin_shutdown()
+            super().handle_exit(sig, frame)
+
+    server = Server(config)
     print(f"fedmdh service on {url} (folder {folder}; token in {token_path})", flush=True)
     print(f"sign in with the token, or open {url}login?token=<the token>; Ctrl+C stops it", flush=True)
     if host not in _LOOPBACK:

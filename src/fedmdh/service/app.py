@@ -14,6 +14,7 @@ import json
 import secrets
 import shutil
 import tempfile
+import threading
 import zipfile
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -59,6 +60,7 @@ DEFAULT_MAX_UPLOAD = 100_000_000
 #: a request carries at most this many times the per-file limit (checked on Content-Length, before reading)
 REQUEST_FILES_FACTOR = 10
 KEEPALIVE_S = 15.0
+POLL_S = 0.5  # how often an idle event stream looks whether the service is stopping
 _SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
 _CSP = ("default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data: blob:; "
         "connect-src 'self'; font-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'; "
@@ -119,6 +121,14 @@ def create_app(
         redoc_url=None,
     )
     app.state.store, app.state.runner, app.state.folder = store, runner, folder
+    closing = threading.Event()
+
+    def begin_shutdown() -> None:
+        """The server is stopping: end the event streams and stop the task in flight at its next round."""
+        closing.set()
+        runner.stop_event.set()
+
+    app.state.begin_shutdown = begin_shutdown
     app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
 
     # ------------------------------------------------------------------ errors
@@ -442,14 +452,21 @@ def create_app(
                 if row.status in FINAL:
                     yield sse("end", status)
                     return
+                idle = 0.0
                 while True:
                     try:
-                        event, data = await asyncio.wait_for(queue.get(), KEEPALIVE_S)
+                        event, data = await asyncio.wait_for(queue.get(), POLL_S)
                     except asyncio.TimeoutError:
-                        if await request.is_disconnected():
-                            return
-                        yield ": keep-alive\n\n"
-                        continue
+                        if closing.is_set():
+                            event, data = "shutdown", {}
+                        else:
+                            idle += POLL_S
+                            if idle >= KEEPALIVE_S:
+                                idle = 0.0
+                                if await request.is_disconnected():
+                                    return
+                                yield ": keep-alive\n\n"
+                            continue
                     if event == "shutdown":
                         yield sse("status", {**status, "status": "stopping"})
                         return
