@@ -51,13 +51,14 @@ def alive(pid: int) -> bool:
 class ServiceProcess:
     """``fedmdh serve`` on a folder, as a child process of the tests."""
 
-    def __init__(self, folder: Path, token: str, *extra: str) -> None:
+    def __init__(self, folder: Path, token: str, *extra: str, env: dict[str, str] | None = None) -> None:
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.token_file = self.folder.parent / f"{self.folder.name}.token"
         self.token_file.write_text(token + "\n", encoding="utf-8")
         self.token = token
         self.extra = extra
+        self.env = env or {}
         self.proc: subprocess.Popen | None = None
         self.lines: list[str] = []
         self.url = ""
@@ -75,7 +76,7 @@ class ServiceProcess:
                "--folder", str(self.folder), "--token-file", str(self.token_file), *self.extra]
         self.lines = []
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                     text=True, env={**os.environ, "PYTHONUNBUFFERED": "1", **self.env})
         got = threading.Event()
 
         def drain() -> None:  # read every line, so the service never blocks on a full pipe

@@ -84,11 +84,22 @@ def cli_error(capsys, args: list[str]) -> str:
 # ---------------------------------------------------------------------------------------------- fixtures
 
 
+def opener(folder: Path) -> tuple[dict[str, str], Path]:
+    """A $BROWSER for Python's webbrowser module that writes the address it is asked to open to a file."""
+    script, record = folder / "open-browser", folder / "opened.txt"
+    script.write_text(f"#!/bin/sh\necho \"$1\" >> {record}\n")
+    script.chmod(0o755)
+    return {"BROWSER": str(script)}, record
+
+
 @pytest.fixture(scope="module")
 def service(tmp_path_factory):
-    svc = ServiceProcess(tmp_path_factory.mktemp("service-api") / "service", TOKEN, "--max-upload-mb", "5").start()
+    base = tmp_path_factory.mktemp("service-api")
+    env, opened = opener(base)
+    svc = ServiceProcess(base / "service", TOKEN, "--max-upload-mb", "5", env=env).start()
     yield svc
     assert svc.stop() == 0
+    assert not opened.exists(), "fedmdh serve opened a browser without --open"
 
 
 @pytest.fixture(scope="module")
@@ -143,6 +154,18 @@ def test_service_prints_its_loopback_address_and_keeps_a_database(service):
     db = service.folder / "tasks.sqlite3"
     with sqlite3.connect(db) as con:
         assert {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")} >= {"tasks", "rounds"}
+
+
+def test_open_opens_the_signed_in_page(tmp_path):
+    env, opened = opener(tmp_path)
+    svc = ServiceProcess(tmp_path / "service", TOKEN, "--open", env=env).start()
+    try:
+        deadline = time.monotonic() + 30
+        while not opened.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert opened.read_text().split() == [f"{svc.url}login?token={TOKEN}"]
+    finally:
+        assert svc.stop() == 0
 
 
 # ---------------------------------------------------------------------------------------------- auth
