@@ -196,6 +196,9 @@ def test_sign_in_sets_a_session_cookie_that_refuses_other_sites(service):
         assert c.post("/login", data={"token": "not-the-token", "next": "/"}).status_code == 401
         ok = c.post("/login", data={"token": TOKEN, "next": "//elsewhere.example/"})
         assert ok.status_code == 303 and ok.headers["location"] == "/"  # no open redirect
+        for away in ("/\\elsewhere.example", "https://elsewhere.example/"):
+            assert c.post("/login", data={"token": TOKEN, "next": away}).headers["location"] == "/"
+        assert c.post("/login", data={"token": TOKEN, "next": "/tasks/abc"}).headers["location"] == "/tasks/abc"
         cookie = ok.headers["set-cookie"]
         assert "HttpOnly" in cookie and "SameSite=strict" in cookie and TOKEN not in cookie
         assert c.get("/api/tasks").status_code == 200

@@ -242,10 +242,12 @@ def create_app(
         if length is None:
             raise Problem(411, "send the request with a Content-Length header.")
         limit = max_upload_bytes * REQUEST_FILES_FACTOR
-        if not length.isdigit() or int(length) > limit:
-            raise Problem(413, f"the request is {int(length) / 1e6 if length.isdigit() else 0:.1f} MB, over the "
-                               f"service's limit of {limit / 1e6:g} MB per request; send smaller files or start "
-                               "the service with a larger --max-upload-mb.")
+        if not length.isdigit():
+            raise Problem(400, f"the Content-Length header {length!r} is not a number of bytes.")
+        if int(length) > limit:
+            raise Problem(413, f"the request is {int(length) / 1e6:.1f} MB, over the service's limit of "
+                               f"{limit / 1e6:g} MB per request; send smaller files or start the service with a "
+                               "larger --max-upload-mb.")
 
     async def read_form(request: Request):
         check_length(request)
@@ -274,7 +276,8 @@ def create_app(
         return page(request, "task.html", task_id=task_id)
 
     def _next(value: str | None) -> str:
-        return value if value and value.startswith("/") and not value.startswith("//") else "/"
+        # only a path of this service: "//host" and "/\\host" would leave it
+        return value if value and value.startswith("/") and not value.startswith("//") and "\\" not in value else "/"
 
     def _signed_in_redirect(target: str) -> RedirectResponse:
         resp = RedirectResponse(target, status_code=303)
