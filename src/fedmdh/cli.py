@@ -401,6 +401,11 @@ app.add_typer(_node_app, name="node")
 app.add_typer(_deploy_app, name="deploy")
 
 
+from fedmdh.cli_serve import serve as _serve  # noqa: E402
+
+app.command(name="serve")(_serve)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the app, turning user errors into one line and exit status 2."""
     warnings.filterwarnings("ignore", module=r"matminer\..*")
