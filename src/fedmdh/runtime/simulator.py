@@ -23,6 +23,7 @@ import torch
 
 from fedmdh.algorithms.base import Algorithm, FederationSpec, Params, Payload, Update
 from fedmdh.data.federation import InstitutionData, PreparedFederation
+from fedmdh.errors import TrainingDiverged
 from fedmdh.metrics import regression_metrics
 from fedmdh.seeding import rng_for
 
@@ -31,6 +32,14 @@ POOLED_NAME = "__pooled__"
 #: Called after each round's aggregation with (round, updates ordered by institution, aggregate);
 #: returns the aggregate the round finalized (a ledger returns the one its quorum agreed on).
 RoundHook = Callable[[int, Sequence[Update], Payload], Payload]
+
+#: Called whenever the kept models improve, with (round, each institution's params): e.g. to save
+#: them as the run goes, so that an interrupted run keeps the best models it had.
+BestHook = Callable[[int, dict[str, Params]], None]
+
+#: A mean training loss above this (in standardised units, where predicting the mean scores about 1)
+#: means the optimisation has blown up even if every number is still finite.
+DIVERGED_LOSS = 1e10
 
 
 @dataclass
@@ -103,6 +112,7 @@ def simulate(
     seed: int = 0,
     on_round: Callable[[RoundRecord], None] | None = None,
     round_hook: RoundHook | None = None,
+    on_best: BestHook | None = None,
 ) -> RunResult:
     """Train ``algorithm`` on ``fed`` for ``rounds`` rounds in this process.
 
@@ -121,13 +131,22 @@ def simulate(
     round_hook:
         Called with each round's updates and aggregate before they are used (e.g. to commit them
         to a ledger); the aggregate it returns is the one the institutions continue from.
+    on_best:
+        Called with ``(round, models)`` each time the kept models change (the models of that round).
+
+    Raises
+    ------
+    TrainingDiverged
+        A loss, an aggregate or a prediction became NaN, infinite or absurdly large; raised before
+        the round's aggregate reaches ``round_hook`` and before the round is recorded, so every
+        callback has seen only the rounds before it.
     """
     if rounds < 1:
         raise ValueError(f"rounds must be >= 1, got {rounds}.")
     threads = torch.get_num_threads()
     torch.set_num_threads(_simulation_threads())
     try:
-        return _simulate(fed, algorithm, rounds, seed, on_round, round_hook)
+        return _simulate(fed, algorithm, rounds, seed, on_round, round_hook, on_best)
     finally:
         torch.set_num_threads(threads)
 
@@ -152,6 +171,7 @@ def _simulate(
     seed: int,
     on_round: Callable[[RoundRecord], None] | None,
     round_hook: RoundHook | None,
+    on_best: BestHook | None = None,
 ) -> RunResult:
     t_start = time.perf_counter()
     spec = FederationSpec.from_federation(fed)
@@ -188,12 +208,16 @@ def _simulate(
     for r in range(1, rounds + 1):
         t0 = time.perf_counter()
         updates = []
-        for name in sorted(trainers):
-            upd, clients[name] = algorithm.client_update(
-                server, clients[name], trainers[name], rng_for(seed, "round", r, name)
-            )
-            updates.append(upd)
-        server = algorithm.aggregate(server, updates)
+        try:
+            for name in sorted(trainers):
+                upd, clients[name] = algorithm.client_update(
+                    server, clients[name], trainers[name], rng_for(seed, "round", r, name)
+                )
+                updates.append(upd)
+            server = algorithm.aggregate(server, updates)
+        except np.linalg.LinAlgError as exc:  # e.g. an SVD of NaN weights
+            raise TrainingDiverged(r, float("nan"), f"numerical failure: {exc}") from None
+        _check_diverged(r, updates, server)
         if round_hook is not None:
             server = round_hook(r, sorted(updates, key=lambda u: u.institution), server)
 
@@ -225,11 +249,17 @@ def _simulate(
             bytes_up=sum(u.nbytes() for u in updates),
             seconds=time.perf_counter() - t0,
         )
+        bad = next((v for v in (record.train_loss, val_mse if val_total else 0.0, record.rmse) if not np.isfinite(v)),
+                   None)
+        if bad is not None:  # e.g. finite weights whose predictions overflow
+            raise TrainingDiverged(r, bad)
         history.append(record)
         # select on validation only; without validation rows the last round is kept
         if not val_total or val_mse < best_val:
             best_val, best_round, best_models, best_preds = val_mse, r, models, preds
             best_per = per
+            if on_best is not None:
+                on_best(r, models)
         if on_round is not None:
             on_round(record)
     return RunResult(
@@ -243,6 +273,18 @@ def _simulate(
         predictions=best_preds,
         seconds=time.perf_counter() - t_start,
     )
+
+
+def _check_diverged(r: int, updates: Sequence[Update], server: Payload) -> None:
+    """Raise :class:`TrainingDiverged` when round ``r``'s losses or aggregate are not usable numbers."""
+    n = sum(u.num_examples for u in updates)
+    loss = float(sum(u.metrics.get("loss", 0.0) * u.num_examples for u in updates) / max(n, 1))
+    if not np.isfinite(loss) or loss > DIVERGED_LOSS:
+        raise TrainingDiverged(r, loss)
+    for key, value in server.items():
+        a = np.asarray(value)
+        if a.dtype.kind in "fc" and not np.isfinite(a).all():
+            raise TrainingDiverged(r, float("nan"), f"the aggregate's {key!r} holds {a[~np.isfinite(a)].flat[0]}")
 
 
 def _with_steps(algorithm: Algorithm, steps: int) -> Algorithm:
