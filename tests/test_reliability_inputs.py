@@ -280,6 +280,7 @@ def test_an_unreadable_input_file_is_one_line(fed, tmp_path, capsys, monkeypatch
         ("A", lambda f: f.assign(b=1e200 * (2 + f["b"].abs())), "column 'b' holds values too large"),
         ("T", lambda f: f.assign(a=f["a"].where(f.index != 0, -1e308)), "column 'a' holds values too large"),
     ],
+    ids=["feature-1e308", "target-1e308", "column-of-1e200", "test-set-minus-1e308"],
 )
 def test_values_that_overflow_standardisation_name_the_file_and_column(fed, tmp_path, capsys, which, make, expected):
     _write(Path(fed[which]), make(pd.read_csv(fed[which])))
@@ -419,6 +420,9 @@ def test_a_test_set_lacking_columns_is_found_before_any_progress(fed, tmp_path, 
         ("[training]\nlr = 0.1", "unknown [training] setting 'lr'"),
         ("[algorithm]\nfedavg = 3", "[algorithm.fedavg] must be a table"),
     ],
+    ids=["rounds-ten", "rounds-2.7", "val_fraction-string", "hidden-string", "local_steps-2.5", "local_steps-1e9",
+         "local_steps-10^9", "training-5", "lr-fast", "institutions-string", "training-unknown-key",
+         "algorithm-not-a-table"],
 )
 def test_config_values_of_the_wrong_type_are_one_line(fed, tmp_path, capsys, toml, expected):
     cfg = tmp_path / "bad.toml"
