@@ -39,7 +39,7 @@ $(ANVIL_STAMP):
 anvil: $(ANVIL_STAMP)
 
 demo: install
-	$(BIN)/fedmdh demo --out $(DEMO_OUT) $(if $(DATA_DIR),--data-dir $(DATA_DIR),)
+	$(BIN)/fedmdh demo --overwrite --out $(DEMO_OUT) $(if $(DATA_DIR),--data-dir $(DATA_DIR),)
 
 test: install $(if $(FEDMDH_ANVIL),,anvil)
 	FEDMDH_ANVIL="$(or $(FEDMDH_ANVIL),$$(ls $(TOOLS)/node_modules/@foundry-rs/anvil-*/bin/anvil | head -n 1))" \
