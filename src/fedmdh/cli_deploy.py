@@ -242,6 +242,32 @@ SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Seed [default: 0
 AlgorithmOpt = Annotated[str, typer.Option("--algorithm", help="Algorithm to train.")]
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", help="TOML file with the task's settings.")]
 WaitOpt = Annotated[float, typer.Option("--wait", help="Seconds to wait for nodes and for each round's steps.")]
+QuorumOpt = Annotated[Optional[int], typer.Option(
+    "--quorum", help="Commitments a round needs to close without every institution [default: a majority].")]
+
+
+def _timeout_opt(default: float):
+    return Annotated[float, typer.Option(
+        "--round-timeout", help=f"Seconds a round waits for a silent institution before it closes with a quorum "
+                                f"(0: wait for every institution) [default: {default:g}].")]
+
+
+def _follow(superlink: str, root_certificates: Path, task, rounds: int) -> None:
+    """Submit ``task`` to the SuperLink and show its progress until it ends."""
+    import tempfile
+
+    from fedmdh.deploy.flower import submit, write_connection
+
+    with tempfile.TemporaryDirectory(prefix="fedmdh-flwr-") as home:
+        write_connection(home, superlink, root_certificates)
+        progress = _Progress(rounds, task.algorithm)
+        try:
+            for event in submit(home, task.to_json()):
+                progress(event)
+                if event.get("event") == "failed":
+                    raise InputError(f"the task failed: {event.get('message')}")
+        finally:
+            progress.close()
 
 
 @deploy_app.command("run")
@@ -259,27 +285,54 @@ def deploy_run(
     keystore: Annotated[Optional[Path], typer.Option(
         "--keystore", help="The coordinator's keystore (its relay key) [default: ~/.fedmdh/keystore].")] = None,
     wait: WaitOpt = 600.0,
+    quorum: QuorumOpt = None,
+    round_timeout: _timeout_opt(300.0) = 300.0,
 ) -> None:
     """Submit a task to a running SuperLink and follow it to its end."""
-    import tempfile
-
-    from fedmdh.deploy.flower import submit, write_connection
     from fedmdh.runtime.coordinator import DeployTask
 
     _check_out(out)
     experiment = _experiment(config, target, algorithm, rounds, seed)
     task = DeployTask(secrets.token_hex(6), experiment, nodes, chain_rpc, str(out.resolve()),
-                      keystore=str(keystore.resolve()) if keystore else None, wait_s=wait)
-    with tempfile.TemporaryDirectory(prefix="fedmdh-flwr-") as home:
-        write_connection(home, superlink, root_certificates)
-        progress = _Progress(int(experiment["rounds"]), algorithm)
-        try:
-            for event in submit(home, task.to_json()):
-                progress(event)
-                if event.get("event") == "failed":
-                    raise InputError(f"the task failed: {event.get('message')}")
-        finally:
-            progress.close()
+                      keystore=str(keystore.resolve()) if keystore else None, wait_s=wait, quorum=quorum,
+                      round_timeout=round_timeout)
+    task.config()
+    _follow(superlink, root_certificates, task, int(experiment["rounds"]))
+    _print_final(out)
+
+
+@deploy_app.command("resume")
+def deploy_resume(
+    superlink: SuperlinkOpt,
+    root_certificates: CaOpt,
+    out: Annotated[Path, typer.Option("--out", help="The task's run record folder (a copy, on a new coordinator).")],
+    task_id: Annotated[Optional[str], typer.Option("--task", help="The task's id (checked against the record).")] = None,
+    chain_rpc: Annotated[Optional[str], typer.Option(
+        "--chain-rpc", help="JSON-RPC URL of the chain (default: the one the task was started with).")] = None,
+    keystore: Annotated[Optional[Path], typer.Option(
+        "--keystore", help="This coordinator's keystore (its relay key) (default: ~/.fedmdh/keystore).")] = None,
+    wait: Annotated[Optional[float], typer.Option(
+        "--wait", help="Seconds to wait for nodes and for each round's steps (default: the task's).")] = None,
+) -> None:
+    """Continue a deployed task from its last finalized round (after the coordinator was lost, or the task
+    stopped short of a quorum): any institution can run it, with a SuperLink of its own."""
+    from dataclasses import replace
+
+    from fedmdh.runtime.coordinator import TASK_FILE, DeployTask
+
+    record = out / TASK_FILE
+    if not record.is_file():
+        raise InputError(f"--out {out}: no {TASK_FILE} here; give the run record folder of a deployed task.")
+    try:
+        task = DeployTask.from_json(json.loads(record.read_text(encoding="utf-8")))
+    except (ValueError, KeyError, TypeError) as exc:
+        raise InputError(f"{record}: not a deployed task record ({exc}).") from None
+    if task_id is not None and task_id != task.task_id:
+        raise InputError(f"--task {task_id}: {out} records task {task.task_id}.")
+    task = replace(task, resume=True, out_dir=str(out.resolve()), chain_rpc=chain_rpc or task.chain_rpc,
+                   keystore=str(keystore.resolve()) if keystore else task.keystore,
+                   wait_s=wait if wait is not None else task.wait_s)
+    _follow(superlink, root_certificates, task, int(task.experiment["rounds"]))
     _print_final(out)
 
 
@@ -295,13 +348,20 @@ def deploy_local(
     config: ConfigOpt = None,
     exclude: ExcludeOpt = None,
     wait: WaitOpt = 600.0,
+    quorum: QuorumOpt = None,
+    round_timeout: _timeout_opt(30.0) = 30.0,
+    fault: Annotated[Optional[list[str]], typer.Option(
+        "--fault", help="Rehearse a failure (repeatable): coordinator@R (kill -9 the SuperLink and ServerApp before "
+                        "round R, then resume with a new one), node:NAME@R1-R2 (kill NAME's node before round R1, "
+                        "start it again before R2; node:NAME@R1: it stays down), chain@R (restart the chain node "
+                        "from its state file).")] = None,
 ) -> None:
     """Try a deployment on this machine: a chain, a SuperLink and one node per institution, as real processes.
 
     Every process is stopped at the end, also on Ctrl-C or error.
     """
     from fedmdh.data.io import unique_names
-    from fedmdh.deploy.local import run_task, start_local
+    from fedmdh.deploy.local import Fault, run_task, start_local
     from fedmdh.deploy.processes import Services
     from fedmdh.runtime.coordinator import DeployTask
     from fedmdh.runtime.node import check_name
@@ -314,6 +374,14 @@ def deploy_local(
             raise InputError(f"{p}: file not found; check the path.")
     names = [check_name(n) for n in unique_names(institutions)]
     experiment = _experiment(config, target, algorithm, rounds, seed)
+    faults = [Fault.parse(f) for f in fault or ()]
+    for f in faults:
+        if f.kind == "node" and f.name not in names:
+            raise InputError(f"--fault node:{f.name}@...: no institution {f.name!r} here (they are {', '.join(names)}).")
+        if max(f.rounds()) > int(experiment["rounds"]):
+            raise InputError(f"--fault {f.kind}@{f.at}: the task has only {experiment['rounds']} rounds.")
+        if f.at < 2:
+            raise InputError(f"--fault {f.kind}@{f.at}: faults strike before round 2 or later (round 1 sets up).")
     out = out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     say = (lambda line: err_console.print(line, highlight=False, markup=False))
@@ -321,10 +389,12 @@ def deploy_local(
         dep = start_local(out, dict(zip(names, (p.resolve() for p in institutions))), target,
                           test.resolve() if test else None, services, exclude=tuple(exclude or ()), say=say)
         task = DeployTask(secrets.token_hex(6), experiment, len(names), dep.chain_url, str(out),
-                          keystore=str(out / "deploy" / "keystore"), wait_s=wait)
+                          keystore=str(out / "deploy" / "keystore"), wait_s=wait, quorum=quorum,
+                          round_timeout=round_timeout)
+        task.config()
         progress = _Progress(int(experiment["rounds"]), algorithm)
         try:
-            run_task(dep, task.to_json(), on_event=progress)
+            run_task(dep, task.to_json(), on_event=progress, faults=faults, say=say)
         finally:
             progress.close()
         from fedmdh.ledger.audit import verify

@@ -51,6 +51,45 @@ class Deployment:
     node_args: dict[str, list[str]] = field(default_factory=dict)
     link: Service | None = None
     chain: Service | None = None
+    link_port: int = 0
+    chain_port: int = 0
+    link_db: Path | None = None
+    links_started: int = 0
+
+    def start_link(self) -> Service:
+        """A SuperLink on the deployment's port with a database of its own (a new one at every start),
+        with every institution's node key registered."""
+        self.links_started += 1
+        self.link_db = self.folder / "deploy" / f"superlink-{self.links_started}.db"
+        env = flower_env(self.flwr_home, self.env)
+        svc = self.services.start(f"superlink-{self.links_started}", superlink_argv(
+            self.certs, self.link_port, self.link_db), env=env)
+        wait_until(lambda: port_open(self.link_port), svc, "the SuperLink", timeout=60)
+        for name in self.node_args:
+            register_node(self.flwr_home, self.certs.node_pub(name), name)
+        self.link = svc
+        return svc
+
+    def kill_coordinator(self) -> None:
+        """Kill -9 the SuperLink and every ServerApp process it started (a coordinator machine lost)."""
+        if self.link is not None:
+            self.link.kill()
+            if self.link in self.services.started:
+                self.services.started.remove(self.link)
+            self.link = None
+        for pid in _processes_with_env("FLWR_HOME", str(self.flwr_home)):
+            try:
+                os.kill(pid, 9)
+            except ProcessLookupError:
+                pass
+
+    def restart_chain(self) -> Service:
+        """Stop the chain node (it writes its state file) and start it again on the same port from it."""
+        assert self.chain is not None
+        self.services.stop(self.chain)
+        self.chain, _ = start_anvil(self.services, port=self.chain_port,
+                                    state_file=self.folder / "deploy" / "chain-state.json")
+        return self.chain
 
     def node_state(self, name: str) -> Path:
         return self.folder / "nodes" / name
@@ -99,29 +138,127 @@ def start_local(folder: str | Path, institutions: Mapping[str, Path], target: st
     superlink = f"127.0.0.1:{port}"
     flwr_home = deploy / "flwr"
     write_connection(flwr_home, superlink, certs.ca)
-    link_env = flower_env(flwr_home, env)
-    link = services.start("superlink", superlink_argv(certs, port, deploy / "superlink.db"), env=link_env)
-    wait_until(lambda: port_open(port), link, "the SuperLink", timeout=60)
-    say(f"SuperLink at {superlink} (TLS, SuperNode authentication), pid {link.pid}")
-    dep = Deployment(folder, services, chain_url, superlink, flwr_home, certs, env, link=link, chain=chain)
-    for name in institutions:
-        node_id = register_node(flwr_home, certs.node_pub(name), name)
-        say(f"registered {name}'s key (node id {node_id})")
+    dep = Deployment(folder, services, chain_url, superlink, flwr_home, certs, env, chain=chain, link_port=port,
+                     chain_port=int(chain_url.rsplit(":", 1)[1]))
     for name, path in institutions.items():
         dep.node_args[name] = _node_argv(name, Path(path), test, target, exclude, superlink, certs,
                                          dep.node_state(name), chain_url)
+    link = dep.start_link()
+    say(f"SuperLink at {superlink} (TLS, SuperNode authentication, every node's key registered), pid {link.pid}")
     for name in institutions:
         svc = dep.start_node(name)
         say(f"node {name} running, pid {svc.pid}")
     return dep
 
 
+@dataclass(frozen=True)
+class Fault:
+    """A rehearsed failure: ``kind`` (``coordinator``, ``node``, ``chain``), the institution of a node
+    fault, the round before whose messages it strikes, and for a node the round before which it
+    comes back (``None``: it stays down)."""
+
+    kind: str
+    at: int
+    name: str | None = None
+    until: int | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> "Fault":
+        """``coordinator@R``, ``chain@R``, ``node:NAME@R1-R2`` or ``node:NAME@R1`` (stays down)."""
+        import re
+
+        m = re.fullmatch(r"(coordinator|chain)@(\d+)|node:([A-Za-z0-9][A-Za-z0-9_.-]*)@(\d+)(?:-(\d+))?", text.strip())
+        if not m:
+            raise InputError(f"--fault {text!r}: give coordinator@R, chain@R, node:NAME@R1-R2 or node:NAME@R1 "
+                             "(R: the round before whose messages the fault strikes).")
+        if m.group(1):
+            return cls(m.group(1), int(m.group(2)))
+        until = int(m.group(5)) if m.group(5) else None
+        if until is not None and until <= int(m.group(4)):
+            raise InputError(f"--fault {text!r}: a node comes back after it went down (R2 > R1).")
+        return cls("node", int(m.group(4)), m.group(3), until)
+
+    def rounds(self) -> list[int]:
+        return [self.at] + ([self.until] if self.until is not None else [])
+
+
+#: seconds the coordinator pauses before a round where a rehearsed fault strikes
+FAULT_PAUSE_S = 3.0
+
+
+def with_faults(task_json: Mapping[str, Any], faults: Sequence[Fault]) -> dict[str, Any]:
+    """The task with a pause before every round where a fault strikes (or a node comes back)."""
+    pauses = {str(r): FAULT_PAUSE_S for f in faults for r in f.rounds()}
+    return {**dict(task_json), "pause_before": {**dict(task_json.get("pause_before") or {}), **pauses}}
+
+
+def _processes_with_env(key: str, value: str) -> list[int]:
+    want = f"{key}={value}".encode()
+    out = []
+    for d in Path("/proc").glob("[0-9]*"):
+        try:
+            if want in (d / "environ").read_bytes().split(b"\0") and int(d.name) != os.getpid():
+                out.append(int(d.name))
+        except OSError:
+            continue
+    return out
+
+
 def run_task(dep: Deployment, task_json: Mapping[str, Any], on_event: Callable[[dict[str, Any]], None] | None = None,
-             on_line: Callable[[str], None] | None = None) -> dict[str, Any]:
+             on_line: Callable[[str], None] | None = None, faults: Sequence[Fault] = (),
+             say: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
     """Submit a task to the deployment's SuperLink and follow it to its end; returns the final event.
+
+    ``faults`` are rehearsed as the task runs (the coordinator pauses before their rounds): a node
+    is killed (-9) and started again later, the coordinator (the SuperLink and its ServerApp) is
+    killed and replaced by a new SuperLink with a new database and a new ServerApp that resumes the
+    task, or the chain node is stopped and started again from its state file.
 
     Raises :class:`~fedmdh.errors.InputError` with the coordinator's message when the task fails.
     """
+    task_json = with_faults(task_json, faults) if faults else dict(task_json)
+    pending = sorted(faults, key=lambda f: f.at)
+    while True:
+        killed = {"coordinator": False}
+
+        def strike(event: dict[str, Any]) -> None:
+            if on_event is not None:
+                on_event(event)
+            if event.get("event") != "pause":
+                return
+            rnd = int(event["round"])
+            for f in list(pending):
+                if f.kind == "node" and f.at == rnd and f.name in dep.nodes:
+                    dep.stop_node(f.name, kill=True)
+                    say(f"fault: killed the node of {f.name} (-9) before round {rnd}")
+                    if f.until is None:
+                        pending.remove(f)
+                elif f.kind == "node" and f.until == rnd and f.name not in dep.nodes:
+                    dep.start_node(f.name)
+                    say(f"fault: the node of {f.name} is back before round {rnd}")
+                    pending.remove(f)
+                elif f.kind == "chain" and f.at == rnd:
+                    dep.restart_chain()
+                    say(f"fault: the chain node restarted from its state file before round {rnd}")
+                    pending.remove(f)
+            if any(f.kind == "coordinator" and f.at == rnd for f in pending):
+                pending[:] = [f for f in pending if not (f.kind == "coordinator" and f.at == rnd)]
+                killed["coordinator"] = True
+                dep.kill_coordinator()
+                say(f"fault: killed the coordinator (SuperLink and ServerApp, -9) before round {rnd}")
+
+        try:
+            return _follow(dep, task_json, strike, on_line)
+        except Exception:
+            if not killed["coordinator"]:
+                raise
+        dep.start_link()
+        say(f"a new coordinator: SuperLink pid {dep.link.pid} with a new database {dep.link_db.name}; resuming")
+        task_json = {**task_json, "resume": True}
+
+
+def _follow(dep: Deployment, task_json: Mapping[str, Any], on_event: Callable[[dict[str, Any]], None],
+            on_line: Callable[[str], None] | None) -> dict[str, Any]:
     last: dict[str, Any] = {}
     tail: list[str] = []
 
@@ -133,8 +270,7 @@ def run_task(dep: Deployment, task_json: Mapping[str, Any], on_event: Callable[[
 
     for event in submit(dep.flwr_home, task_json, on_line=keep):
         last = event
-        if on_event is not None:
-            on_event(event)
+        on_event(event)
         if event.get("event") == "failed":
             raise InputError(f"the task failed: {event.get('message')}")
     if last.get("event") != "finished":

@@ -2,8 +2,10 @@
 
 The service (:class:`~fedmdh.runtime.node.NodeService`) listens on a Unix socket in the node's
 state folder (mode 0600, HMAC-authenticated with a fresh key in ``node.authkey``, 0600); the
-SuperNode runs as a child process in its own process group and is stopped with the service. When
-everything listens, ``ready.json`` appears in the state folder.
+SuperNode runs as a child process in its own process group and is stopped with the service (the
+kernel kills it if the service dies). A SuperNode that loses its SuperLink after it was accepted is
+started again, so a node reconnects to a restarted or replaced coordinator on the same address.
+When everything listens, ``ready.json`` appears in the state folder.
 """
 
 from __future__ import annotations
@@ -48,9 +50,41 @@ def _serve(listener: Listener, service: NodeService, stop: threading.Event) -> N
                 log.warning("a message was lost in transit (%s)", exc)
 
 
+#: what flower-supernode logs once the SuperLink has accepted it
+ACCEPTED = "SuperNode ID:"
+#: seconds before a SuperNode that lost its SuperLink is started again (doubling while it is refused)
+RESTART_S = 2.0
+MAX_RESTART_S = 30.0
+
+
+def _start_supernode(services: Services, service: NodeService, superlink: str, root_certificates: str | Path,
+                     key: str | Path, port: int | None):
+    state = service.state_dir
+    log_file = state / "logs" / "supernode.log"
+    start = log_file.stat().st_size if log_file.is_file() else 0
+    argv = supernode_argv(superlink, root_certificates, key, state, port or free_port())
+    # the SuperNode goes with this process, whatever ends it
+    node = services.start("supernode", argv, env=flower_env(state / "flwr"), die_with_parent=True)
+    atomic_write_bytes(state / READY, json.dumps(
+        {"pid": os.getpid(), "supernode_pid": node.pid, "institution": service.name,
+         "address": service.address}).encode())
+    return node, start
+
+
+def _log_since(path: Path, offset: int) -> str:
+    try:
+        with path.open("rb") as fh:
+            fh.seek(offset)
+            return fh.read().decode("utf-8", errors="replace")
+    except OSError:
+        return ""
+
+
 def run_node(service: NodeService, superlink: str, root_certificates: str | Path, key: str | Path,
              port: int | None = None, stop: threading.Event | None = None) -> None:
-    """Serve until the SuperNode exits, ``stop`` is set, or Ctrl-C / SIGTERM."""
+    """Serve until ``stop`` is set, Ctrl-C / SIGTERM, or the SuperNode exits before the SuperLink ever
+    accepted it (a refused key, a wrong address). A SuperNode that had been accepted and exits (the
+    SuperLink went away, or a new one does not know its node id) is started again."""
     state = service.state_dir
     for p, what in ((Path(root_certificates), "--root-certificates"), (Path(key), "--key")):
         if not p.is_file():
@@ -72,19 +106,31 @@ def run_node(service: NodeService, superlink: str, root_certificates: str | Path
     thread.start()
     try:
         with Services(state / "logs") as services:
-            argv = supernode_argv(superlink, root_certificates, key, state, port or free_port())
-            node = services.start("supernode", argv, env=flower_env(state / "flwr"))
-            atomic_write_bytes(state / READY, json.dumps(
-                {"pid": os.getpid(), "supernode_pid": node.pid, "institution": service.name,
-                 "address": service.address}).encode())
-            while not stop.wait(0.5):
-                if not node.alive():
-                    log_text = node.log.read_text(encoding="utf-8", errors="replace")
-                    refused = node.proc.returncode == REFUSED or f"Exit Code: {REFUSED}" in log_text
+            accepted_once = False
+            delay = RESTART_S
+            while not stop.is_set():
+                node, start = _start_supernode(services, service, superlink, root_certificates, key, port)
+                while not stop.wait(0.5) and node.alive():
+                    pass
+                if stop.is_set():
+                    break
+                text = _log_since(node.log, start)
+                accepted = ACCEPTED in text
+                accepted_once = accepted_once or accepted
+                if node in services.started:
+                    services.started.remove(node)
+                if not accepted_once:
+                    refused = node.proc.returncode == REFUSED or f"Exit Code: {REFUSED}" in text
                     hint = (": the SuperLink refused its key (register the node's public key with the "
                             "coordinator)" if refused else "")
                     raise ServiceError(f"the SuperNode of {service.name} exited with status {node.proc.returncode}"
                                        f"{hint} (log {node.log}: {node.tail(3)})")
+                # it had been accepted: the coordinator went away (or was replaced by one with a new
+                # database, which does not know its node id yet); the node keeps its state and reconnects
+                delay = RESTART_S if accepted else min(2 * delay, MAX_RESTART_S)
+                log.warning("the SuperNode of %s lost the SuperLink (status %s); starting it again in %.0f s",
+                            service.name, node.proc.returncode, delay)
+                stop.wait(delay)
     finally:
         stop.set()
         listener.close()

@@ -113,13 +113,18 @@ class Services:
             signal.signal(signal.SIGTERM, self._old)
 
     def start(self, name: str, argv: Sequence[str], env: Mapping[str, str] | None = None,
-              cwd: str | Path | None = None) -> Service:
+              cwd: str | Path | None = None, die_with_parent: bool = False) -> Service:
+        """Start ``argv`` in a process group of its own, output to ``LOG_DIR/NAME.log``.
+
+        ``die_with_parent``: the kernel kills it when this process dies, even by SIGKILL (Linux).
+        """
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log = self.log_dir / f"{name}.log"
         fh = log.open("ab")
         try:
             proc = subprocess.Popen(list(argv), stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    env=dict(env) if env is not None else None, cwd=cwd, start_new_session=True)
+                                    env=dict(env) if env is not None else None, cwd=cwd, start_new_session=True,
+                                    preexec_fn=_die_with_parent if die_with_parent else None)
         except OSError as exc:
             raise ServiceError(f"cannot start {name} ({argv[0]}): {exc}") from None
         finally:
@@ -136,6 +141,16 @@ class Services:
     def stop_all(self) -> None:
         while self.started:
             self.started.pop().stop()
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: ask the kernel for SIGKILL when the parent dies (prctl PR_SET_PDEATHSIG)."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG = 1
+    except OSError:
+        pass
 
 
 def _main_thread() -> bool:

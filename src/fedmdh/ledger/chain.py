@@ -59,6 +59,11 @@ def receipt_logs(receipt: Any) -> list[dict[str, Any]]:
     ]
 
 
+#: retries of a JSON-RPC request a chain node did not answer, with backoff ``RPC_BACKOFF_S * 2**i`` (about 64 s)
+RPC_RETRIES = 8
+RPC_BACKOFF_S = 0.25
+
+
 class Chain:
     """A web3 connection plus local signing, nonces, fees and the transaction log.
 
@@ -145,6 +150,14 @@ class Chain:
             w3.eth.chain_id
         except Exception as exc:  # noqa: BLE001 - any transport error means the same to the user
             raise InputError(f"cannot reach the chain node at {url} ({type(exc).__name__}); start it or fix --chain-rpc.") from None
+        if isinstance(provider, Web3.HTTPProvider):
+            # once reached, ride out a restart of the chain node (about a minute of retries)
+            import requests
+            from web3.providers.rpc.utils import ExceptionRetryConfiguration
+
+            provider.exception_retry_configuration = ExceptionRetryConfiguration(
+                errors=(ConnectionError, requests.ConnectionError, requests.Timeout),
+                retries=RPC_RETRIES, backoff_factor=RPC_BACKOFF_S)
         return cls(w3, "rpc", url=url)
 
     # ------------------------------------------------------------ logging

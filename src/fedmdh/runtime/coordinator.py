@@ -49,6 +49,8 @@ Meta = dict[str, Any]
 Arrays = dict[str, np.ndarray]
 Message = tuple[Meta, Arrays]
 EMPTY = bytes(32)
+#: the deployed task as submitted, in the run record (read by ``fedmdh deploy resume``)
+TASK_FILE = "deploy_task.json"
 
 
 class TaskError(FedmdhError):
@@ -295,6 +297,9 @@ class Coordinator:
             return self._resume()
         self.out.mkdir(parents=True, exist_ok=True)
         self.ledger_dir.mkdir(parents=True, exist_ok=True)
+        # what `fedmdh deploy resume` needs to go on from this record
+        record = {k: v for k, v in self.task.to_json().items() if k not in ("resume", "pause_before")}
+        (self.out / TASK_FILE).write_text(json.dumps(record, indent=2), encoding="utf-8")
         return self._fresh()
 
     def _identify(self, cmd: dict[str, Any]) -> dict[str, Message]:
