@@ -22,6 +22,9 @@ from test_deploy import NAMES, _anvil_or_skip, _processes_under
 ROUNDS = 5
 #: seconds a round waits for a silent institution (short, for the tests; the CLI's default is longer)
 TIMEOUT_S = 15.0
+#: where every institution must make every round (a replaced coordinator: nodes reconnect, then train),
+#: a timeout no live node reaches on a loaded machine
+PATIENT_S = 90.0
 
 
 @pytest.fixture(scope="module")
@@ -44,9 +47,9 @@ def _config(perovskite, rounds: int = ROUNDS) -> ExperimentConfig:
                             seeds=1, rounds=rounds)
 
 
-def _task(dep, cfg, out: Path, task_id: str) -> DeployTask:
+def _task(dep, cfg, out: Path, task_id: str, timeout: float = TIMEOUT_S) -> DeployTask:
     return DeployTask(task_id, experiment_settings(cfg), 3, dep.chain_url, str(out),
-                      keystore=str(dep.folder / "deploy" / "keystore"), wait_s=120.0, round_timeout=TIMEOUT_S)
+                      keystore=str(dep.folder / "deploy" / "keystore"), wait_s=120.0, round_timeout=timeout)
 
 
 def _node_model(dep, name: str, task_id: str):
@@ -77,7 +80,7 @@ def test_coordinator_killed_at_round_2_a_new_one_resumes_with_the_same_models(de
     said = []
     # Execute: kill -9 the SuperLink and its ServerApp before round 2; a new SuperLink (new
     # process, new database) and a new ServerApp resume the task
-    last = run_task(deployment, _task(deployment, cfg, out, "coord5").to_json(),
+    last = run_task(deployment, _task(deployment, cfg, out, "coord5", PATIENT_S).to_json(),
                     faults=[Fault.parse("coordinator@2")], say=said.append)
     # Assert
     assert last["event"] == "finished"
@@ -151,8 +154,7 @@ def test_a_lost_quorum_stops_the_task_naming_the_missing_and_a_resume_completes_
         run_task(deployment, task.to_json(), faults=[Fault.parse(f"node:{n}@2") for n in gone])
     msg = str(exc.value)
     # Assert: it names them and says how to go on
-    assert "quorum" in msg and all(n in msg for n in gone) and "resume" in msg
-    assert NAMES[0] not in msg.split("quorum", 1)[1]
+    assert f"missing: {', '.join(gone)}." in msg and "the quorum is 2" in msg and "fedmdh deploy resume" in msg
     stopped = verify(out)
     assert stopped.ok, str(stopped)
     # they come back; a new coordinator resumes the task from the run record
