@@ -221,3 +221,32 @@ def test_secure_fedavg_matches_plain_fedavg_on_perovskite(group, perovskite_tabl
     _assert_same_scale(fed.scaler, plain_fed.scaler)
     assert abs(sec.final["r2"] - plain.final["r2"]) < 0.005
     assert sec.history[-1].bytes_up == sent > 10 * plain.history[-1].bytes_up
+
+
+def test_fedmdh_run_secure_refuses_an_uncovered_algorithm_and_a_ledger_in_one_line(perovskite, tmp_path):
+    import subprocess
+    import sys
+
+    base = [sys.executable, "-m", "fedmdh.cli", "run", "--institutions", *perovskite["institutions"],
+            "--test", perovskite["test"], "--target", "e_form", "--secure"]
+    for extra, expected in ((["--algorithm", "fedmdh", "--ledger", "off"], "fedmdh would still reveal"),
+                            (["--algorithm", "fedavg"], "give --ledger off with --secure")):
+        out = tmp_path / extra[1]
+        r = subprocess.run([*base, *extra, "--out", str(out)], capture_output=True, text=True, timeout=300)
+        assert r.returncode == 2, r.stderr
+        lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+        assert len(lines) == 1 and expected in lines[0], r.stderr
+        assert not out.exists()
+
+
+def test_make_test_builds_the_openfhe_interpreter_and_passes_it_to_pytest():
+    import subprocess
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    dry = subprocess.run(["make", "-n", "-B", "test", "FEDMDH_ANVIL=/bin/true", "PYTHON_FHE=/usr/bin/python3.10"],
+                         cwd=repo, capture_output=True, text=True)
+    assert dry.returncode == 0, dry.stderr
+    assert "/usr/bin/python3.10 -m venv .venv-fhe" in dry.stdout
+    assert '"openfhe==1.6.1.0.22.4"' in dry.stdout
+    assert "FEDMDH_OPENFHE_PYTHON=" in dry.stdout
