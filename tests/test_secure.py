@@ -250,3 +250,32 @@ def test_make_test_builds_the_openfhe_interpreter_and_passes_it_to_pytest():
     assert "/usr/bin/python3.10 -m venv .venv-fhe" in dry.stdout
     assert '"openfhe==1.6.1.0.22.4"' in dry.stdout
     assert "FEDMDH_OPENFHE_PYTHON=" in dry.stdout
+
+
+def test_any_peer_verifies_a_secure_sum_from_its_transcript(group):
+    from fedmdh.secure.threshold import EncryptedVector, ThresholdCKKS, verify_sum
+
+    # Prepare: a round's transcript (what a ledger would keep as blobs)
+    xs = _vectors(9_000, seed=5)
+    released = group.secure_sum(xs)
+    t = group.last
+    peer = ThresholdCKKS(group.scheme.context)  # another process, only the public context
+    try:
+        # Execute / Assert: the honest transcript verifies in another engine; its own fusion is within
+        # the bound but not the same bits (OpenFHE's CKKS decoding adds fresh noise)
+        verify_sum(peer, t.ciphertexts, t.total, t.partials, released)
+        again = peer.fuse(t.partials)
+        assert 0 < np.max(np.abs(again - released)) < 1e-7
+        # a released value off by 1e-6, a swapped ciphertext, a missing partial: each named
+        bumped = released.copy()
+        bumped[17] += 1e-6
+        with pytest.raises(ValueError, match="not the released sum"):
+            verify_sum(peer, t.ciphertexts, t.total, t.partials, bumped)
+        other = group.scheme.encrypt(group.public_key, xs["b"])
+        swapped = {**t.ciphertexts, "b": EncryptedVector(other.chunks, other.length)}
+        with pytest.raises(ValueError, match="not the claimed sum"):
+            verify_sum(peer, swapped, t.total, t.partials, released)
+        with pytest.raises(ValueError, match="partial decryptions from"):
+            verify_sum(peer, t.ciphertexts, t.total, t.partials[:2], released)
+    finally:
+        peer.close()

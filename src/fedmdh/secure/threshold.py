@@ -15,7 +15,10 @@ The flow for ``n`` institutions, in name order:
    arithmetic, so the serialised sum is the same bytes at every peer (a ledger can commit it);
 5. every party partially decrypts the sum with its share (:meth:`Party.partial_decrypt`, the
    first party "lead"); :meth:`ThresholdCKKS.fuse` combines all ``n`` partial decryptions. Fewer
-   than ``n`` give noise, not the sum (tested).
+   than ``n`` give noise, not the sum (tested). Fusion is *not* bit-reproducible: OpenFHE's CKKS
+   decoding adds fresh noise of the size of its error estimate (about 1e-9 here), so the released
+   sum is what must be committed, and a peer checks it against its own fusion within
+   :data:`VERIFY_ATOL` (:func:`verify_sum`).
 
 CKKS is approximate: the decrypted sum differs from the float64 sum by about 1e-9 in absolute
 terms (1e-9 with the default 59-bit scaling modulus, 1e-6 with 50 bits) (measured in ``tests/test_secure.py`` and
@@ -172,6 +175,38 @@ def joint_keygen(parties: Sequence[Party]) -> bytes:
     return key
 
 
+#: How far a released sum may lie from a peer's own fusion of the same partial decryptions.
+#: OpenFHE's CKKS decoding adds fresh Gaussian noise of about its error estimate (measured: two
+#: fusions of the same partial decryptions differ by about 1.6e-9), so fusion is not bit-reproducible.
+VERIFY_ATOL = 1e-7
+
+
+def verify_sum(scheme: ThresholdCKKS, ciphertexts: Mapping[str, EncryptedVector], total: EncryptedVector,
+               partials: Sequence[PartialDecryption], released: np.ndarray, atol: float = VERIFY_ATOL) -> None:
+    """Check a secure sum from what a ledger would hold, as any peer can: the committed ciphertexts
+    (by institution), their claimed sum, every party's partial decryption and the released values.
+
+    The sum of the ciphertexts in name order must be ``total`` byte for byte (OpenFHE's addition is
+    exact modular arithmetic; tested across processes); the partial decryptions must be one per
+    party; their fusion must be within ``atol`` of ``released`` (decoding is randomised, see
+    :data:`VERIFY_ATOL`, so the released bits themselves are what a ledger must commit). Raises
+    ``ValueError`` naming what differs. It cannot tell a wrong partial decryption from a right one
+    (no proofs; see docs/security.md).
+    """
+    recomputed = scheme.add([ciphertexts[n] for n in sorted(ciphertexts)])
+    if recomputed.digest() != total.digest():
+        raise ValueError("the sum of the committed ciphertexts is not the claimed sum.")
+    names = sorted(p.party for p in partials)
+    if names != sorted(ciphertexts):
+        raise ValueError(f"partial decryptions from {names}, ciphertexts from {sorted(ciphertexts)}.")
+    fused = scheme.fuse(partials)
+    released = np.asarray(released, dtype=np.float64)
+    if fused.shape != released.shape or not np.all(np.abs(fused - released) <= atol):
+        worst = float(np.max(np.abs(fused - released))) if fused.shape == released.shape else float("nan")
+        raise ValueError(f"the fusion of the partial decryptions is not the released sum (off by {worst:.3g}, "
+                         f"allowed {atol:g}).")
+
+
 def joint_decrypt(scheme: ThresholdCKKS, parties: Sequence[Party], vector: EncryptedVector) -> np.ndarray:
     """Every party's partial decryption (the first one lead), fused."""
     return scheme.fuse([p.partial_decrypt(vector, i == 0) for i, p in enumerate(parties)])
@@ -184,6 +219,7 @@ class SumTranscript:
     ciphertexts: dict[str, EncryptedVector]
     total: EncryptedVector
     partials: list[PartialDecryption]
+    released: np.ndarray
 
     @property
     def bytes_up(self) -> int:
@@ -213,8 +249,9 @@ class ThresholdGroup:
         cts = {n: self.scheme.encrypt(self.public_key, vectors[n]) for n in names}
         total = self.scheme.add([cts[n] for n in names])
         partials = [p.partial_decrypt(total, i == 0) for i, p in enumerate(self.parties)]
-        self.last = SumTranscript(cts, total, partials)
-        return self.scheme.fuse(partials)
+        released = self.scheme.fuse(partials)
+        self.last = SumTranscript(cts, total, partials, released)
+        return released
 
     __call__ = secure_sum  # a ThresholdGroup is a SecureSum
 
