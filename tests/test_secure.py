@@ -52,7 +52,7 @@ def test_uncovered_algorithms_are_refused_in_one_line_naming_what_they_reveal(na
     # Assert
     msg = str(exc.value)
     assert "\n" not in msg
-    assert msg.startswith("--secure covers fedavg, fedprox only;")
+    assert msg.startswith("--secure covers fedavg, fedprox, fedgan only;")
     assert f"{name} would still reveal {NOT_COVERED[name]}" in msg
 
 
@@ -82,7 +82,7 @@ def test_secure_aggregate_is_the_weighted_mean_of_the_sum_it_is_given():
         return np.sum([vectors[n] for n in sorted(vectors)], axis=0)
 
     # Execute
-    out = secure_aggregate(make_algorithm("fedavg"), ups, plain_sum)
+    out = secure_aggregate(make_algorithm("fedavg"), {}, ups, plain_sum)
     # Assert: closed form (w_a * 1 + w_b * 2 + w_c * 3) / 6, and each institution sent n_i * w_i only
     by = {u.institution: u for u in ups}
     for key in ("w", "b"):
@@ -95,6 +95,36 @@ def test_secure_aggregate_is_the_weighted_mean_of_the_sum_it_is_given():
     ref = weighted_average([(u.payload, u.num_examples) for u in sorted(ups, key=lambda u: u.institution)])
     for key in ref:
         np.testing.assert_allclose(out[key], ref[key], rtol=1e-6, atol=1e-7)
+
+
+def test_secure_fedgan_aggregate_is_its_plain_aggregate(perovskite_fed):
+    from fedmdh.runtime.protocol import ClientSlot, aggregate_rng, client_rng, initial_state
+    from fedmdh.algorithms.base import FederationSpec
+
+    # Prepare: one real FedGAN round's updates on the perovskite split
+    algo = make_algorithm("fedgan")
+    spec = FederationSpec.from_federation(perovskite_fed)
+    server = initial_state(algo, spec, 0)
+    ups = []
+    for d in sorted(perovskite_fed.institutions, key=lambda d: d.name):
+        upd, _ = algo.client_update(server, ClientSlot(algo, spec, d, 0).get(), d, client_rng(0, 1, d.name), 1)
+        ups.append(upd)
+    sent = {}
+
+    def plain_sum(vectors):
+        sent.update(vectors)
+        return np.sum([vectors[n] for n in sorted(vectors)], axis=0)
+
+    # Execute
+    ref = algo.aggregate(server, ups, aggregate_rng(0, 1), 1)
+    out = secure_aggregate(algo, server, ups, plain_sum)
+    # Assert: the same keys and values; each institution sent n_i-weighted sums only
+    assert sorted(out) == sorted(ref)
+    for key in ref:
+        np.testing.assert_allclose(out[key], ref[key], rtol=1e-5, atol=1e-6, err_msg=key)
+    u = ups[0]
+    mu, var = u.payload["label_stats"]
+    np.testing.assert_allclose(sent[u.institution][-2:], [u.num_examples * mu, u.num_examples * (var + mu * mu)])
 
 
 def test_secure_setup_through_a_plain_sum_gives_the_plain_scaler(perovskite_tables):

@@ -236,7 +236,7 @@ def run(
     no_rkd: NoRkdOpt = False,
     overwrite: OverwriteOpt = False,
     secure: Annotated[bool, typer.Option("--secure", help="Pool setup statistics and weighted parameter sums "
-                                         "under threshold CKKS (fedavg, fedprox; needs --ledger off).")] = False,
+                                         "under threshold CKKS (fedavg, fedprox, fedgan; needs --ledger off).")] = False,
 ) -> None:
     """Train one federation (the main job); save each institution's model and the metrics.
 

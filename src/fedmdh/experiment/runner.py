@@ -166,7 +166,7 @@ def run_experiment(
 ) -> RunResult:
     """Train one federation with ``algorithm`` (the main job) and save everything to ``out_dir``.
 
-    ``secure=True`` (fedavg and fedprox, with the ledger off) pools the setup statistics and every
+    ``secure=True`` (fedavg, fedprox and fedgan, with the ledger off) pools the setup statistics and every
     round's weighted parameter sums through threshold CKKS (:mod:`fedmdh.secure`); see
     docs/security.md for what that protects in this in-process runtime.
 

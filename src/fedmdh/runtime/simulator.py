@@ -168,7 +168,7 @@ def simulate(
         A secure sum (``{institution: vector} -> sum``, e.g.
         :meth:`fedmdh.secure.threshold.ThresholdGroup.secure_sum`): every round's aggregate is
         computed from the encrypted weighted sums (:func:`fedmdh.secure.aggregation.secure_aggregate`);
-        only FedAvg and FedProx are covered, others raise :class:`~fedmdh.errors.InputError`.
+        only FedAvg, FedProx and FedGAN are covered, others raise :class:`~fedmdh.errors.InputError`.
         ``bytes_up`` then counts what the institutions sent: ciphertexts and partial decryptions,
         when the secure sum says so (``secure.bytes_up``), else the clear payloads.
 
@@ -237,7 +237,7 @@ def _simulate(
             else:
                 from fedmdh.secure.aggregation import secure_aggregate
 
-                server = secure_aggregate(algorithm, updates, secure)
+                server = secure_aggregate(algorithm, server, updates, secure)
         except np.linalg.LinAlgError as exc:  # e.g. an SVD of NaN weights
             raise TrainingDiverged(r, float("nan"), f"numerical failure: {exc}") from None
         _check_diverged(r, updates, server)
