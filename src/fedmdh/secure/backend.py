@@ -73,6 +73,11 @@ def unavailable_reason() -> str | None:
             "python3.10 -m venv .venv-fhe && .venv-fhe/bin/pip install 'openfhe==1.6.1.0.22.4' numpy).")
 
 
+def runs_in_process() -> bool:
+    """Whether OpenFHE runs inside this interpreter (else each engine is a child process)."""
+    return _in_process() is None
+
+
 def require() -> None:
     reason = unavailable_reason()
     if reason is not None:

@@ -87,6 +87,13 @@ class PartialDecryption:
         return int(sum(len(c) for c in self.chunks))
 
 
+def _encrypt(engine: EngineClient, public_key: bytes, values: np.ndarray) -> EncryptedVector:
+    x = np.ascontiguousarray(np.asarray(values, dtype=np.float64).ravel())
+    if not np.isfinite(x).all():
+        raise ValueError("only finite values can be encrypted.")
+    return EncryptedVector(tuple(engine.encrypt(public_key, x.tobytes())), int(x.size))
+
+
 class ThresholdCKKS:
     """The public side of a task: its context, encryption under the joint key, sums and fusion.
 
@@ -112,10 +119,7 @@ class ThresholdCKKS:
         return int(self._engine.ring_dimension())
 
     def encrypt(self, public_key: bytes, values: np.ndarray) -> EncryptedVector:
-        x = np.ascontiguousarray(np.asarray(values, dtype=np.float64).ravel())
-        if not np.isfinite(x).all():
-            raise ValueError("only finite values can be encrypted.")
-        return EncryptedVector(tuple(self._engine.encrypt(public_key, x.tobytes())), int(x.size))
+        return _encrypt(self._engine, public_key, values)
 
     def add(self, vectors: Sequence[EncryptedVector]) -> EncryptedVector:
         """The slot-wise sum, in the order given (callers pass institution-name order)."""
@@ -155,6 +159,11 @@ class Party:
         """This party's link of the key chain: ``None`` for the first party, else the previous key."""
         self.public_key = self._engine.keygen(previous_public)
         return self.public_key
+
+    def encrypt(self, public_key: bytes, values: np.ndarray) -> EncryptedVector:
+        """This party's own vector encrypted under the joint key (a public operation, run here so
+        that the clear values never leave the party's side)."""
+        return _encrypt(self._engine, public_key, values)
 
     def partial_decrypt(self, vector: EncryptedVector, lead: bool) -> PartialDecryption:
         return PartialDecryption(self.name, lead, tuple(self._engine.partial_decrypt(list(vector.chunks), lead)),
@@ -240,15 +249,19 @@ class ThresholdGroup:
         self.parties = [Party(n, self.scheme.context) for n in self.names]
         self.public_key = joint_keygen(self.parties)
         self.last: SumTranscript | None = None
+        self._executor = None
 
     def secure_sum(self, vectors: Mapping[str, np.ndarray]) -> np.ndarray:
         """The sum of the institutions' vectors, computed under encryption (in name order)."""
         names = sorted(vectors)
         if set(names) != set(self.names):
             raise ValueError(f"secure_sum needs one vector from each of {self.names}, got {names}.")
-        cts = {n: self.scheme.encrypt(self.public_key, vectors[n]) for n in names}
+        pool = self._pool()
+        enc = [pool.submit(p.encrypt, self.public_key, vectors[p.name]) for p in self.parties]
+        cts = {p.name: f.result() for p, f in zip(self.parties, enc)}
         total = self.scheme.add([cts[n] for n in names])
-        partials = [p.partial_decrypt(total, i == 0) for i, p in enumerate(self.parties)]
+        dec = [pool.submit(p.partial_decrypt, total, i == 0) for i, p in enumerate(self.parties)]
+        partials = [f.result() for f in dec]
         released = self.scheme.fuse(partials)
         self.last = SumTranscript(cts, total, partials, released)
         return released
@@ -259,7 +272,21 @@ class ThresholdGroup:
         """What the institutions sent for the last secure sum (ciphertexts and partial decryptions)."""
         return self.last.bytes_up if self.last is not None else 0
 
+    def _pool(self):
+        """The parties work side by side, as on their own machines, when each engine is a process of
+        its own (an in-process OpenFHE runs them one after the other)."""
+        if self._executor is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            from fedmdh.secure.backend import runs_in_process
+
+            self._executor = ThreadPoolExecutor(max_workers=1 if runs_in_process() else len(self.parties))
+        return self._executor
+
     def close(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown()
+            self._executor = None
         for p in self.parties:
             p.close()
         self.scheme.close()
