@@ -309,3 +309,20 @@ def test_any_peer_verifies_a_secure_sum_from_its_transcript(group):
             verify_sum(peer, t.ciphertexts, t.total, t.partials[:2], released)
     finally:
         peer.close()
+
+
+def test_an_interpreter_without_openfhe_is_named_in_one_line(monkeypatch, tmp_path):
+    import sys
+
+    from fedmdh.secure import backend
+
+    if backend.runs_in_process():
+        pytest.skip("openfhe imports in this interpreter: no external engine is looked for")
+    monkeypatch.setenv(backend.ENV_PYTHON, sys.executable)  # the project's Python: its openfhe does not import
+    reason = backend.unavailable_reason()
+    assert reason is not None and "\n" not in reason
+    assert reason.startswith(f"the OpenFHE interpreter {sys.executable} is not usable")
+    monkeypatch.setenv(backend.ENV_PYTHON, str(tmp_path / "no-python"))
+    assert "no-python" in backend.unavailable_reason()
+    with pytest.raises(backend.SecureUnavailable):
+        backend.EngineClient()
