@@ -1,7 +1,8 @@
 # fedmdh: set-up, the main job on the built-in default, and the tests.
 #   make demo   creates .venv, installs fedmdh, trains FedAvg on the built-in default federation
 #   make test   creates .venv, installs fedmdh with test extras, anvil (the EVM node of the ledger's and the
-#               deployment's tests, with npm into .tools/) and Debian's chromium (the browser tests), runs every test
+#               deployment's tests, with npm into .tools/), Debian's chromium (the browser tests) and .venv-fhe
+#               (OpenFHE for the --secure tests: its wheel imports on CPython 3.10 only), runs every test
 # TORCH_SPEC picks the PyTorch build (a bare "torch" can resolve to a multi-GB CUDA build).
 
 PYTHON ?= python3
@@ -18,10 +19,16 @@ TOOLS ?= .tools
 FEDMDH_ANVIL ?=
 ANVIL_STAMP := $(TOOLS)/.anvil-$(ANVIL_VERSION)
 
+# OpenFHE (threshold CKKS, --secure) in its own venv: openfhe 1.6.1.0.22.4's wheel holds a CPython 3.10
+# extension. PYTHON_FHE: a python3.10 (PATH, else pyenv's); without one the secure tests skip, saying why.
+OPENFHE_SPEC ?= openfhe==1.6.1.0.22.4
+FHE_VENV ?= .venv-fhe
+PYTHON_FHE ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.10*/bin/python3.10) $(shell python3.10 -c "import sys; print(sys.executable)" 2>/dev/null))
+
 # Debian's chromium for the task service's browser tests (Playwright drives /usr/bin/chromium; no browser download)
 CHROMIUM ?= /usr/bin/chromium
 
-.PHONY: install anvil chromium demo test bench clean
+.PHONY: install anvil chromium openfhe demo test bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -48,10 +55,19 @@ chromium:
 		else echo "no $(CHROMIUM) and no root apt-get: the browser tests will be skipped (apt-get install chromium)" >&2; fi; \
 	fi
 
+$(FHE_VENV)/.installed:
+	@if [ -z "$(PYTHON_FHE)" ]; then echo "no python3.10 for $(FHE_VENV): the --secure tests will be skipped (give PYTHON_FHE=/path/to/python3.10)" >&2; \
+	else $(PYTHON_FHE) -m venv $(FHE_VENV) && $(FHE_VENV)/bin/python -m pip install --quiet "$(OPENFHE_SPEC)" "numpy>=1.26,<2.3" \
+		&& $(FHE_VENV)/bin/python -c "import openfhe" && touch $@ \
+		|| echo "$(FHE_VENV): $(OPENFHE_SPEC) did not install or import: the --secure tests will be skipped" >&2; fi
+
+openfhe: $(FHE_VENV)/.installed
+
 demo: install
 	$(BIN)/fedmdh demo --overwrite --out $(DEMO_OUT) $(if $(DATA_DIR),--data-dir $(DATA_DIR),)
 
-test: install chromium $(if $(FEDMDH_ANVIL),,anvil)
+test: install chromium openfhe $(if $(FEDMDH_ANVIL),,anvil)
+	FEDMDH_OPENFHE_PYTHON="$(or $(FEDMDH_OPENFHE_PYTHON),$(wildcard $(CURDIR)/$(FHE_VENV)/bin/python))" \
 	FEDMDH_ANVIL="$(or $(FEDMDH_ANVIL),$$(ls $(TOOLS)/node_modules/@foundry-rs/anvil-*/bin/anvil | head -n 1))" \
 		$(BIN)/python -m pytest $(PYTEST_ARGS)
 
@@ -59,4 +75,4 @@ bench: install
 	$(BIN)/python benchmarks/simulator_overhead.py
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) $(FHE_VENV) runs .pytest_cache

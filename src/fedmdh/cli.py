@@ -235,6 +235,8 @@ def run(
     no_cgan: NoCganOpt = False,
     no_rkd: NoRkdOpt = False,
     overwrite: OverwriteOpt = False,
+    secure: Annotated[bool, typer.Option("--secure", help="Pool setup statistics and weighted parameter sums "
+                                         "under threshold CKKS (fedavg, fedprox, fedgan; needs --ledger off).")] = False,
 ) -> None:
     """Train one federation (the main job); save each institution's model and the metrics.
 
@@ -247,7 +249,7 @@ def run(
         selection=selection,
         switches=_switches(no_gfam, no_cgan, no_rkd),
     )
-    _run_and_report(cfg, algorithm, out, _ledger_options(ledger, chain_rpc, "embedded"), overwrite)
+    _run_and_report(cfg, algorithm, out, _ledger_options(ledger, chain_rpc, "embedded"), overwrite, secure)
 
 
 @app.command()
@@ -318,14 +320,16 @@ def _ledger_options(mode: Optional[str], chain_rpc: Optional[str], default: str)
     return LedgerOptions.parse(mode, chain_rpc, default)
 
 
-def _run_and_report(cfg, algorithm: str, out: Path, ledger=None, overwrite: bool = False) -> None:
-    from fedmdh.experiment.runner import check_inputs, run_experiment
+def _run_and_report(cfg, algorithm: str, out: Path, ledger=None, overwrite: bool = False, secure: bool = False) -> None:
+    from fedmdh.experiment.runner import check_inputs, check_secure, run_experiment
     from fedmdh.outputs import claim_output_dir
 
+    if secure:
+        check_secure(algorithm, ledger)
     tables = check_inputs(cfg)  # every file and the federation's layout, before any progress display
     with claim_output_dir(out, overwrite=overwrite) as claim, \
             TrainingProgress(err_console, f"{algorithm} seed {cfg.first_seed}", 1, cfg.rounds) as progress:
-        result = run_experiment(cfg, algorithm, claim, progress=progress, tables=tables, ledger=ledger)
+        result = run_experiment(cfg, algorithm, claim, progress=progress, tables=tables, ledger=ledger, secure=secure)
     from fedmdh.experiment.runner import kept_rounds_text
 
     _print_final(result, f"{algorithm}: test metrics (models {kept_rounds_text(result.best_rounds)}, chosen on validation)")

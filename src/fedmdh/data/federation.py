@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -36,6 +37,9 @@ from fedmdh.data.heterogeneity import (
 from fedmdh.data.io import InstitutionTable
 from fedmdh.errors import InputError
 from fedmdh.seeding import rng_for
+
+if TYPE_CHECKING:
+    from fedmdh.secure.aggregation import SecureSum
 
 
 @dataclass(frozen=True)
@@ -63,12 +67,9 @@ def sufficient_stats(columns: Sequence[str], X: np.ndarray) -> SufficientStats:
     )
 
 
-def pool_moments(stats: Mapping[str, SufficientStats], columns: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Pooled mean and standard deviation of each column from per-institution statistics.
-
-    Sums run over institutions in sorted name order, in float64, so every peer computes the same
-    bits. A column with zero pooled variance gets scale 1 (it then standardises to 0).
-    """
+def pooled_sums(stats: Mapping[str, SufficientStats], columns: Sequence[str]) -> np.ndarray:
+    """One institution's (or, summed, the federation's) statistics laid out over ``columns``:
+    ``[count | sum | sum of squares]``, zeros for the columns it lacks (a vector a secure sum can add)."""
     columns = list(columns)
     index = {c: j for j, c in enumerate(columns)}
     n = np.zeros(len(columns))
@@ -80,6 +81,31 @@ def pool_moments(stats: Mapping[str, SufficientStats], columns: Sequence[str]) -
         n[idx] += st.count
         s[idx] += st.total
         ss[idx] += st.total_sq
+    return np.concatenate([n, s, ss])
+
+
+def pool_moments(stats: Mapping[str, SufficientStats], columns: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Pooled mean and standard deviation of each column from per-institution statistics.
+
+    Sums run over institutions in sorted name order, in float64, so every peer computes the same
+    bits. A column with zero pooled variance gets scale 1 (it then standardises to 0).
+    """
+    return moments_from_sums(pooled_sums(stats, columns), columns)
+
+
+#: A column whose pooled standard deviation is below this times ``max(1, |mean|)`` is constant.
+CONSTANT_RTOL = 1e-12
+#: The same under a secure sum (:func:`pool_setup` with ``secure_sum``): what CKKS's absolute error
+#: of about 1e-9 leaves of a constant column after the second, centred pass is a std of about 1e-9
+#: times ``max(1, |mean|)`` (the perovskite split has a genuine column with std 1.8e-6).
+SECURE_CONSTANT_RTOL = 1e-7
+
+
+def moments_from_sums(sums: np.ndarray, columns: Sequence[str],
+                      constant_rtol: float = CONSTANT_RTOL) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and standard deviation from pooled ``[count | sum | sum of squares]`` (:func:`pooled_sums`)."""
+    columns = list(columns)
+    n, s, ss = np.split(np.asarray(sums, dtype=np.float64), 3)
     if np.any(n == 0):
         missing = columns[int(np.flatnonzero(n == 0)[0])]
         raise InputError(f"column {missing!r} has no observed value in any institution; drop it.")
@@ -93,7 +119,7 @@ def pool_moments(stats: Mapping[str, SufficientStats], columns: Sequence[str]) -
                          "their squares overflow float64); rescale the column (other units or a log).")
     std = np.sqrt(var)
     # relative threshold: below it the variance is floating-point noise of a constant column
-    constant = std <= 1e-12 * np.maximum(1.0, np.abs(mean))
+    constant = std <= constant_rtol * np.maximum(1.0, np.abs(mean))
     std[constant] = 1.0
     return mean, std
 
@@ -300,8 +326,14 @@ class FederationSetup:
         return np.array([index[f] for f in self.columns[name]], dtype=np.int64)
 
 
-def pool_setup(summaries: Sequence[SetupSummary]) -> FederationSetup:
-    """Combine the institutions' setup summaries (in name order, float64): any peer gets the same bits."""
+def pool_setup(summaries: Sequence[SetupSummary], secure_sum: SecureSum | None = None) -> FederationSetup:
+    """Combine the institutions' setup summaries (in name order, float64): any peer gets the same bits.
+
+    With ``secure_sum`` (``{institution: vector} -> sum``, e.g. threshold CKKS) the counts, sums
+    and sums of squares are pooled through it: each institution's statistics enter only as its
+    encrypted :func:`pooled_sums` vector. Counts are integers, so the (approximate) decrypted
+    counts are rounded back to them.
+    """
     if len(summaries) < 2:
         raise InputError("a federation needs at least two institutions; give two or more CSV files.")
     names = [s.institution for s in summaries]
@@ -310,8 +342,11 @@ def pool_setup(summaries: Sequence[SetupSummary]) -> FederationSetup:
     by_name = {s.institution: s for s in summaries}
     order = tuple(sorted(by_name))
     features = union_features([by_name[n].columns for n in order])
-    mean, scale = pool_moments({n: by_name[n].x_stats for n in order}, features)
-    y_mean, y_scale = pool_moments({n: by_name[n].y_stats for n in order}, ("__y__",))
+    if secure_sum is None:
+        mean, scale = pool_moments({n: by_name[n].x_stats for n in order}, features)
+        y_mean, y_scale = pool_moments({n: by_name[n].y_stats for n in order}, ("__y__",))
+    else:
+        mean, scale, y_mean, y_scale = _secure_moments({n: by_name[n] for n in order}, features, secure_sum)
     return FederationSetup(
         names=order,
         columns={n: by_name[n].columns for n in order},
@@ -322,11 +357,54 @@ def pool_setup(summaries: Sequence[SetupSummary]) -> FederationSetup:
     )
 
 
+def centred_sums(stats: Mapping[str, SufficientStats], columns: Sequence[str], mean: np.ndarray,
+                 scale: np.ndarray) -> np.ndarray:
+    """``sum ((x - mean) / scale)**2`` per column from an institution's statistics (0 where it lacks
+    the column): the second pass of a secure setup, where ``mean`` and ``scale`` are public."""
+    index = {c: j for j, c in enumerate(columns)}
+    out = np.zeros(len(columns))
+    for st in stats.values():
+        idx = np.array([index[c] for c in st.columns], dtype=np.int64)
+        m = mean[idx]
+        out[idx] += (st.total_sq - 2.0 * m * st.total + st.count * m * m) / (scale[idx] * scale[idx])
+    return out
+
+
+def _secure_moments(by_name: Mapping[str, SetupSummary], features: tuple[str, ...], secure_sum: SecureSum):
+    """Pooled moments of the features and the label from two secure sums.
+
+    A CKKS sum carries an absolute error (about 1e-9), so a variance taken from pooled raw sums of
+    squares loses a column with a small spread. The first sum (counts, sums, sums of squares) gives
+    the pooled mean and a rough scale; the second sums each institution's squared deviations from
+    that mean in units of that scale, which a relative precision of about 1e-12 then pins down.
+    """
+    cols = (*features, "__y__")
+    k = len(cols)
+    stats = {n: {n: s.x_stats, "__y__": s.y_stats} for n, s in by_name.items()}
+    first = secure_sum({n: pooled_sums(stats[n], cols) for n in by_name})
+    count = np.round(first[:k])
+    if np.any(count == 0):
+        missing = cols[int(np.flatnonzero(count == 0)[0])]
+        raise InputError(f"column {missing!r} has no observed value in any institution; drop it.")
+    mean = first[k:2 * k] / count
+    rough = np.sqrt(np.maximum(first[2 * k:] / count - mean * mean, 0.0))
+    unit = np.maximum(rough, 1e-6 * np.maximum(1.0, np.abs(mean)))
+    second = secure_sum({n: centred_sums(stats[n], cols, mean, unit) for n in by_name})
+    sums = np.concatenate([count, mean * count, (np.maximum(second, 0.0) * unit * unit) + count * mean * mean])
+    m, sd = moments_from_sums(sums, cols, SECURE_CONSTANT_RTOL)
+    return m[:-1], sd[:-1], m[-1:], sd[-1:]
+
+
 def federation_heterogeneity(
-    summaries: Sequence[SetupSummary], setup: FederationSetup, counts: Mapping[str, np.ndarray]
+    summaries: Sequence[SetupSummary], setup: FederationSetup, counts: Mapping[str, np.ndarray],
+    secure_sum: SecureSum | None = None,
 ) -> Heterogeneity:
     """H / alpha / KL_avg from the setup summaries and each institution's label-histogram counts
-    over :func:`~fedmdh.data.heterogeneity.label_histogram` bins of the pooled label range."""
+    over :func:`~fedmdh.data.heterogeneity.label_histogram` bins of the pooled label range.
+
+    With ``secure_sum`` the pooled histogram is summed under encryption and each institution's
+    KL against it is a number it computes itself; the per-institution label moments that H and
+    alpha use are still taken from the summaries (not covered, see docs/security.md)."""
     by_name = {s.institution: s for s in summaries}
     order = setup.names
     stats = []
@@ -336,7 +414,13 @@ def federation_heterogeneity(
         stats.append(InstitutionSummary(n, by_name[n].n_rows, len(by_name[n].columns), m,
                                         float(np.sqrt(max(st.total_sq[0] / st.count[0] - m * m, 0.0)))))
     lo, hi = setup.label_range
-    kl = kl_from_counts([counts[n] for n in order]) if hi > lo else [0.0] * len(order)
+    if hi <= lo:
+        kl = [0.0] * len(order)
+    elif secure_sum is None:
+        kl = kl_from_counts([counts[n] for n in order])
+    else:
+        pooled = np.round(secure_sum({n: np.asarray(counts[n], dtype=np.float64) for n in order}))
+        kl = kl_from_counts([counts[n] for n in order], pooled=pooled)
     return from_summaries(stats, [by_name[n].columns for n in order], kl)
 
 
@@ -405,6 +489,7 @@ def prepare_federation(
     seed: int = 0,
     val_fraction: float = 0.15,
     clip_margin: float | None = None,
+    secure_sum: SecureSum | None = None,
 ) -> PreparedFederation:
     """Standardise, split and lay out a federation in the union feature space, in one process.
 
@@ -430,15 +515,18 @@ def prepare_federation(
         model meets rows it did not train on, each column is clipped to the range of the
         institution's own training rows widened by ``m`` times that range on each side (``0``: the
         range itself). See :meth:`InstitutionData.clip`.
+    secure_sum:
+        Pool the setup statistics (counts, sums, sums of squares, label histograms) through this
+        ``{institution: vector} -> sum`` (threshold CKKS under ``--secure``); see :func:`pool_setup`.
     """
     if not 0.0 <= val_fraction < 0.5:
         raise InputError(f"val_fraction must be in [0, 0.5), got {val_fraction}.")
     splits = {t.name: local_split(t, seed, val_fraction) for t in tables}
     summaries = [setup_summary(splits[t.name]) for t in tables]
-    setup = pool_setup(summaries)
+    setup = pool_setup(summaries, secure_sum)
     lo, hi = setup.label_range
     counts = {n: label_histogram(splits[n].table.y, lo, hi) for n in setup.names}
-    het = federation_heterogeneity(summaries, setup, counts)
+    het = federation_heterogeneity(summaries, setup, counts, secure_sum)
     # institutions in the order given (names are unique), so reports keep the user's order
     institutions = tuple(institution_data(splits[t.name], setup, test, clip_margin) for t in tables)
     return PreparedFederation(

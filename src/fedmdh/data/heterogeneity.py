@@ -74,10 +74,13 @@ def label_histogram(y: np.ndarray, lo: float, hi: float, bins: int = KL_BINS) ->
     return np.histogram(y, np.linspace(lo, hi, bins + 1))[0].astype(np.int64)
 
 
-def kl_from_counts(counts: Sequence[np.ndarray]) -> tuple[float, ...]:
-    """KL(P_i || P) for each institution from its histogram counts over the same bins."""
+def kl_from_counts(counts: Sequence[np.ndarray], pooled: np.ndarray | None = None) -> tuple[float, ...]:
+    """KL(P_i || P) for each institution from its histogram counts over the same bins.
+
+    ``pooled`` (default: the sum of ``counts``) is the federation's histogram when it comes from
+    elsewhere (a secure sum): each KL then needs only the institution's own counts and it."""
     hists = [np.asarray(c, dtype=np.float64) for c in counts]
-    pooled = np.sum(hists, axis=0)
+    pooled = np.sum(hists, axis=0) if pooled is None else np.asarray(pooled, dtype=np.float64)
     P = pooled / pooled.sum()
     out = []
     for c in hists:

@@ -53,9 +53,24 @@ def load_tables(cfg: ExperimentConfig) -> Tables:
     return Tables(tables, test)
 
 
-def prepare(cfg: ExperimentConfig, tables: Tables, seed: int) -> PreparedFederation:
+def prepare(cfg: ExperimentConfig, tables: Tables, seed: int, secure_sum=None) -> PreparedFederation:
     return prepare_federation(tables.institutions, tables.test, cfg.target, seed=seed, val_fraction=cfg.val_fraction,
-                              clip_margin=cfg.clip_inputs)
+                              clip_margin=cfg.clip_inputs, secure_sum=secure_sum)
+
+
+def check_secure(algorithm: str, ledger: "LedgerOptions | None") -> None:
+    """Refuse ``--secure`` (with :class:`~fedmdh.errors.InputError`, one line) where it is not covered yet."""
+    from fedmdh.errors import InputError
+    from fedmdh.secure.aggregation import check_covered
+    from fedmdh.secure.backend import unavailable_reason
+
+    check_covered(algorithm)
+    if ledger is None or ledger.mode != "off":
+        raise InputError("--secure with a ledger is not wired yet (the ledger stores every institution's update in "
+                         "the clear); give --ledger off with --secure.")
+    reason = unavailable_reason()
+    if reason is not None:
+        raise InputError(f"--secure needs OpenFHE: {reason}")
 
 
 def check_inputs(cfg: ExperimentConfig, tables: Tables | None = None) -> Tables:
@@ -147,8 +162,13 @@ def run_experiment(
     tables: Tables | None = None,
     ledger: "LedgerOptions | None" = None,
     overwrite: bool = False,
+    secure: bool = False,
 ) -> RunResult:
     """Train one federation with ``algorithm`` (the main job) and save everything to ``out_dir``.
+
+    ``secure=True`` (fedavg, fedprox and fedgan, with the ledger off) pools the setup statistics and every
+    round's weighted parameter sums through threshold CKKS (:mod:`fedmdh.secure`); see
+    docs/security.md for what that protects in this in-process runtime.
 
     ``out_dir`` must be absent or empty (``overwrite=True`` replaces what an earlier fedmdh run
     wrote there) and is locked for the run (:func:`fedmdh.outputs.claim_output_dir`); an
@@ -172,16 +192,25 @@ def run_experiment(
     seed = cfg.first_seed if seed is None else seed
     cfg = cfg.with_overrides(algorithms=(algorithm,), seeds=1, first_seed=seed)
     tables = tables or load_tables(cfg)
-    fed = prepare(cfg, tables, seed)
     algo = cfg.build_algorithm(algorithm)
-    with claim_output_dir(out_dir, overwrite=overwrite) as claim:
-        return _run_in(claim.path, cfg, algorithm, seed, tables, fed, algo, progress, ledger)
+    if not secure:
+        fed = prepare(cfg, tables, seed)
+        with claim_output_dir(out_dir, overwrite=overwrite) as claim:
+            return _run_in(claim.path, cfg, algorithm, seed, tables, fed, algo, progress, ledger)
+    check_secure(algorithm, ledger)
+    from fedmdh.secure.threshold import ThresholdGroup
+
+    with ThresholdGroup([t.name for t in tables.institutions]) as group:
+        fed = prepare(cfg, tables, seed, secure_sum=group)
+        with claim_output_dir(out_dir, overwrite=overwrite) as claim:
+            return _run_in(claim.path, cfg, algorithm, seed, tables, fed, algo, progress, ledger, group)
 
 
-def _run_in(out, cfg, algorithm, seed, tables, fed, algo, progress, ledger) -> RunResult:
+def _run_in(out, cfg, algorithm, seed, tables, fed, algo, progress, ledger, secure=None) -> RunResult:
     cfg.write_toml(out / "config.toml")
     _write_json(out / "federation.json", federation_info(fed, tables))
-    log = [f"fedmdh {__version__} on Python {platform.python_version()}", f"algorithm {algorithm}, seed {seed}",
+    log = [f"fedmdh {__version__} on Python {platform.python_version()}",
+           f"algorithm {algorithm}, seed {seed}{', secure (threshold CKKS)' if secure is not None else ''}",
            f"hyperparameters {algo.hyperparameters()}", *data_log_lines(fed)]
     (out / "run.log").write_text("\n".join(log) + "\n", encoding="utf-8")
     models_dir = out / "models"
@@ -204,7 +233,7 @@ def _run_in(out, cfg, algorithm, seed, tables, fed, algo, progress, ledger) -> R
         try:
             result = simulate(fed, algo, cfg.rounds, seed=seed, on_round=on_round,
                               round_hook=recorder.round_hook if recorder else None, selection=cfg.selection,
-                              on_best=on_best)
+                              on_best=on_best, secure=secure)
             if recorder is not None:
                 recorder.flush()  # the last round finalized the aggregate this run used
         except TrainingDiverged as exc:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -39,6 +39,9 @@ from fedmdh.runtime.protocol import (
     training_thread_count,
 )
 from fedmdh.errors import TrainingDiverged
+
+if TYPE_CHECKING:
+    from fedmdh.secure.aggregation import SecureSum
 
 POOLED_NAME = "__pooled__"
 
@@ -134,6 +137,7 @@ def simulate(
     round_hook: RoundHook | None = None,
     selection: str = "own",
     on_best: BestHook | None = None,
+    secure: SecureSum | None = None,
 ) -> RunResult:
     """Train ``algorithm`` on ``fed`` for ``rounds`` rounds in this process.
 
@@ -160,6 +164,13 @@ def simulate(
     on_best:
         Called with ``(round, models, kept_rounds)`` each time a kept model changes (every
         institution's kept model after that round, and the round each was kept from).
+    secure:
+        A secure sum (``{institution: vector} -> sum``, e.g.
+        :meth:`fedmdh.secure.threshold.ThresholdGroup.secure_sum`): every round's aggregate is
+        computed from the encrypted weighted sums (:func:`fedmdh.secure.aggregation.secure_aggregate`);
+        only FedAvg, FedProx and FedGAN are covered, others raise :class:`~fedmdh.errors.InputError`.
+        ``bytes_up`` then counts what the institutions sent: ciphertexts and partial decryptions,
+        when the secure sum says so (``secure.bytes_up``), else the clear payloads.
 
     Raises
     ------
@@ -172,8 +183,12 @@ def simulate(
         raise ValueError(f"rounds must be >= 1, got {rounds}.")
     if selection not in SELECTIONS:
         raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}.")
+    if secure is not None:
+        from fedmdh.secure.aggregation import check_covered
+
+        check_covered(algorithm.name)
     with training_thread_count():
-        return _simulate(fed, algorithm, rounds, seed, on_round, round_hook, selection, on_best)
+        return _simulate(fed, algorithm, rounds, seed, on_round, round_hook, selection, on_best, secure)
 
 
 def _simulate(
@@ -185,6 +200,7 @@ def _simulate(
     round_hook: RoundHook | None,
     selection: str,
     on_best: BestHook | None = None,
+    secure: SecureSum | None = None,
 ) -> RunResult:
     t_start = time.perf_counter()
     spec = FederationSpec.from_federation(fed)
@@ -216,7 +232,12 @@ def _simulate(
                 )
                 slots[name].put(clients[name])
                 updates.append(upd)
-            server = algorithm.aggregate(server, updates, aggregate_rng(seed, r), r)
+            if secure is None:
+                server = algorithm.aggregate(server, updates, aggregate_rng(seed, r), r)
+            else:
+                from fedmdh.secure.aggregation import secure_aggregate
+
+                server = secure_aggregate(algorithm, server, updates, secure)
         except np.linalg.LinAlgError as exc:  # e.g. an SVD of NaN weights
             raise TrainingDiverged(r, float("nan"), f"numerical failure: {exc}") from None
         _check_diverged(r, updates, server)
@@ -244,7 +265,7 @@ def _simulate(
             mae=summ["mae"],
             r2=summ["r2"],
             per_institution=per,
-            bytes_up=sum(u.nbytes() for u in updates),
+            bytes_up=_bytes_up(updates, secure),
             seconds=time.perf_counter() - t0,
         )
         has_val = any(d.y_val.size for d in insts.values())
@@ -270,6 +291,11 @@ def _simulate(
         predictions={name: kept.kept[name].predictions for name in insts},
         seconds=time.perf_counter() - t_start,
     )
+
+
+def _bytes_up(updates: Sequence[Update], secure: SecureSum | None) -> int:
+    sent = getattr(secure, "bytes_up", None) if secure is not None else None
+    return int(sent()) if callable(sent) else sum(u.nbytes() for u in updates)
 
 
 def _nanmean(values: Sequence[float]) -> float:
