@@ -163,11 +163,9 @@ class Coordinator:
         """Run the task to the end; returns the final metrics (also written to ``final_metrics.json``)."""
         from fedmdh.runtime.messages import summary_from
 
-        import torch
+        from fedmdh.runtime.protocol import use_training_threads
 
-        from fedmdh.runtime.protocol import training_threads
-
-        torch.set_num_threads(training_threads())  # it recomputes aggregates: the nodes' bits
+        use_training_threads()  # it recomputes aggregates: the nodes' bits (torch and BLAS)
         task = self.task
         t_start = time.perf_counter()
         self.out.mkdir(parents=True, exist_ok=True)

@@ -137,11 +137,9 @@ class NodeService:
         settings = KeystoreSettings.from_env(self.state_dir / "keystore", passphrase=passphrase)
         self.account = load_or_create(self.name, settings)
         self.tasks: dict[str, NodeTask] = {}
-        import torch
+        from fedmdh.runtime.protocol import use_training_threads
 
-        from fedmdh.runtime.protocol import training_threads
-
-        torch.set_num_threads(training_threads())  # the simulator's count: the same bits
+        use_training_threads()  # the simulator's count: the same bits (torch and BLAS)
 
     @property
     def address(self) -> str:
