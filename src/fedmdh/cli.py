@@ -143,8 +143,26 @@ NoCganOpt = Annotated[bool, typer.Option("--no-cgan", help="fedmdh without GPD-C
 NoRkdOpt = Annotated[bool, typer.Option("--no-rkd", help="fedmdh without RKD (ablation).")]
 
 
-def _switches(no_gfam: bool, no_cgan: bool, no_rkd: bool) -> dict:
-    return {k: False for k, off in (("gfam", no_gfam), ("cgan", no_cgan), ("rkd", no_rkd)) if off}
+GfamOpt = Annotated[
+    Optional[str],
+    typer.Option("--gfam", metavar="union|per-institution",
+                 help="fedmdh's GFAM mapping: one encoder over the union of the columns, or a private "
+                      "encoder per institution over its own columns [default: union]."),
+]
+LocalGuardOpt = Annotated[
+    Optional[str],
+    typer.Option("--local-guard", metavar="blend|choose|off",
+                 help="Every institution also trains its own local model and keeps, on its own validation "
+                      "rows, a mixture of it and the federated one (blend), the better of the two (choose), "
+                      "or the federated one (off) [default: blend under own selection]."),
+]
+
+
+def _switches(no_gfam: bool, no_cgan: bool, no_rkd: bool, gfam: Optional[str] = None) -> dict:
+    out: dict = {k: False for k, off in (("gfam", no_gfam), ("cgan", no_cgan), ("rkd", no_rkd)) if off}
+    if gfam is not None:
+        out["mapping"] = gfam
+    return out
 LedgerOpt = Annotated[
     Optional[str],
     typer.Option("--ledger", help="Record to a blockchain ledger: embedded, rpc (needs --chain-rpc) or off."),
@@ -225,6 +243,8 @@ def run(
     no_gfam: NoGfamOpt = False,
     no_cgan: NoCganOpt = False,
     no_rkd: NoRkdOpt = False,
+    gfam: GfamOpt = None,
+    local_guard: LocalGuardOpt = None,
 ) -> None:
     """Train one federation (the main job); save each institution's model and the metrics.
 
@@ -233,8 +253,8 @@ def run(
     cfg = _experiment_config(
         config, institutions, test, target, rounds=rounds, first_seed=seed,
         exclude=tuple(exclude) if exclude else None, algorithms=(algorithm,), seeds=1, clip=_clip_option(clip_inputs),
-        selection=selection,
-        switches=_switches(no_gfam, no_cgan, no_rkd),
+        selection=selection, local_guard=local_guard,
+        switches=_switches(no_gfam, no_cgan, no_rkd, gfam),
     )
     _run_and_report(cfg, algorithm, out, _ledger_options(ledger, chain_rpc, "embedded"))
 
@@ -317,6 +337,8 @@ def benchmark(
     no_gfam: NoGfamOpt = False,
     no_cgan: NoCganOpt = False,
     no_rkd: NoRkdOpt = False,
+    gfam: GfamOpt = None,
+    local_guard: LocalGuardOpt = None,
 ) -> None:
     """Run every algorithm and seed; write results.csv, summary.md, curves.png, federation.json, config.toml.
 
@@ -327,8 +349,8 @@ def benchmark(
 
     cfg = _experiment_config(
         config, institutions, test, target, algorithms=_algorithms_option(algorithms), seeds=seeds,
-        rounds=rounds, exclude=tuple(exclude) if exclude else None, switches=_switches(no_gfam, no_cgan, no_rkd),
-        clip=_clip_option(clip_inputs), selection=selection,
+        rounds=rounds, exclude=tuple(exclude) if exclude else None, switches=_switches(no_gfam, no_cgan, no_rkd, gfam),
+        clip=_clip_option(clip_inputs), selection=selection, local_guard=local_guard,
     )
     ledger_options = _ledger_options(ledger, chain_rpc, "off")
     tables = load_tables(cfg)  # validate every file before any progress display

@@ -52,6 +52,10 @@ ALGORITHM_DEFAULTS: dict[str, dict[str, Any]] = {
     "fedkd": {"optimizer": "sgd", "lr": 0.2},
 }
 
+#: The local guard under own selection unless a config sets one (chosen on validation: docs/tuning.md).
+DEFAULT_LOCAL_GUARD = "blend"
+GUARD_MODES = ("off", "choose", "blend")
+
 _TRAINING_KEYS = {f.name for f in fields(LocalTraining)}
 _SHARED_TRAINING_KEYS = {"hidden", "local_steps", "batch_size"}
 
@@ -70,6 +74,9 @@ class ExperimentConfig:
     val_fraction: float = 0.15
     clip_inputs: float | None = 1.0  # margin, in training-range widths; None: no clipping
     selection: str = "own"  # model selection: "own" validation rows, or "federated" (simulator only)
+    # every institution also trains its local model and keeps, on its own validation rows, the federated
+    # one, the local one ("choose") or a mixture ("blend"); None: the default under own selection
+    local_guard: str | None = None
     exclude: tuple[str, ...] = ()
     hidden: tuple[int, ...] = (64, 64)
     local_steps: int = 5
@@ -107,10 +114,23 @@ class ExperimentConfig:
                              f"{self.clip_inputs}.")
         if self.selection not in ("own", "federated"):
             raise InputError(f"selection must be 'own' or 'federated', got {self.selection!r}.")
+        if self.local_guard is not None and self.local_guard not in GUARD_MODES:
+            raise InputError(f"local_guard must be one of {', '.join(GUARD_MODES)}, got {self.local_guard!r}.")
+        if self.selection == "federated" and self.local_guard not in (None, "off"):
+            raise InputError(f"local_guard {self.local_guard!r} selects on each institution's own validation rows; "
+                             "with selection 'federated' leave it out or set it to off.")
         if self.local_steps < 1 or self.batch_size < 1:
             raise InputError("local_steps and batch_size must be >= 1.")
         for a in self.algorithms:  # fail now, not after an hour of other algorithms
             self.build_algorithm(a)
+
+    @property
+    def guard(self) -> str:
+        """The local guard in effect: :data:`DEFAULT_LOCAL_GUARD` under own selection unless set, off
+        under federated selection."""
+        if self.local_guard is not None:
+            return self.local_guard
+        return DEFAULT_LOCAL_GUARD if self.selection == "own" else "off"
 
     @property
     def seed_list(self) -> list[int]:
@@ -140,9 +160,14 @@ class ExperimentConfig:
         except (TypeError, ValueError) as exc:
             raise InputError(f"algorithm {name!r}: {exc}") from None
         try:
-            return make_algorithm(name, training, **hparams)
+            algorithm = make_algorithm(name, training, **hparams)
         except ValueError as exc:
             raise InputError(f"algorithm {name!r}: {exc}") from None
+        if self.guard != "off" and algorithm.federated and not algorithm.centralized:
+            from fedmdh.algorithms.guard import LocalGuard
+
+            return LocalGuard(algorithm, self.build_algorithm("local"), self.guard)
+        return algorithm
 
     def with_overrides(self, **kw: Any) -> "ExperimentConfig":
         """A copy with the given fields replaced (``None`` values are ignored)."""
@@ -161,6 +186,7 @@ class ExperimentConfig:
             "val_fraction": d["val_fraction"],
             "clip_inputs": d["clip_inputs"] if d["clip_inputs"] is not None else False,
             "selection": d["selection"],
+            "local_guard": self.guard,
             "exclude": list(d["exclude"]),
             "training": {
                 "hidden": list(d["hidden"]),
@@ -178,7 +204,7 @@ class ExperimentConfig:
 
 _TOP_KEYS = {
     "target", "institutions", "test", "algorithms", "seeds", "first_seed", "rounds",
-    "val_fraction", "clip_inputs", "selection", "exclude", "training", "algorithm",
+    "val_fraction", "clip_inputs", "selection", "local_guard", "exclude", "training", "algorithm",
 }
 
 
@@ -196,7 +222,7 @@ def read_toml(path: str | Path) -> dict[str, Any]:
         raise InputError(f"{path}: unknown setting {sorted(unknown)[0]!r}; known: {', '.join(sorted(_TOP_KEYS))}.")
     base = path.parent
     kw: dict[str, Any] = {}
-    for key in ("target", "seeds", "first_seed", "rounds", "val_fraction", "selection"):
+    for key in ("target", "seeds", "first_seed", "rounds", "val_fraction", "selection", "local_guard"):
         if key in raw:
             kw[key] = raw[key]
     if "clip_inputs" in raw:  # a margin, or false for no clipping

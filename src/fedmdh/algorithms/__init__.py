@@ -41,6 +41,13 @@ def algorithm_from_hyperparameters(name: str, hyperparameters: dict[str, Any]) -
     """Rebuild an algorithm from the dict its ``hyperparameters()`` returned (saved models)."""
     from dataclasses import fields
 
+    hyperparameters = dict(hyperparameters)
+    guard, reference = hyperparameters.pop("local_guard", None), hyperparameters.pop("local_reference", None)
+    if guard not in (None, "off"):
+        from fedmdh.algorithms.guard import LocalGuard
+
+        return LocalGuard(algorithm_from_hyperparameters(name, hyperparameters),
+                          algorithm_from_hyperparameters("local", dict(reference or {})), guard)
     keys = {f.name for f in fields(LocalTraining)}
     train = {k: v for k, v in hyperparameters.items() if k in keys}
     if "hidden" in train:

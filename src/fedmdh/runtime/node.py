@@ -340,7 +340,7 @@ class NodeService:
         from fedmdh.ledger import codec
         from fedmdh.ledger.blobs import sha256_hex
         from fedmdh.runtime.messages import updates_from
-        from fedmdh.runtime.protocol import aggregate_rng, own_validation_mse, score_on_test
+        from fedmdh.runtime.protocol import aggregate_rng, evaluate_round
 
         if task.server is None:
             raise InputError("round 1 never reached this node for this task")
@@ -369,11 +369,10 @@ class NodeService:
                             gas=_gas("attest") + 12_000 * len(task.setup.names), actor=self.name, round=rnd)
         client = task.slot.get()
         params = task.algorithm.personal_params(task.server, client)
-        val = own_validation_mse(task.algorithm, params, task.data)
-        metrics, _ = score_on_test(task.algorithm, params, task.data, task.setup.scaler,
-                                   task.test.y if task.test is not None else np.zeros(0))
-        metrics = {**metrics, "val_mse": val}
-        if task.selection.offer(self.name, rnd, val, {k: np.array(v) for k, v in params.items()}, metrics):
+        metrics, changed = evaluate_round(task.algorithm, task.selection, self.name, rnd,
+                                          {k: np.array(v) for k, v in params.items()}, task.data, task.setup.scaler,
+                                          task.test.y if task.test is not None else np.zeros(0))
+        if changed:
             self._save_model(task, task.folder / "best", task.selection.kept[self.name])
         return {"eval_round": rnd, "eval": metrics, "aggregate_sha256": agg_hash}
 

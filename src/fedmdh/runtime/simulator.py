@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from fedmdh.algorithms.base import Algorithm, FederationSpec, Params, Payload, Update
+from fedmdh.algorithms.guard import FEDERATED, LocalGuard
 from fedmdh.data.federation import InstitutionData, PreparedFederation
 from fedmdh.runtime.protocol import (
     SELECTIONS,
@@ -33,8 +34,8 @@ from fedmdh.runtime.protocol import (
     Selection,
     aggregate_rng,
     client_rng,
+    evaluate_round,
     initial_state,
-    own_validation_mse,
     score_on_test,
     training_thread_count,
 )
@@ -88,6 +89,12 @@ class RunResult:
     models: dict[str, Params] = field(repr=False)
     predictions: dict[str, np.ndarray] = field(repr=False)
     seconds: float = 0.0
+    #: what each institution's federated model alone scores (its best round on its own validation
+    #: rows): under the local guard, the same run without the guard; otherwise the final metrics
+    federated_only: dict[str, float] = field(default_factory=dict)
+    federated_only_per_institution: dict[str, dict[str, float]] = field(default_factory=dict)
+    #: under the local guard, per institution: the federated and local rounds kept and the weight
+    guard: dict[str, dict[str, float]] = field(default_factory=dict)
 
     @property
     def best_round(self) -> int:
@@ -124,6 +131,7 @@ def simulate(
     on_round: Callable[[RoundRecord], None] | None = None,
     round_hook: RoundHook | None = None,
     selection: str = "own",
+    on_models: Callable[[int, dict[str, Params]], None] | None = None,
 ) -> RunResult:
     """Train ``algorithm`` on ``fed`` for ``rounds`` rounds in this process.
 
@@ -147,13 +155,19 @@ def simulate(
         with the lowest loss on its own validation rows. ``"federated"``: every institution's
         model is scored on all institutions' validation rows through its own columns and one round
         is chosen for all (it needs every model at every institution, so only the simulator can).
+    on_models:
+        Called after each round's evaluation with the round and every institution's current model
+        (studies of selection rules; the arrays must not be modified).
     """
     if rounds < 1:
         raise ValueError(f"rounds must be >= 1, got {rounds}.")
     if selection not in SELECTIONS:
         raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}.")
+    if selection == "federated" and isinstance(algorithm, LocalGuard):
+        raise ValueError("the local guard selects on each institution's own validation rows; use selection "
+                         "'own' or the algorithm without the guard.")
     with training_thread_count():
-        return _simulate(fed, algorithm, rounds, seed, on_round, round_hook, selection)
+        return _simulate(fed, algorithm, rounds, seed, on_round, round_hook, selection, on_models)
 
 
 def _simulate(
@@ -164,6 +178,7 @@ def _simulate(
     on_round: Callable[[RoundRecord], None] | None,
     round_hook: RoundHook | None,
     selection: str,
+    on_models: Callable[[int, dict[str, Params]], None] | None = None,
 ) -> RunResult:
     t_start = time.perf_counter()
     spec = FederationSpec.from_federation(fed)
@@ -203,13 +218,15 @@ def _simulate(
         for name, d in insts.items():
             owner = POOLED_NAME if algorithm.centralized else name
             models[name] = algorithm.personal_params(server, clients[owner])
-        fed_val = federated_val(algorithm, models) if federated_val is not None else None
-        for name, d in insts.items():
-            params = models[name]
-            val = fed_val if fed_val is not None else own_validation_mse(algorithm, params, d)
-            metrics, y_hat = score_on_test(algorithm, params, d, fed.scaler, fed.y_test)
-            per[name] = {**metrics, "val_mse": val}
-            kept.offer(name, r, val, params, per[name], y_hat)
+        if federated_val is not None:
+            fed_val = federated_val(algorithm, models)
+            for name, d in insts.items():
+                metrics, y_hat = score_on_test(algorithm, models[name], d, fed.scaler, fed.y_test)
+                per[name] = {**metrics, "val_mse": fed_val}
+                kept.offer(name, r, fed_val, models[name], per[name], y_hat)
+        else:
+            for name, d in insts.items():
+                per[name], _ = evaluate_round(algorithm, kept, name, r, models[name], d, fed.scaler, fed.y_test)
         summ = _summary(per)
         n_up = sum(u.num_examples for u in updates)
         record = RoundRecord(
@@ -224,9 +241,12 @@ def _simulate(
             seconds=time.perf_counter() - t0,
         )
         history.append(record)
+        if on_models is not None:
+            on_models(r, models)
         if on_round is not None:
             on_round(record)
     final_per = {name: kept.kept[name].metrics for name in insts}
+    federated_per = {name: kept.best[(name, FEDERATED)].metrics for name in insts}
     return RunResult(
         algorithm=algorithm.name,
         seed=seed,
@@ -237,6 +257,9 @@ def _simulate(
         models={name: kept.kept[name].params for name in insts},
         predictions={name: kept.kept[name].predictions for name in insts},
         seconds=time.perf_counter() - t_start,
+        federated_only=_summary(federated_per),
+        federated_only_per_institution=federated_per,
+        guard={name: dict(kept.kept[name].detail) for name in insts if kept.kept[name].detail},
     )
 
 
