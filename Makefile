@@ -1,6 +1,7 @@
 # fedmdh: set-up, the main job on the built-in default, and the tests.
 #   make demo   creates .venv, installs fedmdh, trains FedAvg on the built-in default federation
-#   make test   creates .venv, installs fedmdh with test extras, runs the test suite
+#   make test   creates .venv, installs fedmdh with test extras, anvil (the EVM node of the ledger's and the
+#               deployment's tests, with npm into .tools/) and Debian's chromium (the browser tests), runs every test
 # TORCH_SPEC picks the PyTorch build (a bare "torch" can resolve to a multi-GB CUDA build).
 
 PYTHON ?= python3
@@ -11,8 +12,16 @@ BIN := $(VENV)/bin
 DATA_DIR ?= $(wildcard ../shared/datasets/fedmdh_perovskite_split)
 DEMO_OUT ?= runs/demo
 PYTEST_ARGS ?=
+# a real EVM node for tests/test_ledger_anvil.py, project-local; give FEDMDH_ANVIL=/path/to/anvil to use another
+ANVIL_VERSION ?= 1.7.1
+TOOLS ?= .tools
+FEDMDH_ANVIL ?=
+ANVIL_STAMP := $(TOOLS)/.anvil-$(ANVIL_VERSION)
 
-.PHONY: install demo test bench clean
+# Debian's chromium for the task service's browser tests (Playwright drives /usr/bin/chromium; no browser download)
+CHROMIUM ?= /usr/bin/chromium
+
+.PHONY: install anvil chromium demo test bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -25,11 +34,26 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml
 
 install: $(VENV)/.installed
 
-demo: install
-	$(BIN)/fedmdh demo --out $(DEMO_OUT) $(if $(DATA_DIR),--data-dir $(DATA_DIR),)
+$(ANVIL_STAMP):
+	@command -v npm >/dev/null || { echo "make test needs npm (Node.js) to install anvil $(ANVIL_VERSION) into $(TOOLS)/, or FEDMDH_ANVIL=/path/to/anvil" >&2; exit 1; }
+	npm install --prefix $(TOOLS) --no-audit --no-fund "@foundry-rs/anvil@$(ANVIL_VERSION)"
+	touch $@
 
-test: install
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+anvil: $(ANVIL_STAMP)
+
+chromium:
+	@if [ ! -x $(CHROMIUM) ]; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
+		else echo "no $(CHROMIUM) and no root apt-get: the browser tests will be skipped (apt-get install chromium)" >&2; fi; \
+	fi
+
+demo: install
+	$(BIN)/fedmdh demo --overwrite --out $(DEMO_OUT) $(if $(DATA_DIR),--data-dir $(DATA_DIR),)
+
+test: install chromium $(if $(FEDMDH_ANVIL),,anvil)
+	FEDMDH_ANVIL="$(or $(FEDMDH_ANVIL),$$(ls $(TOOLS)/node_modules/@foundry-rs/anvil-*/bin/anvil | head -n 1))" \
+		$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: install
 	$(BIN)/python benchmarks/simulator_overhead.py

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fedmdh.algorithms import ALGORITHMS, LocalTraining, make_algorithm
+from fedmdh.algorithms import ALGORITHMS, LocalTraining, default_training, make_algorithm
 from fedmdh.runtime.simulator import simulate
 
 ROUNDS = 12
@@ -21,13 +21,16 @@ def name(request):
 
 
 def test_runs_and_learns(perovskite_fed, name):
-    res = simulate(perovskite_fed, make_algorithm(name), rounds=ROUNDS, seed=0)
-    assert len(res.history) == ROUNDS
+    # local's default (Adam, lr 0.001) first fits its own rows at the expense of the others' validation
+    # rows, and improves the federated validation loss from about round 25 on
+    rounds = 40 if name == "local" else ROUNDS
+    res = simulate(perovskite_fed, make_algorithm(name), rounds=rounds, seed=0)
+    assert len(res.history) == rounds
     assert set(res.models) == set(perovskite_fed.names)
     assert all(np.isfinite(h.rmse) for h in res.history)
     # validation loss of the kept model is below the first round's
     assert min(h.val_mse for h in res.history) < res.history[0].val_mse
-    assert 1 <= res.best_round <= ROUNDS
+    assert 1 <= res.best_round <= rounds
 
 
 def test_bit_identical_under_a_seed(perovskite_fed, name):
@@ -77,7 +80,7 @@ def test_no_raw_rows_in_outgoing_payloads(perovskite_fed, name):
 def test_fedprox_with_mu_zero_is_fedavg(perovskite_fed):
     from fedmdh.algorithms.fedavg import FedAvg
 
-    a = simulate(perovskite_fed, FedAvg(LocalTraining(), proximal_mu=0.0), rounds=3, seed=1)
+    a = simulate(perovskite_fed, FedAvg(default_training("fedavg"), proximal_mu=0.0), rounds=3, seed=1)
     b = simulate(perovskite_fed, make_algorithm("fedavg"), rounds=3, seed=1)
     p = simulate(perovskite_fed, make_algorithm("fedprox", proximal_mu=0.5), rounds=3, seed=1)
     inst = perovskite_fed.names[0]

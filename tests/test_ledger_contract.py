@@ -21,14 +21,14 @@ H = [bytes([i]) * 32 for i in range(1, 9)]
 class Task:
     """A deployed task with three registered participants (quorum 2, 2 rounds, vectors of 2)."""
 
-    def __init__(self, quorum: int = 2, rounds: int = 2, vector_len: int = 2) -> None:
+    def __init__(self, quorum: int = 2, rounds: int = 2, vector_len: int = 2, timeout: int = 0) -> None:
         self.chain = Chain.embedded()
         self.submitter = Account.create()
         self.members = [Account.create() for _ in range(3)]
         self.outsider = Account.create()
         self.chain.fund([a.address for a in (self.submitter, self.outsider, *self.members)])
         data = self.chain.deploy_data("e_form", "fedavg", rounds, quorum, vector_len, H[0],
-                                      [a.address for a in self.members])
+                                      [a.address for a in self.members], timeout)
         self.address = self.chain.transact(self.submitter, "deploy", None, data, gas=GAS["deploy"]).receipt[
             "contractAddress"]
         self.c = self.chain.contract(self.address)
@@ -233,16 +233,109 @@ def test_out_of_range_values_and_sample_counts_are_refused_with_a_message(task):
         codec.pack([codec.LIMIT])
 
 
-def test_only_the_latest_rounds_sums_are_kept_and_earlier_means_live_in_the_events(task):
-    # Prepare: round 1 completes, round 2 gets one commitment
-    task.commit_all(1)
-    task.attest_all(1, [H[5]] * 3)
-    task.tx(task.members[0], "commit", 2, H[1], 10, [3, 4])
+def test_only_the_latest_two_rounds_sums_are_kept_and_earlier_means_live_in_the_events():
+    # Prepare: rounds 1 and 2 complete, round 3 gets one commitment
+    task = Task(rounds=3)
+    for r in (1, 2):
+        task.commit_all(r, [[r, 2 * r]] * 3)
+        task.attest_all(r, [H[5]] * 3)
+    task.tx(task.members[0], "commit", 3, H[1], 10, [3, 4])
 
     # Execute / Assert
-    assert codec.unpack(task.c.functions.weighted_mean(2).call(), 2) == [3, 4]
-    with pytest.raises(Exception, match="only the latest round is kept"):
+    assert codec.unpack(task.c.functions.weighted_mean(3).call(), 2) == [3, 4]
+    assert codec.unpack(task.c.functions.weighted_mean(2).call(), 2) == [2, 4]
+    with pytest.raises(Exception, match="only the latest two rounds are kept"):
         task.c.functions.weighted_mean(1).call()
+
+
+# ------------------------------------------------------------------ deadlines and commit-ahead
+
+
+def _later(task: Task, seconds: int) -> None:
+    """Move the embedded chain's clock forward (the next block is mined that much later)."""
+    task.chain.tester.time_travel(int(task.chain.w3.eth.get_block("latest")["timestamp"]) + seconds)
+
+
+def test_round_two_can_be_committed_once_round_ones_commitments_close(task):
+    # Prepare
+    with pytest.raises(LedgerRevert, match="wrong round"):
+        task.tx(task.members[0], "commit", 2, H[1], 10, [1, 2])
+    task.commit_all(1)
+    # Execute: round 1 is still being attested; round 2's commitments are already open
+    task.tx(task.members[0], "commit", 2, H[1], 10, [5, 6])
+    task.attest_all(1, [H[5]] * 3)
+    task.tx(task.members[1], "commit", 2, H[2], 20, [5, 6])
+    # Assert: round 1 finalized with its own sums; round 2 accumulates in the other set
+    assert task.c.functions.current_round().call() == 2
+    assert task.c.functions.finalized_hash(1).call() == H[5]
+    assert codec.unpack(task.c.functions.weighted_mean(2).call(), 2) == [5, 6]
+    with pytest.raises(LedgerRevert, match="wrong round"):
+        task.tx(task.members[2], "commit", 3, H[3], 30, [1, 2])
+
+
+def test_a_round_closes_without_a_silent_participant_after_its_timeout():
+    # Prepare: two of three commit; the third is silent
+    task = Task(timeout=60)
+    for a, h, n in zip(task.members[:2], H[1:], (10, 20)):
+        task.tx(a, "commit", 1, h, n, [10, 40])
+    with pytest.raises(LedgerRevert, match="timeout has not passed"):
+        task.tx(task.outsider, "close_commits", 1)
+    # Execute: after the timeout anyone closes the commitments; the mean covers the committers only
+    _later(task, 61)
+    sent = task.tx(task.outsider, "close_commits", 1)
+    # Assert
+    (mean,) = [a for e, a in decode_logs(sent.record["logs"]) if e == "Aggregated"]
+    assert mean["total_examples"] == 30 and codec.unpack(mean["mean"], 2) == [10, 40]
+    with pytest.raises(LedgerRevert, match="commitments have closed"):
+        task.tx(task.members[2], "commit", 1, H[3], 30, [1, 2])
+    with pytest.raises(LedgerRevert, match="did not commit"):
+        task.tx(task.members[2], "attest", 1, H[5])
+    # the two committers attest: every committer has, so the round finalizes with a quorum of 2
+    task.tx(task.members[0], "attest", 1, H[5])
+    sent = task.tx(task.members[1], "attest", 1, H[5])
+    assert [e for e, _ in decode_logs(sent.record["logs"])] == ["Attested", "RoundFinalized"]
+    assert task.c.functions.current_round().call() == 2
+
+
+def test_below_the_quorum_a_round_stays_open_until_the_missing_come_back():
+    # Prepare: one of three commits (quorum 2), the timeout passes
+    task = Task(timeout=60)
+    task.tx(task.members[0], "commit", 1, H[1], 10, [1, 2])
+    _later(task, 61)
+    # Execute / Assert: nobody can close it short of the quorum; a returning participant still commits
+    with pytest.raises(LedgerRevert, match="fewer commitments than the quorum"):
+        task.tx(task.outsider, "close_commits", 1)
+    task.tx(task.members[1], "commit", 1, H[2], 20, [1, 2])
+    task.tx(task.outsider, "close_commits", 1)
+    assert task.c.functions.commits_closed(1).call()
+    assert not task.c.functions.failed().call()
+
+
+def test_after_the_timeout_a_round_still_needs_a_quorum_on_one_hash():
+    # Prepare: all three commit; two attest different hashes, the third is silent so far
+    task = Task(timeout=60)
+    task.commit_all(1)
+    task.tx(task.members[0], "attest", 1, H[5])
+    with pytest.raises(LedgerRevert, match="timeout has not passed"):
+        task.tx(task.outsider, "close_round", 1)
+    task.tx(task.members[1], "attest", 1, H[6])
+    _later(task, 61)
+    # Execute / Assert: one vote each, short of the quorum of 2: not yet
+    with pytest.raises(LedgerRevert, match="no aggregate has a quorum"):
+        task.tx(task.outsider, "close_round", 1)
+    assert not task.c.functions.failed().call()
+    # the third agrees with the first: every committer attested, 2 votes of 3, finalized with dissent
+    sent = task.tx(task.members[2], "attest", 1, H[5])
+    events = [e for e, _ in decode_logs(sent.record["logs"])]
+    assert events == ["Attested", "Dissent", "RoundFinalized"]
+
+
+def test_a_task_without_a_timeout_waits_for_everyone(task):
+    task.tx(task.members[0], "commit", 1, H[1], 10, [1, 2])
+    task.tx(task.members[1], "commit", 1, H[2], 20, [1, 2])
+    _later(task, 10**6)
+    with pytest.raises(LedgerRevert, match="no round timeout"):
+        task.tx(task.outsider, "close_commits", 1)
 
 
 def test_a_batch_the_chain_refuses_changes_nothing_and_the_transactions_go_one_by_one(task):

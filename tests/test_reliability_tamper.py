@@ -461,7 +461,8 @@ def test_an_embedded_run_keeps_its_keys_out_of_the_run_folder_in_0600_files(reco
     # Assert
     keys = sorted((fedmdh_home / "keystore" / "embedded").glob("*.json"))
     assert not (recorded / "ledger" / "keystore").exists()
-    assert [k.name for k in keys] == ["submitter.json", "train_part0.json", "train_part1.json", "train_part2.json"]
+    # (other tests of the session add their institutions' keys to the same keystore)
+    assert {"submitter.json", "train_part0.json", "train_part1.json", "train_part2.json"} <= {k.name for k in keys}
     assert all(stat.S_IMODE(k.stat().st_mode) == 0o600 for k in keys)
 
 

@@ -14,8 +14,11 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
-from rich.table import Table
+from rich.markup import escape
+from rich.text import Text
 
+from fedmdh import defaults
+from fedmdh.cli_output import TrainingProgress, add_row, print_line, print_table, table
 from fedmdh.errors import FedmdhError
 
 app = typer.Typer(
@@ -53,11 +56,20 @@ def heterogeneity(
     if as_json:
         print(json.dumps(h.to_dict(), indent=2))
         return
-    console.print(f"H = {h.H:.4f}   alpha = {h.alpha:.4f}   KL_avg = {h.KL_avg:.4f}")
-    table = Table("institution", "rows", "columns", f"{target} mean", f"{target} std", "KL(P_i||P)")
+    print_line(console, f"H = {h.H:.4f}   alpha = {h.alpha:.4f}   KL_avg = {h.KL_avg:.4f}")
+    t = table("institution", "rows", "columns", f"{target} mean", f"{target} std", "KL(P_i||P)")
     for s, kl in zip(h.institutions, h.kl):
-        table.add_row(s.name, str(s.rows), str(s.columns), f"{s.label_mean:.4f}", f"{s.label_std:.4f}", f"{kl:.4f}")
-    console.print(table)
+        add_row(t, s.name, s.rows, s.columns, f"{s.label_mean:.4f}", f"{s.label_std:.4f}", f"{kl:.4f}")
+    print_table(console, t)
+
+
+def _with_default(text: str, default: object) -> str:
+    """Help text ending in ``[default: X]`` for an option whose ``None`` means "the config's, else X".
+
+    The help is rich markup: the brackets are escaped, else rich takes them for a style tag and
+    drops them (leaving "Communication rounds .").
+    """
+    return f"{text} {escape(f'[default: {default}]')}"
 
 
 def _expand_multi(argv: list[str], option: str) -> list[str]:
@@ -75,19 +87,6 @@ def _expand_multi(argv: list[str], option: str) -> list[str]:
         out.append(tok)
         i += 1
     return out
-
-
-def _progress_bar(total: int):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=err_console,
-        transient=False,
-    )
 
 
 def _experiment_config(
@@ -136,7 +135,13 @@ InstitutionsOpt = Annotated[
 ]
 TestOpt = Annotated[Optional[Path], typer.Option("--test", help="Shared test CSV (carries every column).")]
 TargetOpt = Annotated[Optional[str], typer.Option("--target", help="Target column.")]
-RoundsOpt = Annotated[Optional[int], typer.Option("--rounds", help="Communication rounds [default 400].")]
+RoundsOpt = Annotated[
+    Optional[int], typer.Option("--rounds", help=_with_default("Communication rounds.", defaults.ROUNDS))
+]
+OverwriteOpt = Annotated[
+    bool, typer.Option("--overwrite", help="Replace what an earlier fedmdh run wrote in --out (else a non-empty "
+                                           "--out is refused).")
+]
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", help="TOML file with the same settings.")]
 NoGfamOpt = Annotated[bool, typer.Option("--no-gfam", help="fedmdh without GFAM (ablation).")]
 NoCganOpt = Annotated[bool, typer.Option("--no-cgan", help="fedmdh without GPD-CGAN (ablation).")]
@@ -145,16 +150,16 @@ NoRkdOpt = Annotated[bool, typer.Option("--no-rkd", help="fedmdh without RKD (ab
 
 GfamOpt = Annotated[
     Optional[str],
-    typer.Option("--gfam", metavar="union|per-institution",
-                 help="fedmdh's GFAM mapping: one encoder over the union of the columns, or a private "
-                      "encoder per institution over its own columns [default: union]."),
+    typer.Option("--gfam", metavar="MAPPING",
+                 help="fedmdh's GFAM mapping: union (one encoder over the union of the columns, the default) "
+                      "or per-institution (a private encoder per institution over its own columns)."),
 ]
 LocalGuardOpt = Annotated[
     Optional[str],
-    typer.Option("--local-guard", metavar="blend|choose|off",
-                 help="Every institution also trains its own local model and keeps, on its own validation "
-                      "rows, a mixture of it and the federated one (blend), the better of the two (choose), "
-                      "or the federated one (off) [default: blend under own selection]."),
+    typer.Option("--local-guard", metavar="MODE",
+                 help="off (the default), choose or blend: every institution also trains its own local model "
+                      "and keeps, on its own validation rows, the better of it and the federated one (choose) "
+                      "or a mixture of the two (blend)."),
 ]
 
 
@@ -173,9 +178,9 @@ ChainRpcOpt = Annotated[
 ClipOpt = Annotated[
     Optional[str],
     typer.Option("--clip-inputs", metavar="MARGIN|off",
-                 help="Clip each institution's inputs to its training range widened by MARGIN x the range "
-                      "(0: the range itself) where its model meets rows it did not train on; off: never "
-                      "[default: 1]."),
+                 help=_with_default("Clip each institution's inputs to its training range widened by MARGIN x the "
+                                    "range (0: the range itself) where its model meets rows it did not train on; "
+                                    "off: never.", 1)),
 ]
 
 
@@ -194,9 +199,9 @@ def _clip_option(value: Optional[str]) -> dict:
 SelectionOpt = Annotated[
     Optional[str],
     typer.Option("--selection", metavar="own|federated",
-                 help="Model selection: each institution on its own validation rows (own, what a deployment "
-                      "does), or on every institution's validation rows through its columns (federated, "
-                      "simulator only) [default: own]."),
+                 help=_with_default("Model selection: each institution on its own validation rows (own, what a "
+                                    "deployment does), or on every institution's validation rows through its "
+                                    "columns (federated, simulator only).", "own")),
 ]
 ExcludeOpt = Annotated[
     Optional[list[str]], typer.Option("--exclude", help="Column that is neither feature nor target (repeatable).")
@@ -204,25 +209,25 @@ ExcludeOpt = Annotated[
 
 
 def _print_final(result, title: str) -> None:
-    table = Table("institution", "RMSE", "MAE", "R2", title=title)
+    t = table("institution", "RMSE", "MAE", "R2", title=title)
     for name, m in result.final_per_institution.items():
-        table.add_row(name, f"{m['rmse']:.4f}", f"{m['mae']:.4f}", f"{m['r2']:.4f}")
+        add_row(t, name, f"{m['rmse']:.4f}", f"{m['mae']:.4f}", f"{m['r2']:.4f}")
     f = result.final
-    table.add_row("[bold]mean", f"[bold]{f['rmse']:.4f}", f"[bold]{f['mae']:.4f}", f"[bold]{f['r2']:.4f}")
-    console.print(table)
+    add_row(t, "mean", f"{f['rmse']:.4f}", f"{f['mae']:.4f}", f"{f['r2']:.4f}", bold=True)
+    print_table(console, t)
 
 
 def _print_summary(results, institutions: list[str], target: str) -> None:
     from fedmdh.experiment.report import summarize
 
-    table = Table("algorithm", "seeds", f"RMSE [{target}]", "MAE", "R2", *[f"R2 {i}" for i in institutions],
-                  title="mean ± std over seeds (test set, each institution through its own columns)")
+    t = table("algorithm", "seeds", f"RMSE [{target}]", "MAE", "R2", *[f"R2 {i}" for i in institutions],
+              title="mean ± std over seeds (test set, each institution through its own columns)")
     for name, s in summarize(results).items():
         n = sum(1 for r in results if r.algorithm == name)
         cells = [f"{s[k][0]:.4f} ± {s[k][1]:.4f}" for k in ("rmse", "mae", "r2")]
         cells += [f"{s[f'r2[{i}]'][0]:.3f} ± {s[f'r2[{i}]'][1]:.3f}" for i in institutions]
-        table.add_row(name, str(n), *cells)
-    console.print(table)
+        add_row(t, name, n, *cells)
+    print_table(console, t)
 
 
 @app.command()
@@ -231,9 +236,13 @@ def run(
     institutions: InstitutionsOpt = None,
     test: TestOpt = None,
     target: TargetOpt = None,
-    algorithm: Annotated[str, typer.Option("--algorithm", help="Algorithm to train.")] = "fedavg",
+    algorithm: Annotated[
+        str, typer.Option("--algorithm", help=f"Algorithm to train: {', '.join(defaults.ALGORITHM_NAMES)}.")
+    ] = defaults.RUN_ALGORITHM,
     rounds: RoundsOpt = None,
-    seed: Annotated[Optional[int], typer.Option("--seed", help="Seed [default 0].")] = None,
+    seed: Annotated[
+        Optional[int], typer.Option("--seed", help=_with_default("Seed.", defaults.FIRST_SEED))
+    ] = None,
     exclude: ExcludeOpt = None,
     clip_inputs: ClipOpt = None,
     selection: SelectionOpt = None,
@@ -245,10 +254,12 @@ def run(
     no_rkd: NoRkdOpt = False,
     gfam: GfamOpt = None,
     local_guard: LocalGuardOpt = None,
+    overwrite: OverwriteOpt = False,
 ) -> None:
     """Train one federation (the main job); save each institution's model and the metrics.
 
-    Records the task and every round to a blockchain ledger (default: an embedded chain).
+    Records the task and every round to a blockchain ledger (default: an embedded chain). --out must
+    be new or empty (or give --overwrite); the best models so far are saved as the run goes.
     """
     cfg = _experiment_config(
         config, institutions, test, target, rounds=rounds, first_seed=seed,
@@ -256,7 +267,7 @@ def run(
         selection=selection, local_guard=local_guard,
         switches=_switches(no_gfam, no_cgan, no_rkd, gfam),
     )
-    _run_and_report(cfg, algorithm, out, _ledger_options(ledger, chain_rpc, "embedded"))
+    _run_and_report(cfg, algorithm, out, _ledger_options(ledger, chain_rpc, "embedded"), overwrite)
 
 
 @app.command()
@@ -268,18 +279,11 @@ def predict(
 ) -> None:
     """Predict new materials with an institution's saved model (its own columns are enough)."""
     from fedmdh.data.io import read_csv_checked
-    from fedmdh.errors import InputError
     from fedmdh.experiment.models import load_model
+    from fedmdh.outputs import check_output_file
 
-    candidates = [model / "models" / institution, model / institution]
-    folder = next((c for c in candidates if (c / "model.json").exists()), None)
-    if folder is None:
-        names = sorted(p.name for p in (model / "models").glob("*") if (p / "model.json").exists()) if (
-            model / "models").is_dir() else sorted(p.name for p in model.glob("*") if (p / "model.json").exists())
-        raise InputError(
-            f"{model}: no saved model for institution {institution!r}"
-            f"{f' (found: {names})' if names else ''}; give the folder written by `fedmdh run`."
-        )
+    folder = _model_folder(model, institution)
+    check_output_file(output_csv, "OUT.csv")
     m = load_model(folder)
     frame = read_csv_checked(input_csv)
     target = m.info.get("target", "y")
@@ -287,10 +291,44 @@ def predict(
     out = frame.copy()
     out[f"predicted_{target}"] = m.scaler.y_from_std(m.predict_std(X))
     out.to_csv(output_csv, index=False)
-    console.print(
+    print_line(
+        console,
         f"predicted {target} for {len(frame)} rows with {institution}'s {m.algorithm} model "
         f"({n_imputed} missing values imputed from its training means) -> {output_csv}",
-        highlight=False,
+    )
+
+
+def _model_folder(model: Path, institution: str) -> Path:
+    """The saved model of ``institution`` in the run folder ``model`` (or its models/ folder, or the model's own)."""
+    from fedmdh.errors import InputError
+
+    if not institution or institution in (".", "..") or "/" in institution or "\\" in institution \
+            or "\0" in institution:
+        raise InputError(f"--institution {institution!r}: is not an institution name (names hold no path "
+                         "separators and are not '.' or '..'); give a name such as the file stem of its CSV.")
+    if not model.is_dir():
+        raise InputError(f"{model}: --model folder not found; give the folder written by `fedmdh run`.")
+    own = model / "model.json"
+    if own.is_file():  # --model RUN/models/NAME: the model's own folder
+        try:
+            found = json.loads(own.read_text(encoding="utf-8")).get("institution")
+        except (OSError, ValueError):
+            found = None
+        if found != institution:
+            raise InputError(f"{model}: holds the model of institution {found!r}, not {institution!r}; give "
+                             "--model RUN (the run folder) or that institution's own folder.")
+        return model
+    root = model.resolve()
+    for candidate in (model / "models" / institution, model / institution):
+        if (candidate / "model.json").is_file():
+            if not candidate.resolve().is_relative_to(root):
+                raise InputError(f"{candidate}: resolves outside {model}; refusing to load a model from elsewhere.")
+            return candidate
+    models = model / "models" if (model / "models").is_dir() else model
+    names = sorted(p.name for p in models.glob("*") if (p / "model.json").is_file())
+    raise InputError(
+        f"{model}: no saved model for institution {institution!r}"
+        f"{f' (found: {names})' if names else ''}; give the folder written by `fedmdh run`."
     )
 
 
@@ -300,33 +338,32 @@ def _ledger_options(mode: Optional[str], chain_rpc: Optional[str], default: str)
     return LedgerOptions.parse(mode, chain_rpc, default)
 
 
-def _run_and_report(cfg, algorithm: str, out: Path, ledger=None) -> None:
-    from fedmdh.experiment.runner import load_tables, run_experiment
+def _run_and_report(cfg, algorithm: str, out: Path, ledger=None, overwrite: bool = False) -> None:
+    from fedmdh.experiment.runner import check_inputs, run_experiment
+    from fedmdh.outputs import claim_output_dir
 
-    tables = load_tables(cfg)  # validate every file before any progress display
-    with _progress_bar(cfg.rounds) as bar:
-        task = bar.add_task(f"{algorithm} seed {cfg.first_seed}", total=cfg.rounds)
-
-        def progress(alg, seed, rnd, total, rec):
-            bar.update(task, completed=rnd, description=f"{alg} seed {seed} rmse {rec.rmse:.4f}")
-
-        result = run_experiment(cfg, algorithm, out, progress=progress, tables=tables, ledger=ledger)
+    tables = check_inputs(cfg)  # every file and the federation's layout, before any progress display
+    with claim_output_dir(out, overwrite=overwrite) as claim, \
+            TrainingProgress(err_console, f"{algorithm} seed {cfg.first_seed}", 1, cfg.rounds) as progress:
+        result = run_experiment(cfg, algorithm, claim, progress=progress, tables=tables, ledger=ledger)
     from fedmdh.experiment.runner import kept_rounds_text
 
     _print_final(result, f"{algorithm}: test metrics (models {kept_rounds_text(result.best_rounds)}, chosen on validation)")
-    console.print(f"saved models, metrics.jsonl and final_metrics.json to {out}")
+    print_line(console, f"saved models, metrics.jsonl and final_metrics.json to {out}")
 
 
-@app.command()
 def benchmark(
     out: Annotated[Path, typer.Option("--out", help="Output folder (created).")],
     institutions: InstitutionsOpt = None,
     test: TestOpt = None,
     target: TargetOpt = None,
     algorithms: Annotated[
-        Optional[str], typer.Option("--algorithms", help="Comma-separated [default local,pooled,fedavg,fedprox].")
+        Optional[str], typer.Option("--algorithms", help=_with_default(
+            f"Comma-separated, from: {', '.join(defaults.ALGORITHM_NAMES)}.", ",".join(defaults.BENCHMARK_ALGORITHMS)))
     ] = None,
-    seeds: Annotated[Optional[int], typer.Option("--seeds", help="Number of seeds [default 3].")] = None,
+    seeds: Annotated[
+        Optional[int], typer.Option("--seeds", help=_with_default("Number of seeds.", defaults.SEEDS))
+    ] = None,
     rounds: RoundsOpt = None,
     exclude: ExcludeOpt = None,
     clip_inputs: ClipOpt = None,
@@ -339,13 +376,10 @@ def benchmark(
     no_rkd: NoRkdOpt = False,
     gfam: GfamOpt = None,
     local_guard: LocalGuardOpt = None,
+    overwrite: OverwriteOpt = False,
 ) -> None:
-    """Run every algorithm and seed; write results.csv, summary.md, curves.png, federation.json, config.toml.
-
-    Algorithms: local, pooled, fedavg, fedprox, fedmdh and its ablations fedmdh-no-gfam,
-    fedmdh-no-cgan, fedmdh-no-rkd (or --no-gfam/--no-cgan/--no-rkd, which switch fedmdh itself).
-    """
-    from fedmdh.experiment.runner import load_tables, run_benchmark
+    from fedmdh.experiment.runner import check_inputs, run_benchmark
+    from fedmdh.outputs import claim_output_dir
 
     cfg = _experiment_config(
         config, institutions, test, target, algorithms=_algorithms_option(algorithms), seeds=seeds,
@@ -353,26 +387,23 @@ def benchmark(
         clip=_clip_option(clip_inputs), selection=selection, local_guard=local_guard,
     )
     ledger_options = _ledger_options(ledger, chain_rpc, "off")
-    tables = load_tables(cfg)  # validate every file before any progress display
-    total = len(cfg.algorithms) * cfg.seeds * cfg.rounds
-    done = {"runs": 0}
-    with _progress_bar(total) as bar:
-        task = bar.add_task("benchmark", total=total)
-
-        def progress(alg, seed, rnd, rounds_, rec):
-            bar.update(
-                task,
-                completed=done["runs"] * rounds_ + rnd,
-                description=f"{alg} seed {seed} round {rnd}/{rounds_} rmse {rec.rmse:.4f}",
-            )
-            if rnd == rounds_:
-                done["runs"] += 1
-
-        res = run_benchmark(cfg, out, progress=progress, command="fedmdh " + " ".join(_ARGV), tables=tables,
+    tables = check_inputs(cfg)  # every file and the federation's layout, before any progress display
+    with claim_output_dir(out, overwrite=overwrite) as claim, \
+            TrainingProgress(err_console, "benchmark", len(cfg.algorithms) * cfg.seeds, cfg.rounds) as progress:
+        res = run_benchmark(cfg, claim, progress=progress, command="fedmdh " + " ".join(_ARGV), tables=tables,
                             ledger=ledger_options)
     names = [d["name"] for d in res.federation["institutions"]]
     _print_summary(res.results, names, cfg.target)
-    console.print(f"wrote results.csv, summary.md, curves.png, federation.json, config.toml to {out}")
+    print_line(console, f"wrote results.csv, summary.md, curves.png, federation.json, config.toml to {out}")
+
+
+benchmark.__doc__ = (
+    "Run every algorithm and seed; write results.csv, summary.md, curves.png, federation.json, config.toml.\n\n"
+    f"Algorithms: {', '.join(defaults.ALGORITHM_NAMES)} (fedmdh-no-gfam, -no-cgan and -no-rkd are FedMDH's "
+    "ablations; --no-gfam/--no-cgan/--no-rkd switch fedmdh itself). --out must be new or empty (or give "
+    "--overwrite)."
+)
+app.command()(benchmark)
 
 
 @app.command()
@@ -384,6 +415,7 @@ def demo(
     rounds: RoundsOpt = None,
     ledger: LedgerOpt = None,
     chain_rpc: ChainRpcOpt = None,
+    overwrite: OverwriteOpt = False,
 ) -> None:
     """The main job on the built-in default: FedAvg on the FedMDH paper's perovskite split.
 
@@ -393,13 +425,14 @@ def demo(
     from fedmdh.config import ExperimentConfig
     from fedmdh.data.datasets import default_federation
 
-    fed = default_federation(data_dir=data_dir, notify=lambda msg: err_console.print(msg, highlight=False))
-    console.print(f"data: {fed.description} ({fed.source})", highlight=False)
+    fed = default_federation(data_dir=data_dir, notify=lambda msg: print_line(err_console, msg),
+                             local_copy_hint="--data-dir DIR")
+    print_line(console, f"data: {fed.description} ({fed.source})")
     cfg = ExperimentConfig(
         institutions=tuple(str(p) for p in fed.institutions), test=str(fed.test), target=fed.target,
         algorithms=("fedavg",), seeds=1, **({"rounds": rounds} if rounds else {}),
     )
-    _run_and_report(cfg, "fedavg", out, _ledger_options(ledger, chain_rpc, "embedded"))
+    _run_and_report(cfg, "fedavg", out, _ledger_options(ledger, chain_rpc, "embedded"), overwrite)
 
 
 _ARGV: list[str] = []
@@ -440,8 +473,8 @@ def main(argv: list[str] | None = None) -> None:
     except SystemExit as exc:  # click exits even on success; return normally then
         if exc.code not in (0, None):
             raise
-    except FedmdhError as exc:
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+    except FedmdhError as exc:  # the message is user text: printed verbatim, never read as markup
+        err_console.print(Text.assemble(("error:", "bold red"), " ", str(exc)), highlight=False, soft_wrap=True)
         sys.exit(2)
 
 

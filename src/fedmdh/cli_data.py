@@ -6,48 +6,18 @@ Thin layers over :mod:`fedmdh.data.featurize` and :mod:`fedmdh.data.partition`; 
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
-from rich.table import Table
+
+from fedmdh.cli_output import CountProgress, add_row, print_line, print_table, table
 
 console = Console()
 err_console = Console(stderr=True)
 
-_BAR_MIN = 200  # show a progress bar from this many distinct formulas on
-
-
-@contextlib.contextmanager
-def _progress(label: str) -> Iterator:
-    """A ``progress(done, total)`` callback drawing a rich bar on stderr for long inputs."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                   console=err_console, transient=True)
-    state: dict = {}
-
-    def update(done: int, total: int) -> None:
-        if total < _BAR_MIN:
-            return
-        key = state.get("key")
-        if key is None or state.get("total") != total or done < state.get("done", 0):
-            if not state.get("started"):
-                bar.start()
-                state["started"] = True
-            state["key"] = bar.add_task(label, total=total)
-            state["total"] = total
-        state["done"] = done
-        bar.update(state["key"], completed=done)
-
-    try:
-        yield update
-    finally:
-        if state.get("started"):
-            bar.stop()
+_BAR_MIN = 200  # show progress from this many distinct formulas on
 
 
 def featurize(
@@ -64,18 +34,20 @@ def featurize(
     from fedmdh.data.featurize import featurize_frame
     from fedmdh.data.io import read_csv_checked
 
+    from fedmdh.outputs import check_output_file
+
+    check_output_file(output_csv, "OUT.csv")
     frame = read_csv_checked(input_csv)
-    with _progress(f"featurizing ({preset})") as cb:
+    with CountProgress(err_console, f"featurizing {input_csv.name} ({preset}), formulas", _BAR_MIN) as cb:
         out, report = featurize_frame(frame, formula_column, preset, source=str(input_csv), strict=strict,
                                       progress=cb)
     if report.n_bad:
-        err_console.print(f"[yellow]warning:[/] {report.warning_line()}", highlight=False, soft_wrap=True)
-    output_csv.parent.mkdir(parents=True, exist_ok=True)
+        print_line(err_console, f"warning: {report.warning_line()}")
     out.to_csv(output_csv, index=False, lineterminator="\n")
-    console.print(
+    print_line(
+        console,
         f"wrote {output_csv}: {report.rows_out} rows, {len(report.features)} {preset} features "
         f"({report.unique_formulas} distinct formulas, {report.seconds:.1f} s)",
-        highlight=False,
     )
 
 
@@ -120,8 +92,13 @@ def partition(
         "formula_column": formula_column, "featurizers": presets, "shared_featurizer": shared_featurizer,
         "exclude": list(exclude or []), "strict": strict,
     }
+    from fedmdh.outputs import check_output_dir
+
+    check_output_dir(out, "--out")
     frame = read_csv_checked(data)
-    with _progress("featurizing") as cb:
+    label = f"featurizing with {', '.join(dict.fromkeys([*presets, *([shared_featurizer] if shared_featurizer else [])]))}, formulas" \
+        if presets or shared_featurizer else "featurizing, formulas"
+    with CountProgress(err_console, label, _BAR_MIN) as cb:
         part = make_partition(
             frame, target, institutions, targets, seed,
             test_fraction=test_fraction, formula_column=formula_column, featurizers=presets,
@@ -131,23 +108,22 @@ def partition(
     if part.dropped_rows:
         from fedmdh.data.io import line_numbers
 
-        err_console.print(
-            f"[yellow]warning:[/] {data}: dropped {len(part.dropped_rows)} rows whose formula could not be parsed "
+        print_line(
+            err_console,
+            f"warning: {data}: dropped {len(part.dropped_rows)} rows whose formula could not be parsed "
             f"({line_numbers(part.dropped_rows)}); pass --strict to stop on them.",
-            highlight=False, soft_wrap=True,
         )
     write_partition(part, out)
     a, t = part.achieved, part.targets
-    summary = Table("", "requested", "achieved", title=f"degree {t.name}, seed {seed}")
-    summary.add_row("H", f"{t.H:.4f}", f"{a.H:.4f}")
-    summary.add_row("alpha", f"{t.alpha:.4f}", f"{a.alpha:.4f}")
-    summary.add_row("KL_avg", f"{t.kl:.4f}", f"{a.KL_avg:.4f}")
-    console.print(summary)
-    inst = Table("institution", "rows", "features", "featurizer", "KL(P_i||P)")
+    summary = table("", "requested", "achieved", title=f"degree {t.name}, seed {seed}")
+    add_row(summary, "H", f"{t.H:.4f}", f"{a.H:.4f}")
+    add_row(summary, "alpha", f"{t.alpha:.4f}", f"{a.alpha:.4f}")
+    add_row(summary, "KL_avg", f"{t.kl:.4f}", f"{a.KL_avg:.4f}")
+    print_table(console, summary)
+    inst = table("institution", "rows", "features", "featurizer", "KL(P_i||P)")
     for i, s in enumerate(a.institutions):
-        inst.add_row(s.name, str(s.rows), str(s.columns), part.featurizers[i] if part.featurizers else "-",
-                     f"{a.kl[i]:.4f}")
-    inst.add_row("test", str(part.test_rows.size), str(len(part.union_features)), "", "")
-    console.print(inst)
+        add_row(inst, s.name, s.rows, s.columns, part.featurizers[i] if part.featurizers else "-", f"{a.kl[i]:.4f}")
+    add_row(inst, "test", part.test_rows.size, len(part.union_features), "", "")
+    print_table(console, inst)
     if part.unused_rows.size:
-        console.print(f"{part.unused_rows.size} training rows left unused by the sizes.", highlight=False)
+        print_line(console, f"{part.unused_rows.size} training rows left unused by the sizes.")

@@ -24,6 +24,8 @@ Relative paths are resolved against the config file's folder.
 
 from __future__ import annotations
 
+import numbers
+import os
 import tomllib
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -32,28 +34,16 @@ from typing import Any
 
 import tomli_w
 
+from fedmdh import defaults
 from fedmdh.algorithms import ALGORITHMS, LocalTraining, make_algorithm
 from fedmdh.algorithms.base import Algorithm
 from fedmdh.errors import InputError
 
-#: Per-algorithm defaults, chosen on validation splits of the training data (see docs/algorithms.md).
-ALGORITHM_DEFAULTS: dict[str, dict[str, Any]] = {
-    "local": {"optimizer": "adam", "lr": 0.001},
-    "pooled": {"optimizer": "adam", "lr": 0.003},
-    "fedavg": {"optimizer": "sgd", "lr": 0.2},
-    "fedprox": {"optimizer": "sgd", "lr": 0.2, "proximal_mu": 0.01},
-    "fedmdh": {"optimizer": "sgd", "lr": 0.2},
-    "fedmdh-no-gfam": {"optimizer": "sgd", "lr": 0.2},
-    "fedmdh-no-cgan": {"optimizer": "sgd", "lr": 0.2},
-    "fedmdh-no-rkd": {"optimizer": "sgd", "lr": 0.2},
-    "fedgan": {"optimizer": "sgd", "lr": 0.2},
-    "flic": {"optimizer": "sgd", "lr": 0.05},
-    "fedgen": {"optimizer": "sgd", "lr": 0.2, "max_grad_norm": 1.0},
-    "fedkd": {"optimizer": "sgd", "lr": 0.2},
-}
+#: Per-algorithm defaults: one table, in :mod:`fedmdh.defaults`, read by make_algorithm and the CLI alike.
+ALGORITHM_DEFAULTS = defaults.ALGORITHM_DEFAULTS
 
 #: The local guard under own selection unless a config sets one (chosen on validation: docs/tuning.md).
-DEFAULT_LOCAL_GUARD = "blend"
+DEFAULT_LOCAL_GUARD = "off"
 GUARD_MODES = ("off", "choose", "blend")
 
 _TRAINING_KEYS = {f.name for f in fields(LocalTraining)}
@@ -67,10 +57,10 @@ class ExperimentConfig:
     institutions: tuple[str, ...]
     test: str
     target: str
-    algorithms: tuple[str, ...] = ("local", "pooled", "fedavg", "fedprox")
-    seeds: int = 3
-    first_seed: int = 0
-    rounds: int = 400
+    algorithms: tuple[str, ...] = defaults.BENCHMARK_ALGORITHMS
+    seeds: int = defaults.SEEDS
+    first_seed: int = defaults.FIRST_SEED
+    rounds: int = defaults.ROUNDS
     val_fraction: float = 0.15
     clip_inputs: float | None = 1.0  # margin, in training-range widths; None: no clipping
     selection: str = "own"  # model selection: "own" validation rows, or "federated" (simulator only)
@@ -84,7 +74,9 @@ class ExperimentConfig:
     algorithm_settings: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        check_types({f.name: getattr(self, f.name) for f in fields(self)})
         object.__setattr__(self, "institutions", tuple(str(p) for p in self.institutions))
+        object.__setattr__(self, "test", str(self.test))
         object.__setattr__(self, "algorithms", tuple(self.algorithms))
         object.__setattr__(self, "exclude", tuple(self.exclude))
         object.__setattr__(self, "hidden", tuple(int(h) for h in self.hidden))
@@ -119,8 +111,11 @@ class ExperimentConfig:
         if self.selection == "federated" and self.local_guard not in (None, "off"):
             raise InputError(f"local_guard {self.local_guard!r} selects on each institution's own validation rows; "
                              "with selection 'federated' leave it out or set it to off.")
-        if self.local_steps < 1 or self.batch_size < 1:
-            raise InputError("local_steps and batch_size must be >= 1.")
+        if self.rounds * self.local_steps > defaults.MAX_STEPS:
+            raise InputError(
+                f"rounds x local_steps = {self.rounds * self.local_steps:,} minibatch steps per institution exceeds "
+                f"the bound {defaults.MAX_STEPS:,}; lower rounds or local_steps."
+            )
         for a in self.algorithms:  # fail now, not after an hour of other algorithms
             self.build_algorithm(a)
 
@@ -202,6 +197,91 @@ class ExperimentConfig:
         Path(path).write_text(tomli_w.dumps(self.to_toml_dict()), encoding="utf-8")
 
 
+def _kind(value: Any) -> str:
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, str):
+        return f"the string {value!r}"
+    if isinstance(value, (list, tuple)):
+        return "a list"
+    if isinstance(value, Mapping):
+        return "a table"
+    return repr(value)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+def _int_in(key: str, value: Any, lo: int | None, hi: int | None, where: str) -> None:
+    if not _is_int(value) or (lo is not None and value < lo) or (hi is not None and value > hi):
+        bound = (f" >= {lo}" if lo is not None else "") + (f" and <= {hi:,}" if hi is not None else "")
+        raise InputError(f"{where}{key} must be{bound} (an integer), got {_kind(value)}.")
+
+
+def _strings(key: str, value: Any, where: str, example: str, paths: bool = False) -> None:
+    ok = (str, os.PathLike) if paths else str
+    if isinstance(value, (str, os.PathLike)) or not isinstance(value, (list, tuple)) or not all(
+            isinstance(v, ok) for v in value):
+        what = "file paths" if paths else "strings"
+        raise InputError(f"{where}{key} must be a list of {what}, e.g. {key} = {example}, got {_kind(value)}.")
+
+
+def check_types(kw: Mapping[str, Any], where: str = "") -> None:
+    """Refuse values of the wrong type or out of bounds, one line naming the setting (``where`` prefixes it).
+
+    The keys are :class:`ExperimentConfig`'s fields; absent keys are not checked.
+    """
+    if "selection" in kw and kw["selection"] not in ("own", "federated"):
+        raise InputError(f"{where}selection must be \"own\" or \"federated\", got {_kind(kw['selection'])}.")
+    if kw.get("local_guard") is not None and kw["local_guard"] not in GUARD_MODES:
+        raise InputError(f"{where}local_guard must be one of " + ", ".join(f'"{m}"' for m in GUARD_MODES)
+                         + f", got {_kind(kw['local_guard'])}.")
+    if "target" in kw and not isinstance(kw["target"], str):
+        raise InputError(f"{where}target must be a column name (a string), got {_kind(kw['target'])}.")
+    if "test" in kw and not isinstance(kw["test"], (str, os.PathLike)):
+        raise InputError(f"{where}test must be a file path (a string), got {_kind(kw['test'])}.")
+    if "institutions" in kw:
+        _strings("institutions", kw["institutions"], where, '["a.csv", "b.csv"]', paths=True)
+    if "exclude" in kw:
+        _strings("exclude", kw["exclude"], where, '["id", "formula"]')
+    if "algorithms" in kw:
+        _strings("algorithms", kw["algorithms"], where, '["fedavg", "fedmdh"]')
+    for key, lo, hi in (("rounds", 1, defaults.MAX_ROUNDS), ("seeds", 1, defaults.MAX_SEEDS),
+                        ("first_seed", None, None), ("local_steps", 1, defaults.MAX_LOCAL_STEPS),
+                        ("batch_size", 1, defaults.MAX_BATCH_SIZE)):
+        if key in kw:
+            _int_in(key, kw[key], lo, hi, where)
+    if "val_fraction" in kw and not _is_number(kw["val_fraction"]):
+        raise InputError(f"{where}val_fraction must be a number in [0, 0.5), got {_kind(kw['val_fraction'])}.")
+    if "clip_inputs" in kw and kw["clip_inputs"] is not None and not _is_number(kw["clip_inputs"]):
+        raise InputError(f"{where}clip_inputs must be a margin >= 0 or false, got {_kind(kw['clip_inputs'])}.")
+    if "hidden" in kw:
+        h = kw["hidden"]
+        if (isinstance(h, str) or not isinstance(h, (list, tuple)) or not 1 <= len(h) <= defaults.MAX_LAYERS
+                or not all(_is_int(w) and 1 <= w <= defaults.MAX_WIDTH for w in h)):
+            raise InputError(f"{where}hidden must be a list of 1..{defaults.MAX_LAYERS} layer widths in "
+                             f"1..{defaults.MAX_WIDTH}, e.g. hidden = [64, 64], got {_kind(h)}.")
+    if "algorithm_settings" in kw:
+        settings = kw["algorithm_settings"]
+        if not isinstance(settings, Mapping):
+            raise InputError(f"{where}[algorithm] must hold tables such as [algorithm.fedavg], got {_kind(settings)}.")
+        for name, table in settings.items():
+            if not isinstance(table, Mapping):
+                raise InputError(f"{where}[algorithm.{name}] must be a table of settings (e.g. lr = 0.1), "
+                                 f"got {_kind(table)}.")
+            for key in ("lr", "momentum", "weight_decay"):
+                if key in table and not _is_number(table[key]):
+                    raise InputError(f"{where}[algorithm.{name}] {key} must be a number, got {_kind(table[key])}.")
+            if "optimizer" in table and not isinstance(table["optimizer"], str):
+                raise InputError(f"{where}[algorithm.{name}] optimizer must be \"sgd\" or \"adam\", got "
+                                 f"{_kind(table['optimizer'])}.")
+
+
 _TOP_KEYS = {
     "target", "institutions", "test", "algorithms", "seeds", "first_seed", "rounds",
     "val_fraction", "clip_inputs", "selection", "local_guard", "exclude", "training", "algorithm",
@@ -220,31 +300,41 @@ def read_toml(path: str | Path) -> dict[str, Any]:
     unknown = set(raw) - _TOP_KEYS
     if unknown:
         raise InputError(f"{path}: unknown setting {sorted(unknown)[0]!r}; known: {', '.join(sorted(_TOP_KEYS))}.")
-    base = path.parent
-    kw: dict[str, Any] = {}
-    for key in ("target", "seeds", "first_seed", "rounds", "val_fraction", "selection", "local_guard"):
-        if key in raw:
-            kw[key] = raw[key]
-    if "clip_inputs" in raw:  # a margin, or false for no clipping
-        kw["clip_inputs"] = None if raw["clip_inputs"] is False else raw["clip_inputs"]
-    if "institutions" in raw:
-        kw["institutions"] = tuple(str((base / p).resolve()) if not Path(p).is_absolute() else p
-                                   for p in raw["institutions"])
-    if "test" in raw:
-        p = raw["test"]
-        kw["test"] = str((base / p).resolve()) if not Path(p).is_absolute() else p
-    if "algorithms" in raw:
-        algs = raw["algorithms"]
-        kw["algorithms"] = tuple(algs.split(",") if isinstance(algs, str) else algs)
-    if "exclude" in raw:
-        kw["exclude"] = tuple(raw["exclude"])
+    where = f"{path}: "
+    for key in ("training", "algorithm"):
+        if key in raw and not isinstance(raw[key], Mapping):
+            raise InputError(f"{where}{key} must be a table ([{key}]{'' if key == 'training' else '.NAME'} with "
+                             f"settings under it), got {_kind(raw[key])}.")
     training = raw.get("training", {})
     unknown_t = set(training) - _SHARED_TRAINING_KEYS
     if unknown_t:
         raise InputError(
-            f"{path}: unknown [training] setting {sorted(unknown_t)[0]!r}; known: "
+            f"{where}unknown [training] setting {sorted(unknown_t)[0]!r}; known: "
             f"{', '.join(sorted(_SHARED_TRAINING_KEYS))} (optimizer and lr go under [algorithm.NAME])."
         )
+    algs = raw.get("algorithms")
+    flat = {k: v for k, v in raw.items() if k not in ("training", "algorithm")}
+    if isinstance(algs, str):  # "fedavg,fedprox" is accepted too
+        flat["algorithms"] = [a.strip() for a in algs.split(",") if a.strip()]
+    if flat.get("clip_inputs") is False:
+        flat["clip_inputs"] = None
+    check_types({**flat, **training, **({"algorithm_settings": raw["algorithm"]} if "algorithm" in raw else {})},
+                where)
+    base = path.parent
+    kw: dict[str, Any] = {}
+    for key in ("target", "seeds", "first_seed", "rounds", "val_fraction", "clip_inputs", "selection", "local_guard"):
+        if key in flat:
+            kw[key] = flat[key]
+    if "institutions" in flat:
+        kw["institutions"] = tuple(str((base / p).resolve()) if not Path(p).is_absolute() else p
+                                   for p in flat["institutions"])
+    if "test" in flat:
+        p = flat["test"]
+        kw["test"] = str((base / p).resolve()) if not Path(p).is_absolute() else p
+    if "algorithms" in flat:
+        kw["algorithms"] = tuple(flat["algorithms"])
+    if "exclude" in flat:
+        kw["exclude"] = tuple(flat["exclude"])
     for key in _SHARED_TRAINING_KEYS:
         if key in training:
             kw[key] = training[key]

@@ -18,3 +18,22 @@ class InputError(FedmdhError, ValueError):
 
 class TargetUnreachableError(InputError):
     """A requested heterogeneity degree cannot be met with the data given."""
+
+
+class TrainingDiverged(InputError):
+    """Training blew up (a loss or a parameter became NaN, infinite or absurdly large) at ``round``.
+
+    The rounds before it are complete; the message says what to change (the learning rate).
+    """
+
+    def __init__(self, round: int, loss: float, detail: str = "", kept: str = "") -> None:
+        self.round = int(round)
+        self.loss = float(loss)
+        self.detail = detail
+        what = f"loss {self.loss:.3g}" if detail == "" else detail
+        super().__init__(f"training diverged at round {self.round} ({what}); lower the learning rate "
+                         f"(lr under [algorithm.NAME] in --config){f'; {kept}' if kept else ''}.")
+
+    def with_kept(self, kept: str) -> "TrainingDiverged":
+        """The same error, saying what was kept (e.g. where the rounds before it are)."""
+        return TrainingDiverged(self.round, self.loss, self.detail, kept)

@@ -175,7 +175,7 @@ def _all_files() -> tuple[str, ...]:
 # ----------------------------------------------------------------------------------------------
 
 
-def _download(url: str, dest: Path, name: str, timeout: float) -> None:
+def _download(url: str, dest: Path, name: str, timeout: float, hint: str = "data_dir=") -> None:
     """Download ``url`` to ``dest`` via a temp file in the same folder; verify; rename atomically.
 
     Network failures raise :class:`DatasetUnavailable`; a wrong hash raises :class:`InputError`.
@@ -195,14 +195,14 @@ def _download(url: str, dest: Path, name: str, timeout: float) -> None:
             reason = getattr(exc, "reason", None) or exc
             raise DatasetUnavailable(
                 f"{url}: could not download {name} ({reason}); check the network, or pass a local "
-                "copy with data_dir= (or FEDMDH_DATA_DIR)."
+                f"copy with {hint} (or FEDMDH_DATA_DIR)."
             ) from None
         actual = h.hexdigest()
         expected = FILE_SHA256[name]
         if actual != expected:
             raise InputError(
                 f"{url}: downloaded {name} has sha256 {actual}, expected {expected}; the source changed "
-                "or the transfer was corrupted; retry, or pass a verified local copy with data_dir=."
+                f"or the transfer was corrupted; retry, or pass a verified local copy with {hint}."
             )
         os.replace(tmp, dest)
     finally:
@@ -221,6 +221,7 @@ def perovskite_split(
     download: bool = True,
     *,
     timeout: float = DEFAULT_TIMEOUT_S,
+    local_copy_hint: str = "data_dir=",
 ) -> DefaultFederation:
     """The FedMDH perovskite split (3 institutions + test set, target ``e_form``), verified.
 
@@ -241,6 +242,8 @@ def perovskite_split(
         Whether missing cache files may be downloaded.
     timeout:
         Seconds to wait on the network per request.
+    local_copy_hint:
+        How messages tell the user to give a local copy (the CLI says ``--data-dir DIR``).
 
     Raises
     ------
@@ -282,10 +285,10 @@ def perovskite_split(
                 _check_hash(path, name, "cached")
             raise DatasetUnavailable(
                 f"{path}: {name} is not in the cache and downloading is off; allow the download or "
-                "pass a local copy with data_dir= (or FEDMDH_DATA_DIR)."
+                f"pass a local copy with {local_copy_hint} (or FEDMDH_DATA_DIR)."
             )
         # A stale or corrupted cached file is replaced atomically by a verified download.
-        _download(f"{prefix}/{_REMOTE_FOLDER[name]}/{name}", path, name, timeout)
+        _download(f"{prefix}/{_REMOTE_FOLDER[name]}/{name}", path, name, timeout, local_copy_hint)
         downloaded = True
     return _federation(folder, "download" if downloaded else "cache")
 
@@ -421,16 +424,19 @@ def default_federation(
     seed: int = 0,
     timeout: float = DEFAULT_TIMEOUT_S,
     notify: Callable[[str], None] | None = None,
+    local_copy_hint: str = "data_dir=",
 ) -> DefaultFederation:
     """The perovskite split if it can be had, else the synthetic federation.
 
     Calls :func:`perovskite_split`; if it raises :class:`DatasetUnavailable`, reports one line via
     ``notify`` (default: print to stderr) and returns :func:`synthetic_federation` written to
-    ``synthetic_dir`` (default ``<cache>/synthetic-seed<seed>``). Other errors (a local copy or a
+    ``synthetic_dir`` (default ``<cache>/synthetic-seed<seed>``); ``local_copy_hint`` is how messages
+    say to give a local copy (``data_dir=``; the CLI passes ``--data-dir DIR``). Other errors (a local copy or a
     download with the wrong hash) are raised, never hidden by the fallback.
     """
     try:
-        return perovskite_split(data_dir, cache_dir, base_url, download, timeout=timeout)
+        return perovskite_split(data_dir, cache_dir, base_url, download, timeout=timeout,
+                                local_copy_hint=local_copy_hint)
     except DatasetUnavailable as exc:
         if synthetic_dir is None:
             root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()

@@ -83,8 +83,14 @@ def pool_moments(stats: Mapping[str, SufficientStats], columns: Sequence[str]) -
     if np.any(n == 0):
         missing = columns[int(np.flatnonzero(n == 0)[0])]
         raise InputError(f"column {missing!r} has no observed value in any institution; drop it.")
-    mean = s / n
-    var = np.maximum(ss / n - mean * mean, 0.0)
+    with np.errstate(over="ignore", invalid="ignore"):
+        mean = s / n
+        var = np.maximum(ss / n - mean * mean, 0.0)
+    overflow = ~(np.isfinite(ss) & np.isfinite(var))
+    if overflow.any():
+        col = columns[int(np.flatnonzero(overflow)[0])]
+        raise InputError(f"column {col!r}: its values are too large to standardise (pooled over the institutions, "
+                         "their squares overflow float64); rescale the column (other units or a log).")
     std = np.sqrt(var)
     # relative threshold: below it the variance is floating-point noise of a constant column
     constant = std <= 1e-12 * np.maximum(1.0, np.abs(mean))

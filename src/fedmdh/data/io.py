@@ -8,7 +8,9 @@ is line 1), so a user can jump straight to them.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
+import stat
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,7 +39,12 @@ def read_csv_checked(path: str | Path) -> pd.DataFrame:
         raise InputError(f"{path}: file not found; check the path.")
     if path.is_dir():
         raise InputError(f"{path}: is a directory; give the path of a CSV file.")
-    raw = path.read_bytes()
+    if not path.is_file():  # a FIFO, socket or device: reading it could block forever
+        raise InputError(f"{path}: is not a regular file; give the path of a CSV file.")
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise InputError(f"{path}: cannot be read ({exc.strerror or exc}); check its permissions.") from None
     if not raw.strip():
         raise InputError(f"{path}: the file is empty; give a CSV file with a header row and data rows.")
     head = raw[:8192]
@@ -138,6 +145,25 @@ def _numeric_frame(frame: pd.DataFrame, source: str, columns: Sequence[str]) -> 
     return out
 
 
+def check_magnitude(values: np.ndarray, columns: Sequence[str], where: str) -> None:
+    """Refuse a column whose sum of squares overflows float64 (pooled standardisation needs it).
+
+    ``values`` is ``(n, d)`` (NaN: missing); the message names the column and the line of its
+    largest value.
+    """
+    with np.errstate(over="ignore", invalid="ignore"):
+        sq = np.nansum(values * values, axis=0)
+    bad = np.flatnonzero(~np.isfinite(sq))
+    if bad.size:
+        j = int(bad[0])
+        col = np.abs(values[:, j])
+        row = int(np.nanargmax(col))
+        raise InputError(
+            f"{where}column {columns[j]!r} holds values too large to standardise ({line_numbers([row])} holds "
+            f"{values[row, j]:.6g}; their squares overflow float64); rescale the column (other units or a log)."
+        )
+
+
 def validate_table(
     frame: pd.DataFrame,
     target: str,
@@ -192,6 +218,7 @@ def validate_table(
             f"{source}: has {len(y)} rows; an institution needs at least {min_rows} "
             "(merge it with another institution or collect more data)."
         )
+    check_magnitude(y[:, None], [target], f"{source}: target ")
     if np.ptp(y) == 0.0:
         raise InputError(
             f"{source}: target column {target!r} is constant ({y[0]!r}); there is nothing to learn, "
@@ -201,7 +228,14 @@ def validate_table(
     features = tuple(c for c in frame.columns if c != target and c not in excluded)
     if not features:
         raise InputError(f"{source}: has no feature columns besides the target {target!r}; add features.")
+    alias = next((c for c in features if c.casefold() == target.casefold()), None)
+    if alias is not None:
+        raise InputError(
+            f"{source}: column {alias!r} differs from the target {target!r} only by case; if it is the target "
+            f"under another name it leaks the answer: rename it or pass --exclude {alias!r}."
+        )
     X = _numeric_frame(frame, source, features)
+    check_magnitude(X, features, f"{source}: ")
     all_nan = np.flatnonzero(np.isnan(X).all(axis=0))
     if all_nan.size:
         col = features[int(all_nan[0])]
@@ -226,6 +260,34 @@ def load_institution(
     """Read and validate one institution's CSV file."""
     frame = read_csv_checked(path)
     return validate_table(frame, target, str(path), name=name, exclude=exclude)
+
+
+def check_distinct_files(paths: Sequence[str | Path]) -> None:
+    """Refuse the same file, or two files with identical content, given as two institutions."""
+    seen: dict[object, str] = {}
+    for p in paths:
+        path = Path(p)
+        try:
+            st = path.stat()
+        except OSError:
+            continue  # reported, with the path, when the file is read
+        if not stat.S_ISREG(st.st_mode):
+            continue
+        key = (st.st_dev, st.st_ino)
+        if key in seen:
+            raise InputError(f"{p}: is given twice as an institution (also as {seen[key]}); give each "
+                             "institution's file once.")
+        seen[key] = str(p)
+    digests: dict[str, str] = {}
+    for p in dict.fromkeys(str(v) for v in seen.values()):
+        try:
+            h = hashlib.sha256(Path(p).read_bytes()).hexdigest()
+        except OSError:
+            continue
+        if h in digests:
+            raise InputError(f"{p}: has the same content as {digests[h]}; one institution's rows would be trained "
+                             "on twice; give each institution's file once.")
+        digests[h] = p
 
 
 def unique_names(paths: Sequence[str | Path]) -> list[str]:

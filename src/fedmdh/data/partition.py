@@ -310,18 +310,22 @@ def _choose_features(
             if best is None or key < best[0]:
                 best = (key, c, t, pools, caps)
     n_shared, n_own = len(shared), sum(len(o) for o in own)
+    more_shared = ("pass --shared-featurizer PRESET (features every institution may share) or keep more numeric "
+                   "columns (fewer --exclude)")
+    more_private = ("pass more or different --featurizers presets (one per institution) for more private features"
+                    if n_own else "pass --featurizers (one preset per institution) for private features")
     if best is None:
         raise TargetUnreachableError(
             f"H {H:g} cannot be reached: there are {n_shared} shared candidate columns and {n_own} "
-            "institution-specific features; add numeric columns or pass --featurizers."
+            f"institution-specific features; {more_shared if n_shared == 0 else more_private}."
         )
     _, c, t, pools, caps = best
     h = c / (c + t)
     if abs(h - H) > tol.H:
+        helps = more_shared if h < H else more_private
         raise TargetUnreachableError(
             f"H {H:g} cannot be reached with {n_shared} shared candidate columns and {n_own} institution-specific "
-            f"features (closest {h:.3f}); pass --featurizers (one preset per institution) for more private "
-            "features, or change --H."
+            f"features (closest {h:.3f}); {helps}, or {'lower' if h < H else 'raise'} --H."
         )
     take = [0] * k
     left = t

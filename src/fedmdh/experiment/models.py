@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from fedmdh.data.federation import InstitutionData, Scaler, clip_columns
+from fedmdh.data.io import numeric_column
 from fedmdh.errors import InputError
 
 FORMAT = "fedmdh-model/1"
@@ -51,15 +52,18 @@ class InstitutionModel:
             )
         X = np.empty((len(frame), len(self.features)))
         for j, c in enumerate(self.features):
-            col = pd.to_numeric(frame[c], errors="coerce").to_numpy(dtype=np.float64)
-            col[~np.isfinite(col)] = np.nan
-            X[:, j] = col
+            X[:, j] = numeric_column(frame[c], c, f"{source}: ", "give numbers (leave a cell empty if it is unknown).")
         nan = np.isnan(X)
         X[nan] = np.take(self.impute_values, np.nonzero(nan)[1])
         idx = np.array([self.scaler.features.index(c) for c in self.features], dtype=np.int64)
         U = np.zeros((len(frame), len(self.scaler.features)))
         U[:, idx] = X
-        U = self.scaler.transform(U)
+        with np.errstate(over="ignore", invalid="ignore"):
+            U = self.scaler.transform(U)
+        if not np.isfinite(U).all():
+            j = int(np.flatnonzero(~np.isfinite(U).all(axis=0))[0])
+            raise InputError(f"{source}: column {self.scaler.features[j]!r} holds values too large for the model "
+                             "(they overflow float64 once standardised); check the units of that column.")
         keep = np.zeros(len(self.scaler.features), dtype=bool)
         keep[idx] = True
         U[:, ~keep] = 0.0

@@ -126,14 +126,20 @@ def write_summary(
     Path(path).write_text("\n".join(lines), encoding="utf-8")
 
 
-def write_curves(results: Sequence["RunResult"], path: str | Path, target: str) -> None:
-    """curves.png: test RMSE per round, one line per algorithm (mean over seeds, ±1 std band)."""
+def curves_figure(results: Sequence["RunResult"], target: str):
+    """The figure of :func:`write_curves`: test RMSE per round on a linear axis with ticks enough to read it.
+
+    The axis spans the curves after their first rounds (the first twentieth, where RMSE falls
+    steeply, may run off the top), so that curves a few hundredths apart can be told apart.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import AutoMinorLocator, MaxNLocator
 
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
+    lo, hi = np.inf, -np.inf
     for name in dict.fromkeys(r.algorithm for r in results):
         curves = [np.array([h.rmse for h in r.history]) for r in results if r.algorithm == name]
         n = min(len(c) for c in curves)
@@ -142,12 +148,30 @@ def write_curves(results: Sequence["RunResult"], path: str | Path, target: str) 
         x = np.arange(1, n + 1)
         (line,) = ax.plot(x, mean, label=name, lw=1.4)
         ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.2, lw=0)
+        settled = mean[n // 20:]
+        settled = settled[np.isfinite(settled)]
+        if settled.size:
+            lo, hi = min(lo, float(settled.min())), max(hi, float(settled.max()))
+    if np.isfinite(lo) and np.isfinite(hi):
+        pad = 0.05 * max(hi - lo, 1e-3)
+        ax.set_ylim(max(0.0, lo - pad), hi + pad)
     ax.set_xlabel("round")
     ax.set_ylabel(f"test RMSE [{target}]")
-    ax.set_yscale("log")
-    ax.grid(True, which="both", alpha=0.3)
+    ax.set_yscale("linear")
+    ax.yaxis.set_major_locator(MaxNLocator(nbins=8))
+    ax.yaxis.set_minor_locator(AutoMinorLocator())
+    ax.grid(True, which="major", alpha=0.3)
+    ax.grid(True, which="minor", alpha=0.1)
     ax.legend(frameon=False)
     ax.set_title("Test RMSE per round (mean over seeds, band ±1 std)")
     fig.tight_layout()
+    return fig
+
+
+def write_curves(results: Sequence["RunResult"], path: str | Path, target: str) -> None:
+    """curves.png: test RMSE per round, one line per algorithm (mean over seeds, ±1 std band), linear axis."""
+    import matplotlib.pyplot as plt
+
+    fig = curves_figure(results, target)
     fig.savefig(path)
     plt.close(fig)

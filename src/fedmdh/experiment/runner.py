@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import platform
 import time
 from collections.abc import Callable
@@ -14,12 +15,16 @@ from typing import Any
 from fedmdh import __version__
 from fedmdh.config import ExperimentConfig
 from fedmdh.data.federation import PreparedFederation, prepare_federation
-from fedmdh.data.io import InstitutionTable, load_institution, unique_names
+from fedmdh.data.io import (
+    InstitutionTable, check_distinct_files, load_institution, read_csv_checked, unique_names, validate_table,
+)
+from fedmdh.errors import TrainingDiverged
 from fedmdh.experiment.models import save_model
 from fedmdh.experiment.report import write_curves, write_results_csv, write_summary
 from fedmdh.ledger.keys import check_key_names
 from fedmdh.ledger.options import LedgerOptions
 from fedmdh.ledger.runs import finish_run_ledger, start_run_ledger
+from fedmdh.outputs import OutputDir, claim_output_dir, replace_dir_atomically
 from fedmdh.runtime.simulator import RoundRecord, RunResult, simulate
 
 #: progress callback: (algorithm, seed, round, rounds, record or None)
@@ -34,18 +39,36 @@ class Tables:
 
 def load_tables(cfg: ExperimentConfig) -> Tables:
     """Read and validate every institution file and the test file of ``cfg``."""
+    check_distinct_files(cfg.institutions)
     names = unique_names(cfg.institutions)
     check_key_names(names)  # names that would share one signing key on the ledger
     tables = tuple(
         load_institution(p, cfg.target, name=n, exclude=cfg.exclude) for p, n in zip(cfg.institutions, names)
     )
-    test = load_institution(cfg.test, cfg.target, name="test", exclude=cfg.exclude)
+    # the test set is read through the columns the institutions have; others (a formula, an id) are ignored
+    frame = read_csv_checked(cfg.test)
+    used = {cfg.target, *(f for t in tables for f in t.features)}
+    ignored = tuple(c for c in frame.columns if c not in used)
+    test = validate_table(frame, cfg.target, str(cfg.test), name="test", exclude=(*cfg.exclude, *ignored))
     return Tables(tables, test)
 
 
 def prepare(cfg: ExperimentConfig, tables: Tables, seed: int) -> PreparedFederation:
     return prepare_federation(tables.institutions, tables.test, cfg.target, seed=seed, val_fraction=cfg.val_fraction,
                               clip_margin=cfg.clip_inputs)
+
+
+def check_inputs(cfg: ExperimentConfig, tables: Tables | None = None) -> Tables:
+    """Everything that can be checked before training: files, federation layout, algorithms.
+
+    Raises :class:`~fedmdh.errors.InputError` for the first problem; the CLI calls it before it
+    shows any progress. Returns the tables (read here when not given).
+    """
+    tables = tables or load_tables(cfg)
+    prepare(cfg, tables, cfg.first_seed)
+    for name in cfg.algorithms:
+        cfg.build_algorithm(name)
+    return tables
 
 
 def federation_info(fed: PreparedFederation, tables: Tables) -> dict[str, Any]:
@@ -77,45 +100,102 @@ def kept_rounds_text(best_rounds: dict[str, int]) -> str:
     return "from rounds " + ", ".join(f"{n} {r}" for n, r in best_rounds.items())
 
 
+def json_safe(obj: Any) -> Any:
+    """``obj`` with every NaN or infinite float replaced by ``None`` (JSON has no NaN)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if hasattr(obj, "item") and not isinstance(obj, (str, bytes)):  # numpy scalars
+        return json_safe(obj.item())
+    return obj
+
+
+def json_line(obj: Any) -> str:
+    """One strict-JSON line (NaN and infinities written as null)."""
+    return json.dumps(json_safe(obj), allow_nan=False)
+
+
 def _write_json(path: Path, obj: Any) -> None:
-    path.write_text(json.dumps(obj, indent=2, default=float), encoding="utf-8")
+    path.write_text(json.dumps(json_safe(obj), indent=2, allow_nan=False), encoding="utf-8")
+
+
+def _save_models(
+    models_dir: Path, fed: PreparedFederation, algorithm: str, cfg: ExperimentConfig, hyperparameters: dict,
+    models: dict, best_rounds: dict[str, int], seed: int,
+) -> None:
+    """Every institution's kept model (of its round in ``best_rounds``) into ``models_dir``, swapped in
+    atomically as one set."""
+
+    def build(tmp: Path) -> None:
+        for d in fed.institutions:
+            save_model(tmp / d.name, d, algorithm, cfg.hidden, fed.scaler, models[d.name],
+                       info={"best_round": best_rounds[d.name], "seed": seed, "target": cfg.target,
+                             "hyperparameters": hyperparameters})
+
+    replace_dir_atomically(build, models_dir)
 
 
 def run_experiment(
     cfg: ExperimentConfig,
     algorithm: str,
-    out_dir: str | Path,
+    out_dir: "str | Path | OutputDir",
     seed: int | None = None,
     progress: Progress | None = None,
     tables: Tables | None = None,
     ledger: "LedgerOptions | None" = None,
+    overwrite: bool = False,
 ) -> RunResult:
     """Train one federation with ``algorithm`` (the main job) and save everything to ``out_dir``.
+
+    ``out_dir`` must be absent or empty (``overwrite=True`` replaces what an earlier fedmdh run
+    wrote there) and is locked for the run (:func:`fedmdh.outputs.claim_output_dir`); an
+    :class:`~fedmdh.outputs.OutputDir` the caller claimed already is used as it is. Inputs are
+    validated before anything is written.
 
     ``ledger`` (default: the embedded chain) records the task, every round and the archived final
     models under ``ledger/`` (see :mod:`fedmdh.ledger`); ``LedgerOptions(mode="off")`` skips it.
 
-    Writes ``models/<institution>/`` (each institution's final model), ``metrics.jsonl`` (one
-    JSON object per round), ``final_metrics.json``, ``federation.json``, ``config.toml`` and
-    ``run.log``.
+    Writes ``models/<institution>/`` (each institution's model of the round of lowest validation
+    loss, rewritten atomically at every improvement so that an interrupted run keeps the best so
+    far), ``metrics.jsonl`` (one JSON object per round), ``final_metrics.json``,
+    ``federation.json``, ``config.toml`` and ``run.log``.
+
+    Raises
+    ------
+    TrainingDiverged
+        Training blew up; ``metrics.jsonl`` holds the rounds before it and ``models/`` the best
+        models of those rounds.
     """
     seed = cfg.first_seed if seed is None else seed
     cfg = cfg.with_overrides(algorithms=(algorithm,), seeds=1, first_seed=seed)
     tables = tables or load_tables(cfg)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     fed = prepare(cfg, tables, seed)
     algo = cfg.build_algorithm(algorithm)
+    with claim_output_dir(out_dir, overwrite=overwrite) as claim:
+        return _run_in(claim.path, cfg, algorithm, seed, tables, fed, algo, progress, ledger)
+
+
+def _run_in(out, cfg, algorithm, seed, tables, fed, algo, progress, ledger) -> RunResult:
     cfg.write_toml(out / "config.toml")
     _write_json(out / "federation.json", federation_info(fed, tables))
     log = [f"fedmdh {__version__} on Python {platform.python_version()}", f"algorithm {algorithm}, seed {seed}",
            f"hyperparameters {algo.hyperparameters()}", *data_log_lines(fed)]
     (out / "run.log").write_text("\n".join(log) + "\n", encoding="utf-8")
+    models_dir = out / "models"
+    hyperparameters = algo.hyperparameters()
+    saved: dict[str, Any] = {"round": 0, "rounds": {}}
+
+    def on_best(rnd: int, models: dict, rounds: dict[str, int]) -> None:
+        _save_models(models_dir, fed, algorithm, cfg, hyperparameters, models, rounds, seed)
+        saved["round"], saved["rounds"] = rnd, dict(rounds)
 
     with (out / "metrics.jsonl").open("w", encoding="utf-8") as fh:
 
         def on_round(rec: RoundRecord) -> None:
-            fh.write(json.dumps(rec.to_dict()) + "\n")
+            fh.write(json_line(rec.to_dict()) + "\n")
             fh.flush()
             if progress is not None:
                 progress(algorithm, seed, rec.round, cfg.rounds, rec)
@@ -123,20 +203,25 @@ def run_experiment(
         recorder = start_run_ledger(ledger, out / "ledger", algo, fed, cfg.target, cfg.rounds, seed, out / "config.toml")
         try:
             result = simulate(fed, algo, cfg.rounds, seed=seed, on_round=on_round,
-                              round_hook=recorder.round_hook if recorder else None, selection=cfg.selection)
+                              round_hook=recorder.round_hook if recorder else None, selection=cfg.selection,
+                              on_best=on_best)
             if recorder is not None:
                 recorder.flush()  # the last round finalized the aggregate this run used
+        except TrainingDiverged as exc:
+            finish_run_ledger(recorder, None, after_error=True)
+            done = "round 1 is" if exc.round == 2 else f"rounds 1-{exc.round - 1} are"
+            kept = (f"{done} in {out / 'metrics.jsonl'} and the models kept {kept_rounds_text(saved['rounds'])} "
+                    f"(lowest validation loss) in {models_dir}" if exc.round > 1 and saved["rounds"]
+                    else "no round finished, nothing was kept")
+            with (out / "run.log").open("a", encoding="utf-8") as log_fh:
+                log_fh.write(f"stopped: {exc.with_kept(kept)}\n")
+            raise exc.with_kept(kept) from None
         except BaseException:
             finish_run_ledger(recorder, None, after_error=True)
             raise
 
-    models_dir = out / "models"
-    for d in fed.institutions:
-        save_model(
-            models_dir / d.name, d, algorithm, cfg.hidden, fed.scaler, result.models[d.name],
-            info={"best_round": result.best_rounds[d.name], "seed": seed, "target": cfg.target,
-                  "hyperparameters": algo.hyperparameters()},
-        )
+    if saved["rounds"] != result.best_rounds:  # pragma: no cover - on_best saw every improvement
+        _save_models(models_dir, fed, algorithm, cfg, hyperparameters, result.models, result.best_rounds, seed)
     final = {
         "algorithm": algorithm,
         "seed": seed,
@@ -168,21 +253,27 @@ class BenchmarkResult:
 
 def run_benchmark(
     cfg: ExperimentConfig,
-    out_dir: str | Path,
+    out_dir: "str | Path | OutputDir",
     progress: Progress | None = None,
     command: str | None = None,
     tables: Tables | None = None,
     ledger: "LedgerOptions | None" = None,
+    overwrite: bool = False,
 ) -> BenchmarkResult:
     """Run every algorithm with every seed and write the benchmark's files to ``out_dir``.
 
     Files: ``results.csv``, ``summary.md``, ``curves.png``, ``federation.json``, ``config.toml``,
     ``history/<algorithm>_seed<S>.jsonl`` and ``run.log``; with a ``ledger`` (off by default here),
-    ``ledger/<algorithm>_seed<S>/`` per run.
+    ``ledger/<algorithm>_seed<S>/`` per run. ``out_dir`` is claimed as :func:`run_experiment` does
+    (absent or empty unless ``overwrite``; locked while the benchmark runs).
     """
     ledger = ledger or LedgerOptions(mode="off")
-    out = Path(out_dir)
-    tables = tables or load_tables(cfg)
+    tables = check_inputs(cfg, tables)
+    with claim_output_dir(out_dir, overwrite=overwrite) as claim:
+        return _benchmark_in(claim.path, cfg, progress, command, tables, ledger)
+
+
+def _benchmark_in(out: Path, cfg, progress, command, tables, ledger) -> BenchmarkResult:
     (out / "history").mkdir(parents=True, exist_ok=True)
     cfg.write_toml(out / "config.toml")
     results: list[RunResult] = []
@@ -207,6 +298,13 @@ def run_benchmark(
             try:
                 res = simulate(fed, algo, cfg.rounds, seed=seed, on_round=on_round,
                                round_hook=recorder.round_hook if recorder else None, selection=cfg.selection)
+            except TrainingDiverged as exc:
+                finish_run_ledger(recorder, None, after_error=True)
+                kept = (f"{name} seed {seed}; the {len(results)} runs finished before it are in "
+                        f"{out / 'results.csv'}" if results else f"{name} seed {seed}")
+                log_lines.append(f"stopped: {exc.with_kept(kept)}")
+                (out / "run.log").write_text("\n".join(log_lines) + "\n", encoding="utf-8")
+                raise exc.with_kept(kept) from None
             except BaseException:
                 finish_run_ledger(recorder, None, after_error=True)
                 raise
@@ -216,7 +314,7 @@ def run_benchmark(
             results.append(res)
             with (out / "history" / f"{name}_seed{seed}.jsonl").open("w", encoding="utf-8") as fh:
                 for rec in res.history:
-                    fh.write(json.dumps(rec.to_dict()) + "\n")
+                    fh.write(json_line(rec.to_dict()) + "\n")
             log_lines.append(
                 f"{name} seed {seed}: {res.seconds:.1f} s, models kept {kept_rounds_text(res.best_rounds)}, "
                 f"rmse {res.final['rmse']:.4f} r2 {res.final['r2']:.4f}"
@@ -229,4 +327,3 @@ def run_benchmark(
     log_lines.append(f"total {time.perf_counter() - t0:.1f} s")
     (out / "run.log").write_text("\n".join(log_lines) + "\n", encoding="utf-8")
     return BenchmarkResult(results, fed_info, out)
-

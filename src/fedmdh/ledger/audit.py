@@ -344,7 +344,7 @@ def _signed_fields(rec: dict[str, Any]) -> tuple[dict[str, Any] | None, str | No
     fn = _function_name(tx)
     out = {"from": signer, "tx_hash": "0x" + keccak(bytes.fromhex(raw[2:])).hex(), "to": tx["to"],
            "gas_limit": tx["gas"], "fn": fn, "chain_id": tx["chain_id"]}
-    if fn in ("commit", "attest") and len(tx["data"]) >= 36:
+    if fn in ("commit", "attest", "close_commits", "close_round") and len(tx["data"]) >= 36:
         out["round"] = int.from_bytes(tx["data"][4:36], "big")
     return out, None
 

@@ -143,7 +143,7 @@ class LedgerRecorder:
         self.chain.fund([self.submitter.address] + [self.accounts[n].address for n in names])
         data = self.chain.deploy_data(
             self.target[:64], self.algorithm.name[:64], self.rounds, quorum, vector_len,
-            bytes.fromhex(manifest_hash), [self.accounts[n].address for n in names],
+            bytes.fromhex(manifest_hash), [self.accounts[n].address for n in names], 0,
         )
         sent = self.chain.transact(self.submitter, "deploy", None, data, gas=GAS["deploy"], actor=SUBMITTER)
         self.address = sent.receipt["contractAddress"]

@@ -5,17 +5,26 @@ It drives the protocol of :mod:`fedmdh.runtime.node` over any :class:`Transport`
 
 1. ``setup`` to every node; their summaries are pooled (the union feature space, the scaler);
 2. the task contract is created on chain with the institutions' addresses as its allowlist, the
-   initial state's hash and the task's settings (by the coordinator's own account, which can
+   task manifest's hash and the task's settings (by the coordinator's own account, which can
    only relay: every commitment and attestation needs an institution's signature);
 3. ``round 1`` carries every summary (each node pools them itself and checks the contract);
-   ``round r`` carries the updates committed in round ``r - 1``; the replies carry round ``r``'s
-   updates and each institution's metrics of round ``r - 1``;
+   ``round r`` carries the updates committed in round ``r - 1`` (and, to a node that missed
+   rounds, the last finalized aggregate); the replies carry round ``r``'s updates and each
+   institution's metrics of round ``r - 1``;
 4. ``finish`` closes the last round; ``archive`` has the institutions attest the manifest of their
    model files' hashes, which the coordinator then archives.
 
+Failures: a node that does not answer within the task's ``round_timeout`` is left out of the
+round (the contract closes the round without it once a quorum has committed and the timeout has
+passed; a :class:`Janitor` thread sends those closing transactions, which anyone may send) and
+catches up when it is back. A round short of its quorum stops the task with
+:class:`TaskStopped`, naming the missing institutions; :meth:`Coordinator.run` with
+``DeployTask(resume=True)`` goes on from what the chain, the run record and the nodes hold: any
+institution can start a new coordinator.
+
 It writes what ``fedmdh run`` writes (``config.toml``, ``federation.json``, ``metrics.jsonl``,
 ``final_metrics.json``, ``run.log`` and ``ledger/`` with the task, every transaction the
-institutions signed, and the blobs: initial state, updates, aggregates, manifest), so that
+institutions signed, and the blobs: initial state, setup, updates, aggregates, manifest), so that
 ``fedmdh ledger verify`` works on a deployed run. Models stay with the institutions.
 """
 
@@ -23,6 +32,7 @@ from __future__ import annotations
 
 import json
 import platform
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -38,10 +48,15 @@ from fedmdh.ledger.recorder import SUBMITTER
 Meta = dict[str, Any]
 Arrays = dict[str, np.ndarray]
 Message = tuple[Meta, Arrays]
+EMPTY = bytes(32)
 
 
 class TaskError(FedmdhError):
     """The task stopped: the message names the step and the institutions concerned."""
+
+
+class TaskStopped(TaskError):
+    """The task stopped short of a quorum; it can be resumed (the message says how)."""
 
 
 class Transport(Protocol):
@@ -51,14 +66,12 @@ class Transport(Protocol):
         """Handles of at least ``count`` connected nodes (raise :class:`TaskError` after ``timeout``)."""
         ...
 
-    def exchange(self, requests: Mapping[Any, Message], timeout: float) -> dict[Any, Message]:
-        """Send one message to each node and return each one's reply (an ``{"error": ...}`` reply
-        for a node that did not answer in time)."""
+    def exchange(self, requests: Mapping[Any, Message], timeout: float,
+                 optional: frozenset[Any] = frozenset()) -> dict[Any, Message]:
+        """Send one message to each node and return each one's reply (an ``{"error": ...}`` reply for
+        a node that did not answer in time). Nodes in ``optional`` (they missed the last round) are
+        waited for only a few seconds beyond the others."""
         ...
-
-
-#: settings of a deployed task besides the experiment's own (see :class:`DeployTask`)
-DEPLOY_KEYS = ("task_id", "min_nodes", "chain_rpc", "out_dir", "keystore", "wait_s", "quorum")
 
 
 @dataclass(frozen=True)
@@ -66,7 +79,11 @@ class DeployTask:
     """A task to deploy: the experiment's settings and where the coordinator records it.
 
     ``experiment`` holds :class:`~fedmdh.config.ExperimentConfig`'s fields except the institution
-    files and the test file, which the nodes hold (one algorithm, one seed).
+    files and the test file, which the nodes hold (one algorithm, one seed). ``round_timeout``
+    (seconds, recorded in the contract): how long a round waits for a silent institution before it
+    goes on with a quorum; 0 waits for every institution. ``resume``: continue the task recorded in
+    ``out_dir`` (its contract, blobs, metrics) instead of starting one. ``pause_before``: for
+    rehearsals (``fedmdh deploy local --fault``), seconds to wait before sending a round's messages.
     """
 
     task_id: str
@@ -77,17 +94,23 @@ class DeployTask:
     keystore: str | None = None
     wait_s: float = 600.0
     quorum: int | None = None
+    round_timeout: float = 0.0
+    resume: bool = False
+    pause_before: Mapping[int, float] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {"task_id": self.task_id, "experiment": dict(self.experiment), "min_nodes": self.min_nodes,
                 "chain_rpc": self.chain_rpc, "out_dir": self.out_dir, "keystore": self.keystore,
-                "wait_s": self.wait_s, "quorum": self.quorum}
+                "wait_s": self.wait_s, "quorum": self.quorum, "round_timeout": self.round_timeout,
+                "resume": self.resume, "pause_before": {str(k): v for k, v in self.pause_before.items()}}
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> "DeployTask":
         return cls(task_id=str(d["task_id"]), experiment=dict(d["experiment"]), min_nodes=int(d["min_nodes"]),
                    chain_rpc=str(d["chain_rpc"]), out_dir=str(d["out_dir"]), keystore=d.get("keystore"),
-                   wait_s=float(d.get("wait_s", 600.0)), quorum=d.get("quorum"))
+                   wait_s=float(d.get("wait_s", 600.0)), quorum=d.get("quorum"),
+                   round_timeout=float(d.get("round_timeout", 0.0)), resume=bool(d.get("resume", False)),
+                   pause_before={int(k): float(v) for k, v in dict(d.get("pause_before") or {}).items()})
 
     def config(self, names: tuple[str, ...] = ("institution-a", "institution-b")):
         """The experiment as an :class:`~fedmdh.config.ExperimentConfig` over the given institution names."""
@@ -103,6 +126,8 @@ class DeployTask:
         if cfg.selection != "own":
             raise InputError("a deployed task selects each institution's model on its own validation rows; "
                              "selection 'federated' needs every model at every institution (simulator only).")
+        if self.round_timeout < 0:
+            raise InputError(f"the round timeout must be >= 0 seconds, got {self.round_timeout}.")
         return cfg
 
     @property
@@ -111,7 +136,8 @@ class DeployTask:
 
     def node_task(self) -> dict[str, Any]:
         """What the nodes are told at setup: the experiment's settings, the chain, the patience."""
-        return {**dict(self.experiment), "chain_rpc": self.chain_rpc, "wait_s": self.wait_s}
+        return {**dict(self.experiment), "chain_rpc": self.chain_rpc, "wait_s": self.wait_s,
+                "round_timeout": int(round(self.round_timeout))}
 
 
 def experiment_settings(cfg) -> dict[str, Any]:
@@ -125,66 +151,81 @@ def experiment_settings(cfg) -> dict[str, Any]:
     return json.loads(json.dumps(d))
 
 
-@dataclass
-class _Round:
-    updates: list[Any] = field(default_factory=list)
-    t0: float = 0.0
+class Janitor(threading.Thread):
+    """Closes, on chain, what a task's timeout allows to close: a round's commitments once its timeout
+    has passed with a quorum committed, and a round once its timeout has passed with a quorum of
+    attestations on one hash. Anyone may send these; the contract checks the conditions."""
+
+    def __init__(self, chain, account, contract, timeout: float, lock: threading.Lock) -> None:
+        super().__init__(name="fedmdh-janitor", daemon=True)
+        self.chain, self.account, self.contract, self.timeout = chain, account, contract, timeout
+        self.lock = lock
+        self.stop = threading.Event()
+        self.errors: list[str] = []
+
+    def run(self) -> None:
+        from fedmdh.ledger.errors import LedgerError
+
+        while not self.stop.wait(0.5):
+            try:
+                self.sweep()
+            except LedgerError as exc:  # a race with a participant's own transaction: look again later
+                self.errors.append(str(exc))
+            except Exception as exc:  # noqa: BLE001 - a node hiccup must not end the task; say it in the log
+                self.errors.append(f"{type(exc).__name__}: {exc}")
+
+    def sweep(self) -> None:
+        from fedmdh.ledger.artifacts import call_data
+        from fedmdh.ledger.chain import GAS
+
+        c = self.contract.functions
+        if c.ended().call():
+            return
+        now = time.time()
+        cur = int(c.current_round().call())
+        quorum = int(c.quorum().call())
+        for r in (cur, cur + 1):
+            if r > int(c.num_rounds().call()) or c.commits_closed(r).call():
+                continue
+            opened = int(c.opened(r).call())
+            if opened and now >= opened + self.timeout + 1 and int(c.commit_count(r).call()) >= quorum:
+                self._send("close_commits", r, GAS["attest"] + 12_000 * 32)
+        if (c.commits_closed(cur).call() and bytes(c.finalized_hash(cur).call()) == EMPTY
+                and now >= int(c.closed_at(cur).call()) + self.timeout + 1
+                and int(c.attest_count(cur).call()) >= quorum):
+            try:
+                self._send("close_round", cur, GAS["attest"] + 12_000 * 32)
+            except Exception as exc:  # noqa: BLE001 - "no aggregate has a quorum yet": try again later
+                if "quorum" not in str(exc):
+                    raise
+
+    def _send(self, fn: str, rnd: int, gas: int) -> None:
+        from fedmdh.ledger.artifacts import call_data
+
+        with self.lock:
+            self.chain.transact(self.account, fn, self.contract.address, call_data(fn, rnd), gas=gas,
+                                actor=SUBMITTER, round=rnd)
 
 
 class Coordinator:
     """Runs one deployed task over ``transport``; see the module docstring."""
 
     def __init__(self, task: DeployTask, transport: Transport, on_round: Callable[[Any], None] | None = None,
-                 say: Callable[[str], None] | None = None) -> None:
+                 say: Callable[[str], None] | None = None, before_round: Callable[[int], None] | None = None) -> None:
         self.task = task
+        self.before_round = before_round  # called before each round's messages go out (round R + 1: finish)
         self.transport = transport
         self.on_round = on_round
         self.say = say or (lambda line: None)
         self.out = Path(task.out_dir)
-        self.names: dict[Any, str] = {}
+        self.ledger_dir = self.out / "ledger"
+        self.names: dict[Any, str] = {}  # node handle -> institution
+        self.behind: set[str] = set()  # institutions that missed a round: they get the last finalized aggregate
         self.log_lines: list[str] = []
+        self._own: list[dict[str, Any]] = []
+        self._lock = threading.Lock()
 
     # ------------------------------------------------------------------ helpers
-
-    def _exchange(self, step: str, requests: Mapping[Any, Message]) -> dict[str, Message]:
-        return self._check(self.transport.exchange(requests, timeout=self.task.wait_s + 60.0), step)
-
-    def _record_transactions(self, replies: Mapping[str, Message], own: list[dict[str, Any]] | None = None) -> None:
-        recs = [r for _, (meta, _) in sorted(replies.items()) for r in meta.get("transactions", [])]
-        recs += own or []
-        recs.sort(key=lambda r: (r.get("block") is None, r.get("block") or 0))
-        with (self.ledger_dir / "transactions.jsonl").open("a", encoding="utf-8") as fh:
-            for r in recs:
-                fh.write(json.dumps(r, sort_keys=True) + "\n")
-
-    # ------------------------------------------------------------------ the task
-
-    def run(self) -> dict[str, Any]:
-        """Run the task to the end; returns the final metrics (also written to ``final_metrics.json``)."""
-        from fedmdh.runtime.messages import summary_from
-
-        from fedmdh.runtime.protocol import use_training_threads
-
-        use_training_threads()  # it recomputes aggregates: the nodes' bits (torch and BLAS)
-        task = self.task
-        t_start = time.perf_counter()
-        self.out.mkdir(parents=True, exist_ok=True)
-        self.ledger_dir = self.out / "ledger"
-        self.ledger_dir.mkdir(parents=True, exist_ok=True)
-        task.config()  # validate the settings before anyone works
-        nodes = self.transport.wait_nodes(task.min_nodes, timeout=task.wait_s)
-        self.say(f"{len(nodes)} nodes connected; setup")
-        setup_req = {n: ({"cmd": "setup", "task_id": task.task_id, "task": task.node_task()}, {}) for n in nodes}
-        replies = self.transport.exchange(setup_req, timeout=task.wait_s + 60.0)
-        for node, (meta, _) in replies.items():
-            if "institution" in meta:
-                self.names[node] = str(meta["institution"])
-        by_name = self._check(replies, "setup")
-        summaries = [summary_from(m, a) for m, a in by_name.values()]
-        addresses = {name: str(m["address"]) for name, (m, _) in by_name.items()}
-        if len(set(self.names.values())) != len(self.names):
-            raise TaskError(f"setup failed: two nodes call themselves the same institution: {sorted(self.names.values())}")
-        return self._run_rounds(nodes, summaries, addresses, t_start)
 
     def _check(self, replies: Mapping[Any, Message], step: str) -> dict[str, Message]:
         """The replies by institution; any error reply stops the task, naming every failing institution."""
@@ -201,115 +242,367 @@ class Coordinator:
             raise TaskError(f"{step} failed at {names}: {detail}")
         return by_name
 
-    def _run_rounds(self, nodes: list[Any], summaries: list[Any], addresses: dict[str, str],
-                    t_start: float) -> dict[str, Any]:
+    def _exchange(self, step: str, requests: Mapping[str, Message], tolerant: bool = False) -> dict[str, Message]:
+        """Send to institutions (by name); with ``tolerant``, an institution that does not answer (or
+        answers with an error) is left out and marked behind instead of stopping the task."""
+        node_of = {name: node for node, name in self.names.items()}
+        budget = self.task.wait_s + 60.0
+        if tolerant and self.task.round_timeout > 0:
+            budget = 2 * self.task.round_timeout + 30.0
+        optional = frozenset(node_of[n] for n in requests if n in self.behind)
+        replies = self.transport.exchange({node_of[n]: m for n, m in requests.items()}, timeout=budget,
+                                          optional=optional)
+        if not tolerant:
+            return self._check(replies, step)
+        ok: dict[str, Message] = {}
+        for node, (meta, arrays) in replies.items():
+            name = self.names[node]
+            if "error" in meta:
+                self.behind.add(name)
+                self.log_lines.append(f"{step}: {name} left out ({meta['error']})")
+                self.say(f"{step}: {name} left out ({meta['error']})")
+            else:
+                ok[name] = (meta, arrays)
+        return ok
+
+    def _record_transactions(self, replies: Mapping[str, Message]) -> None:
+        recs = [r for _, (meta, _) in sorted(replies.items()) for r in meta.get("transactions", [])]
+        with self._lock:
+            recs += [r for r in self._own if r.get("fn") != "transfer"]
+            self._own.clear()
+        recs.sort(key=lambda r: (r.get("block") is None, r.get("block") or 0))
+        with (self.ledger_dir / "transactions.jsonl").open("a", encoding="utf-8") as fh:
+            for r in recs:
+                fh.write(json.dumps(r, sort_keys=True) + "\n")
+
+    def _log(self, line: str) -> None:
+        self.log_lines.append(line)
+        with (self.out / "run.log").open("a", encoding="utf-8") as fh:
+            fh.write(line + "\n")
+
+    # ------------------------------------------------------------------ the task
+
+    def run(self) -> dict[str, Any]:
+        """Run (or, with ``resume``, continue) the task to the end; returns the final metrics."""
+        from fedmdh.runtime.protocol import use_training_threads
+
+        use_training_threads()  # it recomputes aggregates: the nodes' bits (torch and BLAS)
+        self.t_start = time.perf_counter()
+        self.task.config()  # validate the settings before anyone works
+        if self.task.resume:
+            return self._resume()
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.ledger_dir.mkdir(parents=True, exist_ok=True)
+        return self._fresh()
+
+    def _identify(self, cmd: dict[str, Any]) -> dict[str, Message]:
+        task = self.task
+        nodes = self.transport.wait_nodes(task.min_nodes, timeout=task.wait_s)
+        replies = self.transport.exchange({n: (cmd, {}) for n in nodes}, timeout=task.wait_s + 60.0)
+        for node, (meta, _) in replies.items():
+            if "institution" in meta:
+                self.names[node] = str(meta["institution"])
+        if len(set(self.names.values())) != len(self.names):
+            raise TaskError(f"two nodes call themselves the same institution: {sorted(self.names.values())}")
+        return replies
+
+    def _fresh(self) -> dict[str, Any]:
         from fedmdh.algorithms.base import FederationSpec
-        from fedmdh.data.federation import federation_heterogeneity, pool_setup
+        from fedmdh.data.federation import pool_setup
         from fedmdh.ledger import codec
         from fedmdh.ledger.blobs import DirBlobStore
-        from fedmdh.runtime.messages import setup_hash, setup_record, summaries_message, updates_message
-        from fedmdh.runtime.protocol import aggregate_rng, initial_state
-        from fedmdh.runtime.simulator import RoundRecord
+        from fedmdh.runtime.flower.wire import pack
+        from fedmdh.runtime.messages import setup_hash, setup_record, summaries_message, summary_from
+        from fedmdh.runtime.protocol import initial_state
 
         task = self.task
+        replies = self._identify({"cmd": "setup", "task_id": task.task_id, "task": task.node_task()})
+        self.say(f"{len(replies)} nodes connected; setup")
+        by_name = self._check(replies, "setup")
+        summaries = [summary_from(m, a) for m, a in by_name.values()]
+        addresses = {name: str(m["address"]) for name, (m, _) in by_name.items()}
         setup = pool_setup(summaries)
         names = setup.names
         cfg = task.config(names)
         algorithm = cfg.build_algorithm(task.algorithm)
         spec = FederationSpec.from_setup(setup)
-        seed = cfg.first_seed
-        server = initial_state(algorithm, spec, seed)
+        server = initial_state(algorithm, spec, cfg.first_seed)
         blobs = DirBlobStore(self.ledger_dir / "blobs")
         init_hash = blobs.put(codec.encode_payload(server))
         setup_blob = blobs.put(json.dumps(setup_record(setup), sort_keys=True, separators=(",", ":")).encode())
+        smeta, sarrays = summaries_message(summaries)
+        summaries_blob = blobs.put(pack(smeta, sarrays))
         config_bytes, manifest, _ = deployed_task_manifest(cfg, algorithm, spec, setup_hash(setup))
         (self.out / "config.toml").write_bytes(config_bytes)
         manifest_hash = blobs.put(manifest)
-        self.log_lines += [f"fedmdh {__version__} on Python {platform.python_version()} (coordinator)",
-                           f"task {task.task_id}: algorithm {algorithm.name}, seed {seed}, {cfg.rounds} rounds",
-                           f"hyperparameters {algorithm.hyperparameters()}",
-                           *(f"{s.institution}: {s.n_train} training rows, {s.n_val} validation rows, "
-                             f"{len(s.columns)} columns" for s in sorted(summaries, key=lambda s: s.institution))]
+        self._log(f"fedmdh {__version__} on Python {platform.python_version()} (coordinator)")
+        self._log(f"task {task.task_id}: algorithm {algorithm.name}, seed {cfg.first_seed}, {cfg.rounds} rounds, "
+                  f"round timeout {task.round_timeout:g} s")
+        self._log(f"hyperparameters {algorithm.hyperparameters()}")
+        for s in sorted(summaries, key=lambda s: s.institution):
+            self._log(f"{s.institution}: {s.n_train} training rows, {s.n_val} validation rows, {len(s.columns)} columns")
         layout = [tuple(x) for x in json.loads(manifest)["vector_layout"]]
-        chain, account, contract = self._create_contract(algorithm, layout, names, addresses, manifest_hash)
-        self._write_task_json(chain, account, contract, algorithm, cfg, names, addresses, layout, init_hash,
-                              setup_blob, manifest_hash)
-        node_of = {name: node for node, name in self.names.items()}
-        self.say(f"task contract {contract.address}; round 1 of {cfg.rounds}")
+        self._create_contract(algorithm, layout, names, addresses, manifest_hash)
+        self._write_task_json(algorithm, cfg, names, addresses, layout, init_hash, setup_blob, manifest_hash,
+                              summaries_blob)
+        self.say(f"task contract {self.contract.address}; round 1 of {cfg.rounds}")
+        self._setup_state(cfg, algorithm, names, addresses, blobs, server, setup)
+        self.summaries = summaries
+        return self._drive(1, [])
 
-        # round 1: the setup relayed so every node pools it itself
-        smeta, sarrays = summaries_message(summaries)
-        first = {"cmd": "round", "task_id": task.task_id, "round": 1, "contract": contract.address,
-                 "participants": addresses, "setup_sha256": setup_hash(setup), **smeta}
-        t0 = time.perf_counter()
-        replies = self._exchange("round 1", {node_of[n]: (first, sarrays) for n in names})
-        self._record_transactions(replies)
-        counts = {n: np.asarray(replies[n][0]["histogram"], dtype=np.int64) for n in names}
-        het = federation_heterogeneity(summaries, setup, counts)
-        info = het.to_dict()
-        info.update(target=cfg.target, union_features=len(setup.features), runtime="flower",
-                    nodes={n: addresses[n] for n in names}, setup_sha256=setup_hash(setup))
-        (self.out / "federation.json").write_text(json.dumps(info, indent=2, default=float), encoding="utf-8")
-        updates = self._updates(replies, blobs)
-        history: list[RoundRecord] = []
-        metrics_fh = (self.out / "metrics.jsonl").open("w", encoding="utf-8")
-        try:
-            for r in range(2, cfg.rounds + 2):
-                last = r == cfg.rounds + 1
-                umeta, uarrays = updates_message(updates)
-                server = algorithm.aggregate(server, updates, aggregate_rng(seed, r - 1), r - 1)
-                blobs.put(codec.encode_payload(server))
-                msg = {"cmd": "finish" if last else "round", "task_id": task.task_id,
-                       "round": r - 1 if last else r, **umeta}
-                step = "the last round" if last else f"round {r}"
-                t_prev, t0 = t0, time.perf_counter()
-                replies = self._exchange(step, {node_of[n]: (msg, uarrays) for n in names})
-                self._record_transactions(replies)
-                record = self._round_record(r - 1, updates, replies, t0 - t_prev, RoundRecord)
-                history.append(record)
-                metrics_fh.write(json.dumps(_finite(record.to_dict())) + "\n")
-                metrics_fh.flush()
-                if self.on_round is not None:
-                    self.on_round(record)
-                if not last:
-                    updates = self._updates(replies, blobs)
-        finally:
-            metrics_fh.close()
-        final_replies = replies
-        per = {n: dict(final_replies[n][0]["kept_metrics"]) for n in names}
-        kept = {n: int(final_replies[n][0]["kept_round"]) for n in names}
-        final = {"algorithm": algorithm.name, "seed": seed, "rounds": cfg.rounds, "best_round": max(kept.values()),
-                 "best_rounds": kept, "seconds": time.perf_counter() - t_start,
-                 **{k: _mean([m.get(k) for m in per.values()]) for k in ("rmse", "mae", "r2")},
-                 "per_institution": per, "runtime": "flower", "task_id": task.task_id, "contract": contract.address}
-        # written before the archive, which commits their sha256
-        (self.out / "final_metrics.json").write_text(json.dumps(_finite(final), indent=2), encoding="utf-8")
-        digest = self._archive(chain, account, contract, blobs, final_replies, node_of, names)
-        self.log_lines.append(f"ledger (rpc {task.chain_rpc}, contract {contract.address}): {cfg.rounds} rounds "
-                              f"finalized; the institutions' models archived as {digest} (held by the institutions)")
-        self.log_lines.append(f"finished {cfg.rounds} rounds in {final['seconds']:.1f} s; models kept from rounds "
-                              + ", ".join(f"{n} {kept[n]}" for n in names))
-        (self.out / "run.log").write_text("\n".join(self.log_lines) + "\n", encoding="utf-8")
-        chain.close()
-        return final
+    def _setup_state(self, cfg, algorithm, names, addresses, blobs, server, setup) -> None:
+        self.cfg, self.algorithm, self.all_names, self.addresses = cfg, algorithm, tuple(names), dict(addresses)
+        self.blobs, self.server, self.setup = blobs, server, setup
+        self.server_round = 0  # the round of the aggregate in self.server
 
-    # ------------------------------------------------------------------ steps
+    def _resume(self) -> dict[str, Any]:
+        """Continue the task of ``out_dir`` from where the chain, its blobs and the nodes stand."""
+        from fedmdh.ledger import codec
+        from fedmdh.ledger.blobs import DirBlobStore
+        from fedmdh.ledger.chain import Chain
+        from fedmdh.ledger.keys import KeystoreSettings, load_or_create
+        from fedmdh.runtime.messages import setup_from_record
 
-    def _updates(self, replies: Mapping[str, Message], blobs) -> list[Any]:
+        task = self.task
+        doc_path = self.ledger_dir / "task.json"
+        if not doc_path.is_file():
+            raise TaskError(f"{self.out}: no task record to resume (ledger/task.json is missing)")
+        doc = json.loads(doc_path.read_text(encoding="utf-8"))
+        if doc.get("task_id") != task.task_id:
+            raise TaskError(f"{self.out} records task {doc.get('task_id')}, not {task.task_id}")
+        blobs = DirBlobStore(self.ledger_dir / doc.get("blobs", "blobs"))
+        setup = setup_from_record(json.loads(blobs.get(doc["setup"])))
+        names = setup.names
+        cfg = task.config(names)
+        algorithm = cfg.build_algorithm(task.algorithm)
+        keystore = Path(task.keystore) if task.keystore else Path.home() / ".fedmdh" / "keystore"
+        self.account = load_or_create("coordinator", KeystoreSettings.from_env(keystore))
+        self.chain = Chain.rpc(task.chain_rpc)
+        self.chain.open_log(self.ledger_dir / ".coordinator-transactions.jsonl")
+        self.chain.on_record = self._own.append
+        self.contract = self.chain.contract(doc["contract"])
+        self._quorum = int(doc["quorum"])
+        c = self.contract.functions
+        if c.ended().call():
+            raise TaskError(f"task {task.task_id} has ended on chain; nothing to resume")
+        self._setup_state(cfg, algorithm, names, dict(doc["participants"]), blobs,
+                          codec.decode_payload(blobs.get(doc["initial_state"])), setup)
+        replies = self._identify({"cmd": "status", "task_id": task.task_id})
+        status = self._check(replies, "resume (status)")
+        self.say(f"resuming task {task.task_id} with {sorted(status)}")
+        cur = int(c.current_round().call())
+        # the last finalized aggregate: the coordinator's own copy, else recomputed from the updates
+        last_final = cur - 1
+        self._catch_up_server(last_final)
+        nxt = cur + 1 if c.commits_closed(cur).call() else cur
+        if nxt > cfg.rounds:
+            nxt = cfg.rounds + 1
+        prev = self._committed_updates(nxt - 1) if nxt >= 2 else []
+        if nxt - 1 >= 1 and self.server_round < nxt - 1:
+            self.server = algorithm.aggregate(self.server, prev, _agg_rng(cfg, nxt - 1), nxt - 1)
+            self.server_round = nxt - 1
+            blobs.put(codec.encode_payload(self.server))
+        for name, (meta, _) in status.items():
+            if int(meta.get("progress", {}).get("state_round", 0)) < nxt - 2:
+                self.behind.add(name)
+        self._log(f"resumed by a new coordinator at round {nxt} (chain: current round {cur})")
+        return self._drive(nxt, prev)
+
+    def _catch_up_server(self, upto: int) -> None:
+        """``self.server`` at the finalized aggregate of round ``upto`` (from blobs, or recomputed)."""
+        from fedmdh.ledger import codec
+        from fedmdh.ledger.blobs import sha256_hex
+
+        c = self.contract.functions
+        for r in range(upto, 0, -1):
+            h = bytes(c.finalized_hash(r).call()).hex()
+            if self.blobs.has(h):
+                self.server, self.server_round = codec.decode_payload(self.blobs.get(h)), r
+                break
+        while self.server_round < upto:
+            r = self.server_round + 1
+            ups = self._committed_updates(r)
+            self.server = self.algorithm.aggregate(self.server, ups, _agg_rng(self.cfg, r), r)
+            self.server_round = r
+            if sha256_hex(codec.encode_payload(self.server)) != bytes(c.finalized_hash(r).call()).hex():
+                raise TaskError(f"resume: round {r}'s aggregate recomputed from its updates is not the finalized one")
+            self.blobs.put(codec.encode_payload(self.server))
+
+    def _committed_updates(self, rnd: int) -> list[Any]:
+        """Round ``rnd``'s committed updates: from the blob store, else asked of their institutions."""
         from fedmdh.ledger import codec
         from fedmdh.runtime.messages import updates_from
 
-        ups = []
-        for name, (meta, arrays) in sorted(replies.items()):
-            (u,) = updates_from({"updates": [meta]}, arrays)
-            if u.institution != name:
-                raise TaskError(f"the node of {name} returned an update of {u.institution}")
-            blobs.put(codec.encode_update(u))
-            ups.append(u)
-        return ups
+        c = self.contract.functions
+        out, missing = [], []
+        for name in self.all_names:
+            h = bytes(c.update_hash(rnd, self.addresses[name]).call()).hex()
+            if h == EMPTY.hex():
+                continue
+            if self.blobs.has(h):
+                out.append(codec.decode_update(self.blobs.get(h)))
+            else:
+                missing.append((name, h))
+        if missing:
+            asked = {n: ({"cmd": "status", "task_id": self.task.task_id, "updates_of": [rnd]}, {})
+                     for n, _ in missing if n in set(self.names.values())}
+            replies = self._exchange(f"fetching round {rnd}'s updates", asked, tolerant=True) if asked else {}
+            for name, h in missing:
+                meta, arrays = replies.get(name, ({}, {}))
+                found = [u for u in updates_from({"updates": [m for m in meta.get("updates", []) if m["round"] == rnd]},
+                                                 {k.replace(f"u{rnd}/", "u/", 1): v for k, v in arrays.items()})
+                         if u.institution == name]
+                if not found or self.blobs.put(codec.encode_update(found[0])) != h:
+                    raise TaskStopped(f"round {rnd}: {name} committed an update that no one can relay now (its node is "
+                                      f"not answering); start {name}'s node again and resume the task")
+                out.append(found[0])
+        return sorted(out, key=lambda u: u.institution)
+
+    # ------------------------------------------------------------------ rounds
+
+    def _drive(self, start: int, prev_updates: list[Any]) -> dict[str, Any]:
+        """Rounds ``start`` .. R, then finish and archive; ``prev_updates``: round ``start - 1``'s."""
+        from fedmdh.data.federation import federation_heterogeneity
+        from fedmdh.ledger import codec
+        from fedmdh.runtime.flower.wire import unpack
+        from fedmdh.runtime.messages import updates_message
+        from fedmdh.runtime.simulator import RoundRecord
+
+        task, cfg, R = self.task, self.cfg, self.cfg.rounds
+        janitor = None
+        if task.round_timeout > 0:
+            janitor = Janitor(self.chain, self.account, self.contract, task.round_timeout, self._lock)
+            janitor.start()
+        updates = prev_updates
+        t0 = time.perf_counter()
+        try:
+            for r in range(start, R + 2):
+                last = r == R + 1
+                if self.before_round is not None:
+                    self.before_round(r)
+                if r >= 2 and self.server_round < r - 1:
+                    self.server = self.algorithm.aggregate(self.server, updates, _agg_rng(cfg, r - 1), r - 1)
+                    self.server_round = r - 1
+                    self.blobs.put(codec.encode_payload(self.server))
+                requests = {}
+                for name in self.all_names:
+                    if name not in set(self.names.values()):
+                        continue
+                    meta: Meta = {"cmd": "finish" if last else "round", "task_id": task.task_id,
+                                  "round": R if last else r}
+                    arrays: Arrays = {}
+                    if r == 1:
+                        smeta, sarrays = unpack(self.blobs.get(self._summaries_blob()))
+                        meta.update(contract=self.contract.address, participants=self.addresses,
+                                    setup_sha256=self._setup_sha256(), **smeta)
+                        arrays.update(sarrays)
+                    else:
+                        umeta, uarrays = updates_message(updates)
+                        meta.update(umeta)
+                        arrays.update(uarrays)
+                        if name in self.behind and r - 2 >= 1:
+                            base = self._finalized_state(r - 2)
+                            meta["base_round"] = r - 2
+                            arrays.update({f"b/{k}": v for k, v in base.items()})
+                    requests[name] = (meta, arrays)
+                step = "the last round" if last else f"round {r}"
+                replies = self._exchange(step, requests, tolerant=r > 1)
+                self._record_transactions(replies)
+                for name, (meta, _) in replies.items():
+                    if "missed" not in meta:
+                        self.behind.discard(name)
+                    else:
+                        self.behind.add(name)
+                t_prev, t0 = t0, time.perf_counter()
+                if r == 1:
+                    counts = {n: np.asarray(replies[n][0]["histogram"], dtype=np.int64) for n in self.all_names}
+                    het = federation_heterogeneity(self.summaries, self.setup, counts)
+                    info = het.to_dict()
+                    info.update(target=cfg.target, union_features=len(self.setup.features), runtime="flower",
+                                nodes=dict(self.addresses), setup_sha256=self._setup_sha256())
+                    (self.out / "federation.json").write_text(json.dumps(info, indent=2, default=float),
+                                                              encoding="utf-8")
+                else:
+                    self._write_round(self._round_record(r - 1, updates, replies, t0 - t_prev, RoundRecord))
+                if last:
+                    final_replies = replies
+                    break
+                updates = self._close_commits(r, replies)
+        finally:
+            if janitor is not None:
+                janitor.stop.set()
+                janitor.join(timeout=10)
+                for e in janitor.errors[-3:]:
+                    self._log(f"janitor: {e}")
+        missing = [n for n in self.all_names if n not in final_replies]
+        if missing:
+            raise TaskStopped(f"the last round: {', '.join(missing)} did not answer, so their models are not archived; "
+                              f"start their nodes again and resume task {task.task_id}")
+        return self._finish_task(final_replies)
+
+    def _summaries_blob(self) -> str:
+        doc = json.loads((self.ledger_dir / "task.json").read_text(encoding="utf-8"))
+        return doc["summaries"]
+
+    def _setup_sha256(self) -> str:
+        from fedmdh.runtime.messages import setup_hash
+
+        return setup_hash(self.setup)
+
+    def _finalized_state(self, rnd: int) -> dict[str, np.ndarray]:
+        from fedmdh.ledger import codec
+
+        h = bytes(self.contract.functions.finalized_hash(rnd).call()).hex()
+        if h == EMPTY.hex():
+            self._wait_chain(lambda: bytes(self.contract.functions.finalized_hash(rnd).call()) != EMPTY,
+                             f"round {rnd} to be finalized")
+            h = bytes(self.contract.functions.finalized_hash(rnd).call()).hex()
+        return codec.decode_payload(self.blobs.get(h))
+
+    def _wait_chain(self, done, what: str, limit: float | None = None) -> None:
+        limit = limit if limit is not None else self.task.wait_s
+        t_end = time.monotonic() + limit
+        while not done():
+            if time.monotonic() > t_end:
+                raise TaskError(f"gave up after {limit:.0f} s waiting for {what}")
+            time.sleep(0.1)
+
+    def _close_commits(self, r: int, replies: Mapping[str, Message]) -> list[Any]:
+        """Round ``r``'s committed updates once its commitments have closed (or stop short of a quorum)."""
+        from fedmdh.ledger import codec
+        from fedmdh.runtime.messages import updates_from
+
+        c = self.contract.functions
+        for name, (meta, arrays) in replies.items():
+            if "num_examples" in meta:
+                (u,) = updates_from({"updates": [meta]}, arrays)
+                if u.institution != name:
+                    raise TaskError(f"the node of {name} returned an update of {u.institution}")
+                self.blobs.put(codec.encode_update(u))
+        if not c.commits_closed(r).call():
+            timeout = self.task.round_timeout
+            deadline = (int(c.opened(r).call()) or time.time()) + timeout + 10 if timeout > 0 else None
+            while not c.commits_closed(r).call():
+                if deadline is None or time.time() > deadline:
+                    committed = [n for n in self.all_names
+                                 if bytes(c.update_hash(r, self.addresses[n]).call()) != EMPTY]
+                    missing = [n for n in self.all_names if n not in committed]
+                    raise TaskStopped(
+                        f"round {r}: {len(committed)} of {len(self.all_names)} institutions committed "
+                        f"({', '.join(committed) or 'none'}), the quorum is {self._quorum}; missing: "
+                        f"{', '.join(missing)}. The task stops here: when they are back, resume it with "
+                        f"`fedmdh deploy resume --task {self.task.task_id} --out {self.out} ...`")
+                time.sleep(0.2)
+        return self._committed_updates(r)
+
+    def _write_round(self, record) -> None:
+        with (self.out / "metrics.jsonl").open("a", encoding="utf-8") as fh:
+            fh.write(json.dumps(_finite(record.to_dict())) + "\n")
+        if self.on_round is not None:
+            self.on_round(record)
 
     def _round_record(self, rnd: int, updates: list[Any], replies: Mapping[str, Message], seconds: float, cls):
-        per = {n: dict(m["eval"]) for n, (m, _) in sorted(replies.items())}
+        per = {n: dict(m["eval"]) for n, (m, _) in sorted(replies.items()) if m.get("eval_round") == rnd and "eval" in m}
         n_up = sum(u.num_examples for u in updates)
         return cls(
             round=rnd,
@@ -323,33 +616,51 @@ class Coordinator:
             seconds=seconds,
         )
 
+    def _finish_task(self, replies: Mapping[str, Message]) -> dict[str, Any]:
+        cfg, names = self.cfg, self.all_names
+        per = {n: dict(replies[n][0]["kept_metrics"]) for n in names}
+        kept = {n: int(replies[n][0]["kept_round"]) for n in names}
+        final = {"algorithm": self.algorithm.name, "seed": cfg.first_seed, "rounds": cfg.rounds,
+                 "best_round": max(kept.values()), "best_rounds": kept,
+                 "seconds": time.perf_counter() - self.t_start,
+                 **{k: _mean([m.get(k) for m in per.values()]) for k in ("rmse", "mae", "r2")},
+                 "per_institution": per, "runtime": "flower", "task_id": self.task.task_id,
+                 "contract": self.contract.address}
+        # written before the archive, which commits their sha256
+        (self.out / "final_metrics.json").write_text(json.dumps(_finite(final), indent=2), encoding="utf-8")
+        digest = self._archive(replies)
+        self._log(f"ledger (rpc {self.task.chain_rpc}, contract {self.contract.address}): {cfg.rounds} rounds "
+                  f"finalized; the institutions' models archived as {digest} (held by the institutions)")
+        self._log(f"finished {cfg.rounds} rounds in {final['seconds']:.1f} s; models kept from rounds "
+                  + ", ".join(f"{n} {kept[n]}" for n in names))
+        self.chain.close()
+        return final
+
+    # ------------------------------------------------------------------ chain
+
     def _create_contract(self, algorithm, layout, names: tuple[str, ...], addresses: Mapping[str, str],
-                         manifest_hash: str):
+                         manifest_hash: str) -> None:
         from fedmdh.ledger.chain import GAS, Chain
         from fedmdh.ledger.keys import KeystoreSettings, load_or_create
 
         vector_len = sum(n for _, n in layout)
         keystore = Path(self.task.keystore) if self.task.keystore else Path.home() / ".fedmdh" / "keystore"
-        account = load_or_create("coordinator", KeystoreSettings.from_env(keystore))
-        chain = Chain.rpc(self.task.chain_rpc)
-        chain.open_log(self.ledger_dir / ".coordinator-transactions.jsonl")
-        own: list[dict[str, Any]] = []
-        chain.on_record = own.append
-        chain.fund([account.address] + [addresses[n] for n in names])
-        quorum = self.task.quorum or len(names) // 2 + 1
-        data = chain.deploy_data(self.task.experiment["target"][:64], algorithm.name[:64],
-                                 int(self.task.experiment["rounds"]), quorum, vector_len,
-                                 bytes.fromhex(manifest_hash), [addresses[n] for n in names])
-        sent = chain.transact(account, "deploy", None, data, gas=GAS["deploy"], actor=SUBMITTER)
-        contract = chain.contract(sent.receipt["contractAddress"])
-        self._record_transactions({}, [r for r in own if r.get("fn") != "transfer"])
-        own.clear()
-        self._own_records = own
-        self._quorum = quorum
-        return chain, account, contract
+        self.account = load_or_create("coordinator", KeystoreSettings.from_env(keystore))
+        self.chain = Chain.rpc(self.task.chain_rpc)
+        self.chain.open_log(self.ledger_dir / ".coordinator-transactions.jsonl")
+        self.chain.on_record = self._own.append
+        self.chain.fund([self.account.address] + [addresses[n] for n in names])
+        self._quorum = self.task.quorum or len(names) // 2 + 1
+        data = self.chain.deploy_data(self.task.experiment["target"][:64], algorithm.name[:64],
+                                      int(self.task.experiment["rounds"]), self._quorum, vector_len,
+                                      bytes.fromhex(manifest_hash), [addresses[n] for n in names],
+                                      int(round(self.task.round_timeout)))
+        sent = self.chain.transact(self.account, "deploy", None, data, gas=GAS["deploy"], actor=SUBMITTER)
+        self.contract = self.chain.contract(sent.receipt["contractAddress"])
+        self._record_transactions({})
 
-    def _write_task_json(self, chain, account, contract, algorithm, cfg, names, addresses, layout, init_hash,
-                         setup_blob, manifest_hash) -> None:
+    def _write_task_json(self, algorithm, cfg, names, addresses, layout, init_hash, setup_blob, manifest_hash,
+                         summaries_blob) -> None:
         from fedmdh.ledger import codec
         from fedmdh.ledger.artifacts import load_artifact
 
@@ -359,10 +670,10 @@ class Coordinator:
             "task_id": self.task.task_id,
             "chain": "rpc",
             "rpc_url": self.task.chain_rpc,
-            "chain_id": chain.chain_id,
-            "contract": contract.address,
+            "chain_id": self.chain.chain_id,
+            "contract": self.contract.address,
             "contract_artifact_sha256": load_artifact()["source_sha256"],
-            "submitter": account.address,
+            "submitter": self.account.address,
             "participants": {n: addresses[n] for n in names},
             "algorithm": algorithm.name,
             "hyperparameters": algorithm.hyperparameters(),
@@ -370,46 +681,53 @@ class Coordinator:
             "rounds": cfg.rounds,
             "seed": cfg.first_seed,
             "quorum": self._quorum,
+            "round_timeout": self.task.round_timeout,
             "vector_layout": [[n, int(k)] for n, k in layout],
             "fixed_point_scale": codec.SCALE,
             "initial_state": init_hash,
             "task_manifest": manifest_hash,
             "setup": setup_blob,
+            "summaries": summaries_blob,
             "config": "../config.toml",
             "blobs": "blobs",
             "transactions": "transactions.jsonl",
             "signing": "each institution signs with its own key on its own node; the coordinator's key created "
-                       "the task contract and archives the model manifest the institutions attested",
+                       "the task contract, closes rounds whose timeout passed, and archives the model manifest the "
+                       "institutions attested",
         }
         (self.ledger_dir / "task.json").write_text(json.dumps(doc, indent=2, default=str), encoding="utf-8")
 
-    def _archive(self, chain, account, contract, blobs, replies: Mapping[str, Message], node_of, names) -> str:
+    def _archive(self, replies: Mapping[str, Message]) -> str:
         import hashlib
 
         from fedmdh.ledger.artifacts import call_data
+        from fedmdh.ledger.audit import HELD_BY_INSTITUTIONS
         from fedmdh.ledger.chain import GAS
 
         files: dict[str, str] = {}
-        for n in names:
+        for n in self.all_names:
             files.update(replies[n][0]["model_files"])
-        from fedmdh.ledger.audit import HELD_BY_INSTITUTIONS
-
-        run_files = {name: blobs.put((self.out / name).read_bytes())
+        run_files = {name: self.blobs.put((self.out / name).read_bytes())
                      for name in ("final_metrics.json", "metrics.jsonl", "federation.json")}
         manifest = {"kind": "model-archive", "files": dict(sorted(files.items())), "run_files": run_files,
                     "held_by": HELD_BY_INSTITUTIONS}
         body = json.dumps(manifest, sort_keys=True, indent=1).encode("utf-8")
-        digest = blobs.put(body)
+        digest = self.blobs.put(body)
         assert digest == hashlib.sha256(body).hexdigest()
         msg = {"cmd": "archive", "task_id": self.task.task_id, "manifest": manifest, "manifest_sha256": digest}
-        replies = self._exchange("archive", {node_of[n]: (msg, {}) for n in names})
+        replies = self._exchange("archive", {n: (msg, {}) for n in self.all_names})
         self._record_transactions(replies)
-        locator = f"held by the institutions; manifest {blobs.locator(digest)}"[:256]
-        chain.transact(account, "archive", contract.address, call_data("archive", bytes.fromhex(digest), locator),
-                       gas=GAS["archive"], actor=SUBMITTER)
-        self._record_transactions({}, list(self._own_records))
-        self._own_records.clear()
+        locator = f"held by the institutions; manifest {self.blobs.locator(digest)}"[:256]
+        self.chain.transact(self.account, "archive", self.contract.address,
+                            call_data("archive", bytes.fromhex(digest), locator), gas=GAS["archive"], actor=SUBMITTER)
+        self._record_transactions({})
         return digest
+
+
+def _agg_rng(cfg, rnd: int):
+    from fedmdh.runtime.protocol import aggregate_rng
+
+    return aggregate_rng(cfg.first_seed, rnd)
 
 
 def deployed_task_manifest(cfg, algorithm, spec, setup_sha256: str) -> tuple[bytes, bytes, str]:
@@ -483,18 +801,23 @@ class DirectTransport:
 
     def __init__(self, services: Mapping[str, Any]) -> None:
         self.services = dict(services)
+        self.down: set[str] = set()  # nodes that do not answer (a test takes one down)
 
     def wait_nodes(self, count: int, timeout: float) -> list[Any]:
-        if len(self.services) < count:
-            raise TaskError(f"{len(self.services)} nodes, the task needs {count}")
-        return sorted(self.services)
+        up = sorted(n for n in self.services if n not in self.down)
+        if len(up) < count:
+            raise TaskError(f"{len(up)} nodes, the task needs {count}")
+        return up
 
-    def exchange(self, requests: Mapping[Any, Message], timeout: float) -> dict[Any, Message]:
+    def exchange(self, requests: Mapping[Any, Message], timeout: float,
+                 optional: frozenset[Any] = frozenset()) -> dict[Any, Message]:
         from concurrent.futures import ThreadPoolExecutor
 
         from fedmdh.runtime.flower.wire import pack, unpack
 
         def one(node: Any) -> Message:
+            if node in self.down:
+                return {"error": f"node {node}: no reply within {timeout:.0f} s"}, {}
             meta, arrays = unpack(pack(*requests[node]))  # what crosses the wire, exactly
             return unpack(pack(*self.services[node].handle(meta, arrays)))
 

@@ -2,7 +2,7 @@
 
 ``fedmdh node start`` runs one of these on the institution's machine beside a Flower SuperNode;
 the SuperNode's ClientApp (:mod:`fedmdh.runtime.flower.client_app`) hands it every message over a
-local socket. The service answers four commands of a task (see docs/deployment.md):
+local socket. The service answers these commands of a task (see docs/deployment.md):
 
 ``setup``
     Load and validate the institution's table for the task's target, carve its validation split,
@@ -11,27 +11,38 @@ local socket. The service answers four commands of a task (see docs/deployment.m
 ``round`` (round ``r``)
     Round 1 brings every institution's setup summary: the node pools them itself (so it does not
     have to trust the coordinator's arithmetic), checks that its own summary is unchanged and that
-    the task contract on chain is the shipped one with the task's settings, the setup's initial
-    state and itself on the allowlist, and registers. Later rounds bring the committed updates of
-    round ``r - 1``: the node checks each against its on-chain commitment, recomputes the aggregate
-    with the algorithm's own ``aggregate``, attests its hash, evaluates its model on its own
-    validation rows (selection) and on the test set if it has one (reporting), trains round ``r``,
-    waits until the chain has finalized exactly the aggregate it computed, commits its update and
-    returns it.
+    the task contract on chain is the shipped one with the task's settings, the task manifest and
+    itself on the allowlist, and registers. Later rounds bring the updates committed in round
+    ``r - 1`` (and, for a node that missed rounds, the last finalized aggregate): the node checks
+    each against its on-chain commitment, recomputes the aggregate with the algorithm's own
+    ``aggregate``, attests its hash (if it committed in that round), evaluates its model on its own
+    validation rows (selection) and on the test set if it has one (reporting), trains round
+    ``r``, commits its update and returns it. The commitment of round ``r`` does not wait for
+    round ``r - 1`` to be finalized (the contract takes it once round ``r - 1``'s commitments
+    closed); the next message checks that the chain finalized exactly the aggregate computed here,
+    and the node stops otherwise.
 ``finish``
-    The last round's aggregate as above, then the model the institution keeps (its best round on
-    its own validation rows) is written to its state folder; the reply carries the files' sha256.
+    The last round's aggregate as above; once the chain finalized it, the model the institution
+    keeps (its best round on its own validation rows) is written to its state folder; the reply
+    carries the files' sha256.
 ``archive``
     Check the task's archive manifest against its own files and attest the manifest's hash.
+``status``
+    What this node holds of a task (its last committed round, the round of the aggregate it holds)
+    and, on request, its own committed updates: a new coordinator resumes from these.
 
-Every transaction is signed here, with the institution's own key. Client state, the current
-aggregate and the kept model are written to the state folder atomically after each round.
+Every transaction is signed here, with the institution's own key, after checking on chain that it
+is still due (so a message sent again, after a restart of the node or of the coordinator, is
+answered from what was done, never done twice). The node's state (client state, current
+aggregate, progress, kept model) is written to its state folder atomically before each commitment;
+a restarted node reloads it and goes on.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
 import logging
 import os
@@ -51,9 +62,10 @@ log = logging.getLogger("fedmdh.node")
 Meta = dict[str, Any]
 Arrays = dict[str, np.ndarray]
 
-#: how long a node waits for the others (registration, attestations) before it gives up on a round
+#: how long a node waits for the others (registration, a finalization) before it gives up on a step
 DEFAULT_WAIT_S = 600.0
 POLL_S = 0.02
+EMPTY = bytes(32)
 
 
 def check_name(name: str, what: str = "institution name") -> str:
@@ -64,6 +76,29 @@ def check_name(name: str, what: str = "institution name") -> str:
         raise InputError(f"{what} {name!r} is not a name: use letters, digits, '-', '_' and '.' "
                          "(at most 64, no path separators, no '..').")
     return name
+
+
+@dataclass
+class Progress:
+    """What a node has done in a task, saved with its state (one atomic file)."""
+
+    committed: int = 0  # the last round whose update this node committed
+    state_round: int = 0  # the round of the aggregate it holds (0: the initial state)
+    unconfirmed: dict[int, str] = field(default_factory=dict)  # round -> aggregate hash computed, not yet seen final
+    updates: dict[int, str] = field(default_factory=dict)  # round -> sha256 of this node's update blob
+    kept: dict[str, Any] = field(default_factory=dict)  # the kept model's round, validation loss, metrics
+    last_eval: dict[str, Any] = field(default_factory=dict)  # the latest evaluation (round, metrics)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"committed": self.committed, "state_round": self.state_round,
+                "unconfirmed": {str(k): v for k, v in self.unconfirmed.items()},
+                "updates": {str(k): v for k, v in self.updates.items()}, "kept": self.kept,
+                "last_eval": self.last_eval}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "Progress":
+        return cls(int(d["committed"]), int(d["state_round"]), {int(k): v for k, v in d["unconfirmed"].items()},
+                   {int(k): v for k, v in d["updates"].items()}, dict(d["kept"]), dict(d.get("last_eval", {})))
 
 
 @dataclass
@@ -89,9 +124,12 @@ class NodeTask:
     chain: Any = None
     contract: Any = None
     addresses: dict[str, str] = field(default_factory=dict)
-    round: int = 0  # the last round this node committed
-    pending_hash: str = ""  # the aggregate this node computed for the round it last attested
+    progress: Progress = field(default_factory=Progress)
     new_records: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def wait_s(self) -> float:
+        return float(self.spec_json.get("wait_s", DEFAULT_WAIT_S))
 
 
 class NodeService:
@@ -121,6 +159,7 @@ class NodeService:
                  test: str | Path | None = None, exclude: tuple[str, ...] = (), chain_rpc: str | None = None,
                  passphrase: str | None = None) -> None:
         from fedmdh.ledger.keys import KeystoreSettings, load_or_create
+        from fedmdh.runtime.protocol import use_training_threads
 
         self.name = check_name(name)
         self.data = Path(data)
@@ -137,8 +176,6 @@ class NodeService:
         settings = KeystoreSettings.from_env(self.state_dir / "keystore", passphrase=passphrase)
         self.account = load_or_create(self.name, settings)
         self.tasks: dict[str, NodeTask] = {}
-        from fedmdh.runtime.protocol import use_training_threads
-
         use_training_threads()  # the simulator's count: the same bits (torch and BLAS)
 
     @property
@@ -151,50 +188,43 @@ class NodeService:
         """Answer one message; a failure becomes ``{"error": one line naming this institution}``."""
         cmd = meta.get("cmd")
         t0 = time.perf_counter()
+        handlers = {"setup": lambda: self._setup(meta), "round": lambda: self._round(meta, arrays),
+                    "finish": lambda: self._finish(meta, arrays), "archive": lambda: self._archive(meta),
+                    "status": lambda: self._status(meta),
+                    "ping": lambda: ({"institution": self.name, "address": self.address}, {})}
         try:
-            if cmd == "setup":
-                out = self._setup(meta)
-            elif cmd == "round":
-                out = self._round(meta, arrays)
-            elif cmd == "finish":
-                out = self._finish(meta, arrays)
-            elif cmd == "archive":
-                out = self._archive(meta)
-            elif cmd == "ping":
-                out = ({"institution": self.name, "address": self.address}, {})
-            else:
+            if cmd not in handlers:
                 raise InputError(f"unknown command {cmd!r}")
+            reply, reply_arrays = handlers[cmd]()
         except FedmdhError as exc:
             log.error("%s %s failed: %s", cmd, meta.get("round", ""), exc)
-            return {"error": f"institution {self.name}: {exc}", "institution": self.name}, {}
+            reply, reply_arrays = {"error": f"institution {self.name}: {exc}"}, {}
         except Exception as exc:  # noqa: BLE001 - the coordinator must hear of it, in one line
             log.error("%s failed:\n%s", cmd, traceback.format_exc())
-            return {"error": f"institution {self.name}: {type(exc).__name__}: {exc}", "institution": self.name}, {}
-        reply, reply_arrays = out
+            reply, reply_arrays = {"error": f"institution {self.name}: {type(exc).__name__}: {exc}"}, {}
         reply.setdefault("institution", self.name)
         reply["seconds"] = time.perf_counter() - t0
         task = self.tasks.get(str(meta.get("task_id")))
-        if task is not None and task.new_records:
-            reply["transactions"] = list(task.new_records)
-            task.new_records.clear()  # the chain's log callback appends to this very list
+        if task is not None:
+            reply["progress"] = {"committed": task.progress.committed, "state_round": task.progress.state_round}
+            if task.new_records:
+                reply["transactions"] = list(task.new_records)
+                task.new_records.clear()  # the chain's log callback appends to this very list
         return reply, reply_arrays
 
     def _task(self, meta: Meta) -> NodeTask:
-        task = self.tasks.get(str(meta.get("task_id")))
+        task_id = str(meta.get("task_id"))
+        task = self.tasks.get(task_id) or self._restore(task_id)
         if task is None:
-            raise InputError(f"task {meta.get('task_id')!r} is unknown here (this node did not take part in its "
-                             "setup, or restarted since)")
+            raise InputError(f"task {task_id!r} is unknown here (this node did not take part in its setup)")
         return task
 
     # ------------------------------------------------------------------ setup
 
-    def _setup(self, meta: Meta) -> tuple[Meta, Arrays]:
+    def _load_task(self, task_id: str, spec: dict[str, Any], folder: Path) -> NodeTask:
         from fedmdh.data.federation import local_split, setup_summary
         from fedmdh.data.io import load_institution
-        from fedmdh.runtime.messages import summary_message
 
-        spec = dict(meta["task"])
-        task_id = check_name(str(meta["task_id"]), "task id")
         target = str(spec["target"])
         if target != self.target:
             raise InputError(f"this node serves target {self.target!r}, the task asks for {target!r}")
@@ -206,111 +236,205 @@ class NodeService:
             if missing:
                 raise InputError(f"{self.test}: the test set lacks column {missing[0]!r} of {self.data}")
         split = local_split(table, int(spec["first_seed"]), float(spec["val_fraction"]))
-        summary = setup_summary(split)
+        return NodeTask(task_id, spec, folder, table, split, test, setup_summary(split))
+
+    def _setup(self, meta: Meta) -> tuple[Meta, Arrays]:
+        from fedmdh.runtime.messages import summary_message
+
+        spec = dict(meta["task"])
+        task_id = check_name(str(meta["task_id"]), "task id")
         folder = self.state_dir / "tasks" / task_id
+        if (folder / "setup.json").exists():
+            raise InputError(f"task {task_id} started here already; a coordinator resumes it (`fedmdh deploy "
+                             "resume`), it is not set up again")
+        task = self._load_task(task_id, spec, folder)
         folder.mkdir(parents=True, exist_ok=True)
         atomic_write_json(folder / "task.json", {"task_id": task_id, "task": spec, "institution": self.name,
                                                  "address": self.address})
-        self.tasks[task_id] = NodeTask(task_id, spec, folder, table, split, test, summary)
-        m, a = summary_message(summary)
-        log.info("task %s: setup, %d rows, %d columns", task_id, table.n_rows, len(table.features))
-        return {**m, "address": self.address, "has_test": test is not None}, a
+        self.tasks[task_id] = task
+        m, a = summary_message(task.summary)
+        log.info("task %s: setup, %d rows, %d columns", task_id, task.table.n_rows, len(task.table.features))
+        return {**m, "address": self.address, "has_test": task.test is not None}, a
+
+    def _build(self, task: NodeTask, setup) -> None:
+        """The task's data, algorithm and starting state from what setup fixed (round 1, or a restart)."""
+        from fedmdh.algorithms.base import FederationSpec
+        from fedmdh.config import ExperimentConfig
+        from fedmdh.data.federation import institution_data
+        from fedmdh.runtime.protocol import ClientSlot, Selection, initial_state
+
+        spec = task.spec_json
+        fields = {f.name for f in dataclasses.fields(ExperimentConfig)} - {"institutions", "test"}
+        config = ExperimentConfig(institutions=setup.names, test="", **{k: v for k, v in spec.items() if k in fields})
+        task.setup, task.config = setup, config
+        task.algorithm = config.build_algorithm(spec["algorithms"][0])
+        task.data = institution_data(task.split, setup, task.test, config.clip_inputs)
+        task.spec = FederationSpec.from_setup(setup)
+        task.server = initial_state(task.algorithm, task.spec, config.first_seed)
+        task.slot = ClientSlot(task.algorithm, task.spec, task.data, config.first_seed)
+        task.selection = Selection()
+
+    def _restore(self, task_id: str) -> NodeTask | None:
+        """A task this node took part in before it restarted, from its state folder."""
+        from fedmdh.runtime.messages import setup_from_record
+        from fedmdh.runtime.protocol import ClientSlot, Kept
+
+        folder = self.state_dir / "tasks" / check_name(task_id, "task id")
+        if not (folder / "task.json").is_file():
+            return None
+        saved = json.loads((folder / "task.json").read_text(encoding="utf-8"))
+        task = self._load_task(task_id, dict(saved["task"]), folder)
+        if (folder / "setup.json").is_file():
+            self._build(task, setup_from_record(json.loads((folder / "setup.json").read_text(encoding="utf-8"))))
+            chain = json.loads((folder / "chain.json").read_text(encoding="utf-8"))
+            self._connect(task, chain["contract"], chain.get("rpc_url"))
+            task.addresses = dict(chain["participants"])
+            if (folder / "state.npz").is_file():
+                with np.load(folder / "state.npz") as z:
+                    arrays = {k: z[k] for k in z.files}
+                task.progress = Progress.from_json(json.loads(bytes(arrays.pop("progress")).decode("utf-8")))
+                task.server = {k[len("server/"):]: v for k, v in arrays.items() if k.startswith("server/")}
+                task.slot = ClientSlot(task.algorithm, task.spec, task.data, task.config.first_seed,
+                                       arrays={k[len("client/"):]: v for k, v in arrays.items()
+                                               if k.startswith("client/")})
+                kept = task.progress.kept
+                if "selection" in arrays:
+                    sel_meta = json.loads(bytes(arrays.pop("selection")).decode("utf-8"))
+                    task.selection.restore(self.name, sel_meta, {k[len("selection/"):]: v for k, v in arrays.items()
+                                                                 if k.startswith("selection/")})
+                elif kept:  # a state file from before the selection was saved with it
+                    best = folder / "best" / "params.npz"
+                    with np.load(best) as z:
+                        params = {k: z[k] for k in z.files}
+                    task.selection.kept[self.name] = Kept(int(kept["round"]), float(kept["val_mse"]), params,
+                                                          dict(kept["metrics"]))
+        self.tasks[task_id] = task
+        log.info("task %s: restored from %s (committed round %d)", task_id, folder, task.progress.committed)
+        return task
+
+    def _status(self, meta: Meta) -> tuple[Meta, Arrays]:
+        """What this node holds of a task, and its committed updates of the rounds asked for."""
+        from fedmdh.ledger import codec
+        from fedmdh.ledger.blobs import DirBlobStore
+
+        task = self._task(meta)
+        arrays: Arrays = {}
+        updates = []
+        for r in meta.get("updates_of", []):
+            digest = task.progress.updates.get(int(r))
+            if digest is None:
+                continue
+            upd = codec.decode_update(DirBlobStore(task.folder / "blobs").get(digest))
+            updates.append({"round": int(r), **_update_meta(upd)})
+            arrays.update({f"u{r}/{self.name}/{k}": np.asarray(v) for k, v in upd.payload.items()})
+        return {"address": self.address, "updates": updates}, arrays
 
     # ------------------------------------------------------------------ rounds
 
     def _start(self, task: NodeTask, meta: Meta, arrays: Arrays) -> Meta:
         """Round 1's preamble: pool the setup, build the data and the algorithm, check the contract, register."""
-        from fedmdh.algorithms.base import FederationSpec
-        from fedmdh.config import ExperimentConfig
-        from fedmdh.data.federation import institution_data, label_histogram, pool_setup
+        from fedmdh.data.federation import label_histogram, pool_setup
         from fedmdh.ledger.blobs import sha256_hex
         from fedmdh.runtime.coordinator import deployed_task_manifest
         from fedmdh.runtime.messages import setup_hash, setup_record, summaries_from, summary_message
-        from fedmdh.runtime.protocol import ClientSlot, Selection, initial_state
 
-        summaries = summaries_from(meta, arrays)
-        mine = [s for s in summaries if s.institution == self.name]
-        if len(mine) != 1:
-            raise InputError("the setup relayed by the coordinator does not contain this institution")
-        if not _same_message(summary_message(mine[0]), summary_message(task.summary)):
-            raise InputError("the setup relayed by the coordinator alters this institution's summary")
-        setup = pool_setup(summaries)
-        if meta.get("setup_sha256") and meta["setup_sha256"] != setup_hash(setup):
-            raise InputError("the coordinator's setup hash differs from the one pooled here")
-        spec = task.spec_json
-        fields = {f.name for f in dataclasses.fields(ExperimentConfig)} - {"institutions", "test"}
-        config = ExperimentConfig(institutions=setup.names, test="", **{k: v for k, v in spec.items() if k in fields})
-        algorithm = config.build_algorithm(spec["algorithms"][0])
-        data = institution_data(task.split, setup, task.test, config.clip_inputs)
-        fspec = FederationSpec.from_setup(setup)
-        seed = config.first_seed
-        server = initial_state(algorithm, fspec, seed)
-        task.setup, task.config, task.algorithm, task.data, task.spec = setup, config, algorithm, data, fspec
-        task.server = server
-        task.slot = ClientSlot(algorithm, fspec, data, seed)
-        task.selection = Selection()
-        atomic_write_json(task.folder / "setup.json", setup_record(setup))
-        self._connect(task, str(meta["contract"]), meta.get("chain_rpc") or spec.get("chain_rpc"))
-        participants = {str(k): str(v) for k, v in dict(meta["participants"]).items()}
-        if sorted(participants) != list(setup.names) or participants.get(self.name) != self.address:
-            raise InputError("the participants the coordinator names differ from the setup's institutions "
-                             "or give this institution another address")
-        task.addresses = participants
+        lo_hi = None
+        if task.setup is None:
+            summaries = summaries_from(meta, arrays)
+            mine = [s for s in summaries if s.institution == self.name]
+            if len(mine) != 1:
+                raise InputError("the setup relayed by the coordinator does not contain this institution")
+            if not _same_message(summary_message(mine[0]), summary_message(task.summary)):
+                raise InputError("the setup relayed by the coordinator alters this institution's summary")
+            setup = pool_setup(summaries)
+            if meta.get("setup_sha256") and meta["setup_sha256"] != setup_hash(setup):
+                raise InputError("the coordinator's setup hash differs from the one pooled here")
+            self._build(task, setup)
+            participants = {str(k): str(v) for k, v in dict(meta["participants"]).items()}
+            if sorted(participants) != list(setup.names) or participants.get(self.name) != self.address:
+                raise InputError("the participants the coordinator names differ from the setup's institutions "
+                                 "or give this institution another address")
+            self._connect(task, str(meta["contract"]), meta.get("chain_rpc") or task.spec_json.get("chain_rpc"))
+            task.addresses = participants
+            c = task.contract.functions
+            _, manifest, _ = deployed_task_manifest(task.config, task.algorithm, task.spec, setup_hash(setup))
+            expected = {"target": task.config.target[:64], "algorithm": task.algorithm.name[:64],
+                        "num_rounds": task.config.rounds, "initial_state_hash": bytes.fromhex(sha256_hex(manifest)),
+                        "round_timeout": int(task.spec_json.get("round_timeout", 0))}
+            for key, want in expected.items():
+                got = getattr(c, key)().call()
+                if (bytes(got) != want) if isinstance(want, bytes) else (got != want):
+                    shown = (lambda v: "0x" + bytes(v).hex()[:16]) if isinstance(want, bytes) else repr
+                    raise InputError(f"the task contract's {key} is {shown(got)}, this node computes {shown(want)} "
+                                     "from the task and its setup; refusing to take part")
+            for name, addr in participants.items():
+                if not c.allowed(addr).call():
+                    raise InputError(f"{name}'s address {addr} is not on the task contract's allowlist")
+            if int(c.quorum().call()) * 2 <= len(participants):
+                raise InputError(f"the task contract's quorum {c.quorum().call()} is not a majority of the "
+                                 f"{len(participants)} participants; refusing to take part")
+            atomic_write_json(task.folder / "setup.json", setup_record(setup))
+            atomic_write_json(task.folder / "chain.json", {"contract": task.contract.address,
+                                                           "rpc_url": task.chain.url, "participants": participants})
         c = task.contract.functions
-        _, manifest, _ = deployed_task_manifest(config, algorithm, fspec, setup_hash(setup))
-        expected = {"target": config.target[:64], "algorithm": algorithm.name[:64], "num_rounds": config.rounds,
-                    "initial_state_hash": bytes.fromhex(sha256_hex(manifest))}
-        for key, want in expected.items():
-            got = getattr(c, key)().call()
-            if (bytes(got) != want) if isinstance(want, bytes) else (got != want):
-                shown = (lambda v: "0x" + bytes(v).hex()[:16]) if isinstance(want, bytes) else repr
-                raise InputError(f"the task contract's {key} is {shown(got)}, this node computes {shown(want)} from "
-                                 "the task and its setup; refusing to take part")
-        for name, addr in participants.items():
-            if not c.allowed(addr).call():
-                raise InputError(f"{name}'s address {addr} is not on the task contract's allowlist")
-        if int(c.quorum().call()) * 2 <= len(participants):
-            raise InputError(f"the task contract's quorum {c.quorum().call()} is not a majority of the "
-                             f"{len(participants)} participants; refusing to take part")
         if not c.registered(self.address).call():
-            task.chain.transact(self.account, "register", task.contract.address,
-                                _call("register", self.name[:64]), gas=_gas("register"), actor=self.name)
-        self._wait(task, lambda: c.participant_count().call() >= len(setup.names),
+            self._transact(task, "register", self.name[:64], gas="register")
+        self._wait(task, lambda: c.participant_count().call() >= len(task.setup.names),
                    "every institution to register")
-        for name, addr in participants.items():
+        for name, addr in task.addresses.items():
             if c.participant_name(addr).call() != name[:64]:
                 raise InputError(f"the address given for {name} registered as {c.participant_name(addr).call()!r}")
-        lo, hi = setup.label_range
-        return {"histogram": [int(v) for v in label_histogram(task.table.y, lo, hi)]}
+        lo_hi = task.setup.label_range
+        return {"histogram": [int(v) for v in label_histogram(task.table.y, *lo_hi)]}
 
     def _round(self, meta: Meta, arrays: Arrays) -> tuple[Meta, Arrays]:
-        from fedmdh.runtime.messages import update_meta
-
         task = self._task(meta)
         rnd = int(meta["round"])
         reply: Meta = {}
         if rnd == 1:
             reply.update(self._start(task, meta, arrays))
-        else:
+        if task.setup is None:
+            raise InputError("round 1 never reached this node for this task")
+        c = task.contract.functions
+        digest = bytes(c.update_hash(rnd, self.address).call()).hex()
+        if digest != EMPTY.hex():  # committed already (a message sent again): answer from what was done
+            return {**reply, **self._resend(task, rnd, digest)}, self._update_arrays(task, digest)
+        if rnd >= 2:
             reply.update(self._close_round(task, rnd - 1, meta, arrays))
-        if rnd != task.round + 1:
-            raise InputError(f"asked for round {rnd}; this node's last committed round is {task.round}")
-        update = self._train(task, rnd)
-        finalized_prev = rnd - 1
-        if finalized_prev >= 1:
-            self._wait_finalized(task, finalized_prev)
-        self._commit(task, rnd, update)
-        self._persist(task)
-        reply.update(update_meta(update))
+        if c.commits_closed(rnd).call():
+            self._persist(task)
+            return {**reply, "missed": rnd}, {}  # too late for this round: the next one takes this node again
+        update = self._train_and_commit(task, rnd)
+        reply.update(_update_meta(update))
         return reply, {f"u/{self.name}/{k}": np.asarray(v) for k, v in update.payload.items()}
+
+    def _resend(self, task: NodeTask, rnd: int, digest: str) -> Meta:
+        from fedmdh.ledger import codec
+        from fedmdh.ledger.blobs import DirBlobStore
+
+        upd = codec.decode_update(DirBlobStore(task.folder / "blobs").get(digest))
+        if task.progress.committed < rnd:  # committed, then stopped before saving it
+            task.progress.committed = rnd
+            task.progress.updates[rnd] = digest
+            self._persist(task)
+        last = task.progress.last_eval
+        out: Meta = {**_update_meta(upd), "resent": True}
+        if last.get("round") == rnd - 1:
+            out.update(eval_round=last["round"], eval=last["metrics"], aggregate_sha256=last.get("aggregate_sha256"))
+        return out
+
+    def _update_arrays(self, task: NodeTask, digest: str) -> Arrays:
+        from fedmdh.ledger import codec
+        from fedmdh.ledger.blobs import DirBlobStore
+
+        upd = codec.decode_update(DirBlobStore(task.folder / "blobs").get(digest))
+        return {f"u/{self.name}/{k}": np.asarray(v) for k, v in upd.payload.items()}
 
     def _finish(self, meta: Meta, arrays: Arrays) -> tuple[Meta, Arrays]:
         task = self._task(meta)
         last = int(meta["round"])
-        if last != task.round:
-            raise InputError(f"asked to finish round {last}; this node's last committed round is {task.round}")
         reply = self._close_round(task, last, meta, arrays)
-        self._wait_finalized(task, last)
+        self._confirm(task, last, wait=True)
         files = self._save_final_model(task)
         self._persist(task)
         kept = task.selection.kept[self.name]
@@ -328,92 +452,146 @@ class NodeService:
         digest = hashlib.sha256(body).hexdigest()
         if digest != meta.get("manifest_sha256"):
             raise InputError("the archive manifest's sha256 is not the one the coordinator announced")
-        task.chain.transact(self.account, "attest_model", task.contract.address,
-                            _call("attest_model", bytes.fromhex(digest)), gas=_gas("attest_model"), actor=self.name)
+        if bytes(task.contract.functions.model_vote(self.address).call()) == EMPTY:
+            self._transact(task, "attest_model", bytes.fromhex(digest), gas="attest_model")
         atomic_write_bytes(task.folder / "archive-manifest.json", body)
         return {"attested": digest}, {}
 
     # ------------------------------------------------------------------ the round's steps
 
     def _close_round(self, task: NodeTask, rnd: int, meta: Meta, arrays: Arrays) -> Meta:
-        """Check round ``rnd``'s updates against the chain, aggregate, attest, evaluate, select."""
+        """Round ``rnd``'s updates: check them against the chain, aggregate, attest, evaluate, select."""
         from fedmdh.ledger import codec
         from fedmdh.ledger.blobs import sha256_hex
         from fedmdh.runtime.messages import updates_from
         from fedmdh.runtime.protocol import aggregate_rng, evaluate_round
 
-        if task.server is None:
-            raise InputError("round 1 never reached this node for this task")
-        updates = updates_from(meta, arrays)
         c = task.contract.functions
+        if "base_round" in meta:
+            self._adopt_base(task, int(meta["base_round"]), arrays)
+        if task.progress.state_round == rnd:  # done already (a message sent again after a restart)
+            return {"eval_round": rnd, **({"eval": task.progress.last_eval["metrics"]}
+                                          if task.progress.last_eval.get("round") == rnd else {})}
+        if task.progress.state_round != rnd - 1:
+            raise InputError(f"round {rnd + 1}: this node holds the aggregate of round {task.progress.state_round}, "
+                             f"not of round {rnd - 1}; the coordinator must send the last finalized aggregate")
+        self._confirm(task, rnd - 1, wait=True)
+        if not c.commits_closed(rnd).call():
+            raise InputError(f"round {rnd}'s commitments are still open on chain; nothing to aggregate yet")
+        updates = updates_from(meta, arrays)
         committed = int(c.commit_count(rnd).call())
         if len(updates) != committed:
             raise InputError(f"round {rnd}: {len(updates)} updates relayed, {committed} committed on chain")
-        names = {u.institution for u in updates}
-        if self.name not in names:
-            raise InputError(f"round {rnd}: the relayed updates lack this institution's own")
         for u in updates:
             addr = task.addresses.get(u.institution)
             if addr is None:
                 raise InputError(f"round {rnd}: an update from {u.institution!r}, who is not a participant")
             on_chain = bytes(c.update_hash(rnd, addr).call()).hex()
-            if sha256_hex(codec.encode_update(u)) != on_chain:
+            mine = sha256_hex(codec.encode_update(u))
+            if mine != on_chain:
                 raise InputError(f"round {rnd}: the update relayed for {u.institution} is not the one it committed "
-                                 f"(sha256 {sha256_hex(codec.encode_update(u))[:16]}, on chain {on_chain[:16]})")
+                                 f"(sha256 {mine[:16]}, on chain {on_chain[:16] if on_chain != EMPTY.hex() else 'none'})")
         seed = task.config.first_seed
         task.server = task.algorithm.aggregate(task.server, updates, aggregate_rng(seed, rnd), rnd)
         agg_hash = sha256_hex(codec.encode_payload(task.server))
-        task.pending_hash = agg_hash
-        task.chain.transact(self.account, "attest", task.contract.address,
-                            _call("attest", rnd, bytes.fromhex(agg_hash)),
-                            gas=_gas("attest") + 12_000 * len(task.setup.names), actor=self.name, round=rnd)
+        task.progress.state_round = rnd
+        task.progress.unconfirmed[rnd] = agg_hash
+        if task.progress.committed >= rnd and bytes(c.update_hash(rnd, self.address).call()) != EMPTY \
+                and bytes(c.attested_hash(rnd, self.address).call()) == EMPTY:
+            self._attest(task, rnd, agg_hash)
         client = task.slot.get()
         params = task.algorithm.personal_params(task.server, client)
         metrics, changed = evaluate_round(task.algorithm, task.selection, self.name, rnd,
                                           {k: np.array(v) for k, v in params.items()}, task.data, task.setup.scaler,
                                           task.test.y if task.test is not None else np.zeros(0))
         if changed:
-            self._save_model(task, task.folder / "best", task.selection.kept[self.name])
+            kept = task.selection.kept[self.name]
+            self._save_model(task, task.folder / "best", kept)
+            task.progress.kept = {"round": kept.round, "val_mse": kept.val_mse, "metrics": kept.metrics}
+        task.progress.last_eval = {"round": rnd, "metrics": metrics, "aggregate_sha256": agg_hash}
         return {"eval_round": rnd, "eval": metrics, "aggregate_sha256": agg_hash}
 
-    def _train(self, task: NodeTask, rnd: int):
+    def _attest(self, task: NodeTask, rnd: int, agg_hash: str) -> None:
+        """Attest round ``rnd``'s aggregate, unless the round was finalized without this node already
+        (its timeout passed): then the next step checks the finalized hash against its own."""
+        from fedmdh.ledger.errors import LedgerRevert
+
+        if int(task.contract.functions.current_round().call()) != rnd:
+            return
+        try:
+            self._transact(task, "attest", rnd, bytes.fromhex(agg_hash), gas="attest", round=rnd)
+        except LedgerRevert as exc:
+            if "wrong round" not in exc.reason:  # finalized between the check and the transaction: fine
+                raise
+
+    def _adopt_base(self, task: NodeTask, base_round: int, arrays: Arrays) -> None:
+        """Continue from the finalized aggregate of ``base_round`` (a node that missed rounds catches up)."""
+        from fedmdh.ledger import codec
+        from fedmdh.ledger.blobs import sha256_hex
+
+        if task.progress.state_round >= base_round:
+            return
+        base = {k[len("b/"):]: v for k, v in arrays.items() if k.startswith("b/")}
+        digest = sha256_hex(codec.encode_payload(base))
+        final = bytes(task.contract.functions.finalized_hash(base_round).call()).hex()
+        if digest != final:
+            raise InputError(f"the aggregate of round {base_round} sent to catch up is not the one the chain finalized "
+                             f"(sha256 {digest[:16]}, finalized {final[:16]})")
+        task.server = base
+        task.progress.state_round = base_round
+        task.progress.unconfirmed = {k: v for k, v in task.progress.unconfirmed.items() if k > base_round}
+        log.info("task %s: caught up from the finalized aggregate of round %d", task.task_id, base_round)
+
+    def _confirm(self, task: NodeTask, upto: int, wait: bool) -> None:
+        """Check that the chain finalized exactly the aggregates this node computed, up to round ``upto``."""
+        c = task.contract.functions
+        for rnd in sorted(k for k in task.progress.unconfirmed if k <= upto):
+            if wait:
+                self._wait(task, lambda rnd=rnd: bytes(c.finalized_hash(rnd).call()) != EMPTY or c.failed().call(),
+                           f"round {rnd} to be finalized")
+            if c.failed().call():
+                raise InputError(f"round {rnd} failed on chain: no quorum attested one aggregate")
+            final = bytes(c.finalized_hash(rnd).call()).hex()
+            if final == EMPTY.hex():
+                continue
+            mine = task.progress.unconfirmed.pop(rnd)
+            if final != mine:
+                raise InputError(f"round {rnd}: the chain finalized aggregate {final[:16]}, not the {mine[:16]} "
+                                 "computed here; this node stops (it would continue from an aggregate no quorum "
+                                 "agreed on)")
+
+    def _train_and_commit(self, task: NodeTask, rnd: int):
+        from fedmdh.ledger import codec
+        from fedmdh.ledger.blobs import DirBlobStore
         from fedmdh.runtime.protocol import client_rng
 
         update, client = task.algorithm.client_update(task.server, task.slot.get(), task.data,
                                                       client_rng(task.config.first_seed, rnd, self.name), rnd)
         task.slot.put(client)
+        digest = DirBlobStore(task.folder / "blobs").put(codec.encode_update(update))
+        task.progress.updates[rnd] = digest
+        self._persist(task)  # the state after training, before the commitment that makes it count
+        _, flat = codec.flatten(codec.onchain_vectors(task.algorithm, update))
+        self._transact(task, "commit", rnd, bytes.fromhex(digest), int(update.num_examples),
+                       codec.pack(codec.to_fixed(flat)), gas="commit", extra_gas=30_000 * flat.size, round=rnd)
+        task.progress.committed = rnd
+        self._persist(task)
         return update
 
-    def _commit(self, task: NodeTask, rnd: int, update) -> None:
-        from fedmdh.ledger import codec
-        from fedmdh.ledger.blobs import DirBlobStore
+    def _transact(self, task: NodeTask, fn: str, *args: Any, gas: str, extra_gas: int = 0, **meta: Any) -> None:
+        from fedmdh.ledger.artifacts import call_data
+        from fedmdh.ledger.chain import GAS
 
-        blob = codec.encode_update(update)
-        digest = DirBlobStore(task.folder / "blobs").put(blob)
-        _, flat = codec.flatten(codec.onchain_vectors(task.algorithm, update))
-        data = _call("commit", rnd, bytes.fromhex(digest), int(update.num_examples), codec.pack(codec.to_fixed(flat)))
-        task.chain.transact(self.account, "commit", task.contract.address, data,
-                            gas=_gas("commit") + 30_000 * flat.size, actor=self.name, round=rnd)
-        task.round = rnd
-
-    def _wait_finalized(self, task: NodeTask, rnd: int) -> None:
-        c = task.contract.functions
-        empty = bytes(32)
-        self._wait(task, lambda: bytes(c.finalized_hash(rnd).call()) != empty or c.failed().call(),
-                   f"round {rnd} to be finalized")
-        if c.failed().call():
-            raise InputError(f"round {rnd} failed on chain: no quorum attested one aggregate")
-        final = bytes(c.finalized_hash(rnd).call()).hex()
-        if final != task.pending_hash:
-            raise InputError(f"round {rnd}: the chain finalized aggregate {final[:16]}, not the {task.pending_hash[:16]} "
-                             "computed here; this node stops (it would continue from an aggregate no quorum agreed on)")
+        if fn == "attest":
+            extra_gas += 12_000 * len(task.addresses)
+        task.chain.transact(self.account, fn, task.contract.address, call_data(fn, *args),
+                            gas=GAS[gas] + extra_gas, actor=self.name, **meta)
 
     def _wait(self, task: NodeTask, done, what: str) -> None:
-        limit = float(task.spec_json.get("wait_s", DEFAULT_WAIT_S))
-        t_end = time.monotonic() + limit
+        t_end = time.monotonic() + task.wait_s
         while not done():
             if time.monotonic() > t_end:
-                raise InputError(f"gave up after {limit:.0f} s waiting for {what}")
+                raise InputError(f"gave up after {task.wait_s:.0f} s waiting for {what}")
             time.sleep(POLL_S)
 
     def _connect(self, task: NodeTask, address: str, rpc_url: str | None) -> None:
@@ -453,29 +631,24 @@ class NodeService:
                 for p in sorted(root.iterdir()) if p.is_file()}
 
     def _persist(self, task: NodeTask) -> None:
-        """Client state and the current aggregate as one file, written atomically."""
-        import io
-
+        """Client state, the current aggregate and the progress as one file, written atomically."""
         buf = io.BytesIO()
-        np.savez(buf, **{f"client/{k}": v for k, v in task.slot.arrays.items()},
-                 **{f"server/{k}": np.asarray(v) for k, v in task.server.items()})
+        progress = np.frombuffer(json.dumps(task.progress.to_json(), sort_keys=True).encode("utf-8"), dtype=np.uint8)
+        sel_meta, sel_arrays = task.selection.state(self.name)  # every part's best round, not only the kept model
+        selection = np.frombuffer(json.dumps(sel_meta, sort_keys=True).encode("utf-8"), dtype=np.uint8)
+        np.savez(buf, progress=progress, selection=selection, **{f"client/{k}": v for k, v in task.slot.arrays.items()},
+                 **{f"server/{k}": np.asarray(v) for k, v in task.server.items()},
+                 **{f"selection/{k}": v for k, v in sel_arrays.items()})
         atomic_write_bytes(task.folder / "state.npz", buf.getvalue(), mode=0o600)
-        atomic_write_json(task.folder / "progress.json", {"round": task.round})
+
+
+def _update_meta(u) -> Meta:
+    from fedmdh.runtime.messages import update_meta
+
+    return update_meta(u)
 
 
 def _same_message(a: tuple[Meta, Arrays], b: tuple[Meta, Arrays]) -> bool:
     (ma, aa), (mb, ab) = a, b
     return (json.dumps(ma, sort_keys=True) == json.dumps(mb, sort_keys=True) and sorted(aa) == sorted(ab)
             and all(np.asarray(aa[k]).tobytes() == np.asarray(ab[k]).tobytes() for k in aa))
-
-
-def _call(fn: str, *args: Any) -> bytes:
-    from fedmdh.ledger.artifacts import call_data
-
-    return call_data(fn, *args)
-
-
-def _gas(fn: str) -> int:
-    from fedmdh.ledger.chain import GAS
-
-    return GAS[fn]

@@ -135,7 +135,7 @@ def score_on_test(algorithm: Algorithm, params: Params, data: InstitutionData, s
 #: validation: docs/tuning.md). ``ROUND_SE``: the latest round whose loss is within this many
 #: standard errors of the best so far is kept (0: the best round). ``GUARD_SE``: the local guard
 #: keeps the most federated mixture within this many standard errors of the best one.
-ROUND_SE = 0.0
+ROUND_SE = 1.0
 GUARD_SE = 0.0
 
 
@@ -220,8 +220,8 @@ class Selection:
     mixture :func:`resolve_guard` chose.
     """
 
-    def __init__(self, round_se: float = ROUND_SE) -> None:
-        self.round_se = float(round_se)
+    def __init__(self, round_se: float | None = None) -> None:
+        self.round_se = float(ROUND_SE if round_se is None else round_se)
         self.kept: dict[str, Kept] = {}
         self.best: dict[tuple[str, str], Kept] = {}
         self._min: dict[tuple[str, str], tuple[float, float]] = {}
@@ -248,6 +248,43 @@ class Selection:
             if part == "federated":
                 self.kept[name] = k
         return better
+
+    def state(self, name: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """What this selection holds for ``name`` (every part's best, its minimum and tolerance, the
+        kept model), as JSON and arrays: a node saves it with its state and :meth:`restore` reads it."""
+        meta: dict[str, Any] = {"parts": {}, "kept": None}
+        arrays: dict[str, np.ndarray] = {}
+
+        def put(prefix: str, k: Kept) -> dict[str, Any]:
+            arrays.update({f"{prefix}/params/{key}": np.asarray(v) for key, v in k.params.items()})
+            arrays[f"{prefix}/predictions"] = np.asarray(k.predictions)
+            arrays[f"{prefix}/val_predictions"] = np.asarray(k.val_predictions)
+            return {"round": int(k.round), "val_mse": float(k.val_mse),
+                    "metrics": {m: float(v) for m, v in k.metrics.items()},
+                    "detail": {m: float(v) for m, v in k.detail.items()}}
+
+        for (n, part), k in sorted(self.best.items()):
+            if n == name:
+                meta["parts"][part] = {**put(f"best/{part}", k), "min": list(self._min.get((n, part), (float("nan"), 0.0)))}
+        if name in self.kept:
+            meta["kept"] = put("kept", self.kept[name])
+        return meta, arrays
+
+    def restore(self, name: str, meta: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> None:
+        """Read back what :meth:`state` saved for ``name``."""
+
+        def get(prefix: str, d: Mapping[str, Any]) -> Kept:
+            start = f"{prefix}/params/"
+            params = {k[len(start):]: np.asarray(v) for k, v in arrays.items() if k.startswith(start)}
+            return Kept(int(d["round"]), float(d["val_mse"]), params, dict(d["metrics"]),
+                        np.asarray(arrays[f"{prefix}/predictions"]), np.asarray(arrays[f"{prefix}/val_predictions"]),
+                        dict(d.get("detail", {})))
+
+        for part, d in meta["parts"].items():
+            self.best[(name, part)] = get(f"best/{part}", d)
+            self._min[(name, part)] = (float(d["min"][0]), float(d["min"][1]))
+        if meta.get("kept") is not None:
+            self.kept[name] = get("kept", meta["kept"])
 
 
 def evaluate_round(algorithm: Algorithm, selection: Selection, name: str, rnd: int, params: Params,

@@ -39,12 +39,21 @@ from fedmdh.runtime.protocol import (
     score_on_test,
     training_thread_count,
 )
+from fedmdh.errors import TrainingDiverged
 
 POOLED_NAME = "__pooled__"
 
 #: Called after each round's aggregation with (round, updates ordered by institution, aggregate);
 #: returns the aggregate the round finalized (a ledger returns the one its quorum agreed on).
 RoundHook = Callable[[int, Sequence[Update], Payload], Payload]
+
+#: Called whenever the kept models improve, with (round, each institution's params): e.g. to save
+#: them as the run goes, so that an interrupted run keeps the best models it had.
+BestHook = Callable[[int, dict[str, Params], dict[str, int]], None]
+
+#: A mean training loss above this (in standardised units, where predicting the mean scores about 1)
+#: means the optimisation has blown up even if every number is still finite.
+DIVERGED_LOSS = 1e10
 
 
 @dataclass
@@ -132,6 +141,7 @@ def simulate(
     round_hook: RoundHook | None = None,
     selection: str = "own",
     on_models: Callable[[int, dict[str, Params]], None] | None = None,
+    on_best: BestHook | None = None,
 ) -> RunResult:
     """Train ``algorithm`` on ``fed`` for ``rounds`` rounds in this process.
 
@@ -158,6 +168,16 @@ def simulate(
     on_models:
         Called after each round's evaluation with the round and every institution's current model
         (studies of selection rules; the arrays must not be modified).
+    on_best:
+        Called with ``(round, models, kept_rounds)`` each time a kept model changes (every
+        institution's kept model after that round, and the round each was kept from).
+
+    Raises
+    ------
+    TrainingDiverged
+        A loss, an aggregate or a prediction became NaN, infinite or absurdly large; raised before
+        the round's aggregate reaches ``round_hook`` and before the round is recorded, so every
+        callback has seen only the rounds before it.
     """
     if rounds < 1:
         raise ValueError(f"rounds must be >= 1, got {rounds}.")
@@ -167,7 +187,7 @@ def simulate(
         raise ValueError("the local guard selects on each institution's own validation rows; use selection "
                          "'own' or the algorithm without the guard.")
     with training_thread_count():
-        return _simulate(fed, algorithm, rounds, seed, on_round, round_hook, selection, on_models)
+        return _simulate(fed, algorithm, rounds, seed, on_round, round_hook, selection, on_models, on_best)
 
 
 def _simulate(
@@ -179,6 +199,7 @@ def _simulate(
     round_hook: RoundHook | None,
     selection: str,
     on_models: Callable[[int, dict[str, Params]], None] | None = None,
+    on_best: BestHook | None = None,
 ) -> RunResult:
     t_start = time.perf_counter()
     spec = FederationSpec.from_federation(fed)
@@ -203,13 +224,17 @@ def _simulate(
         t0 = time.perf_counter()
         updates = []
         clients: dict[str, Any] = {}
-        for name in sorted(trainers):
-            upd, clients[name] = algorithm.client_update(
-                server, slots[name].get(), trainers[name], client_rng(seed, r, name), r
-            )
-            slots[name].put(clients[name])
-            updates.append(upd)
-        server = algorithm.aggregate(server, updates, aggregate_rng(seed, r), r)
+        try:
+            for name in sorted(trainers):
+                upd, clients[name] = algorithm.client_update(
+                    server, slots[name].get(), trainers[name], client_rng(seed, r, name), r
+                )
+                slots[name].put(clients[name])
+                updates.append(upd)
+            server = algorithm.aggregate(server, updates, aggregate_rng(seed, r), r)
+        except np.linalg.LinAlgError as exc:  # e.g. an SVD of NaN weights
+            raise TrainingDiverged(r, float("nan"), f"numerical failure: {exc}") from None
+        _check_diverged(r, updates, server)
         if round_hook is not None:
             server = round_hook(r, sorted(updates, key=lambda u: u.institution), server)
 
@@ -218,15 +243,17 @@ def _simulate(
         for name, d in insts.items():
             owner = POOLED_NAME if algorithm.centralized else name
             models[name] = algorithm.personal_params(server, clients[owner])
+        preds: dict[str, np.ndarray] = {}
+        changed: list[bool] = []
         if federated_val is not None:
             fed_val = federated_val(algorithm, models)
             for name, d in insts.items():
-                metrics, y_hat = score_on_test(algorithm, models[name], d, fed.scaler, fed.y_test)
+                metrics, preds[name] = score_on_test(algorithm, models[name], d, fed.scaler, fed.y_test)
                 per[name] = {**metrics, "val_mse": fed_val}
-                kept.offer(name, r, fed_val, models[name], per[name], y_hat)
-        else:
+        else:  # each institution on its own validation rows; what it keeps is offered there
             for name, d in insts.items():
-                per[name], _ = evaluate_round(algorithm, kept, name, r, models[name], d, fed.scaler, fed.y_test)
+                per[name], ch = evaluate_round(algorithm, kept, name, r, models[name], d, fed.scaler, fed.y_test)
+                changed.append(ch)
         summ = _summary(per)
         n_up = sum(u.num_examples for u in updates)
         record = RoundRecord(
@@ -240,6 +267,15 @@ def _simulate(
             bytes_up=sum(u.nbytes() for u in updates),
             seconds=time.perf_counter() - t0,
         )
+        has_val = any(d.y_val.size for d in insts.values())
+        bad = next((v for v in (record.train_loss, record.val_mse if has_val else 0.0, record.rmse)
+                    if not np.isfinite(v)), None)
+        if bad is not None:  # e.g. finite weights whose predictions overflow
+            raise TrainingDiverged(r, bad)
+        if federated_val is not None:
+            changed = [kept.offer(name, r, per[name]["val_mse"], models[name], per[name], preds[name]) for name in insts]
+        if any(changed) and on_best is not None:
+            on_best(r, {name: kept.kept[name].params for name in insts}, {name: kept.kept[name].round for name in insts})
         history.append(record)
         if on_models is not None:
             on_models(r, models)
@@ -287,6 +323,18 @@ def _federated_validation(fed: PreparedFederation) -> Callable[[Algorithm, dict[
         return float(np.mean([np.mean((algorithm.predict(models[n], views[n]) - val_y) ** 2) for n in views]))
 
     return loss
+
+
+def _check_diverged(r: int, updates: Sequence[Update], server: Payload) -> None:
+    """Raise :class:`TrainingDiverged` when round ``r``'s losses or aggregate are not usable numbers."""
+    n = sum(u.num_examples for u in updates)
+    loss = float(sum(u.metrics.get("loss", 0.0) * u.num_examples for u in updates) / max(n, 1))
+    if not np.isfinite(loss) or loss > DIVERGED_LOSS:
+        raise TrainingDiverged(r, loss)
+    for key, value in server.items():
+        a = np.asarray(value)
+        if a.dtype.kind in "fc" and not np.isfinite(a).all():
+            raise TrainingDiverged(r, float("nan"), f"the aggregate's {key!r} holds {a[~np.isfinite(a)].flat[0]}")
 
 
 def _with_steps(algorithm: Algorithm, steps: int) -> Algorithm:

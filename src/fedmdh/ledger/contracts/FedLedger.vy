@@ -1,14 +1,20 @@
 # pragma version ~=0.4.3
 """
 @title FedLedger: one federated training task on chain
-@notice A submitter creates the task (target, algorithm, rounds, quorum, participant allowlist).
-        Allowlisted institutions register, then each round every participant commits the sha256 of
-        its canonical serialized update, its sample count and a small vector (at most 128 values,
-        fixed point, two per 256-bit word: see commit); the contract computes the sample-weighted
-        mean of the vectors itself and publishes it in the Aggregated event. Each
-        participant then attests the sha256 of the aggregate it computed off chain; when every
-        participant has attested, the round is finalized if a quorum agrees on one hash (those who
-        disagree are named in a Dissent event) or fails otherwise. After the last round, the
+@notice A submitter creates the task (target, algorithm, rounds, quorum, participant allowlist,
+        round timeout). Allowlisted institutions register, then each round every participant
+        commits the sha256 of its canonical serialized update, its sample count and a small vector
+        (at most 128 values, fixed point, two per 256-bit word: see commit). A round's commitments
+        close when every participant has committed, or, once the round's timeout has passed since
+        they opened, when at least a quorum has (anyone may call close_commits then); the contract
+        computes the sample-weighted mean of the committed vectors itself and publishes it in the
+        Aggregated event. The committers then attest the sha256 of the aggregate they computed off
+        chain; when every committer has attested, the round is finalized if a quorum agrees on one
+        hash (those who disagree are named in a Dissent event) or fails otherwise; once the
+        timeout has passed since the commitments closed, anyone may finalize it with the quorum's
+        hash (close_round). A participant may commit round r + 1 once round r's commitments have
+        closed (training goes on while round r is attested). A round below its quorum stays open:
+        it can still finish when the missing participants come back. After the last round, the
         participants attest the final model's hash and the submitter archives it (hash + locator).
 """
 
@@ -29,6 +35,7 @@ event TaskCreated:
     quorum: uint256
     vector_len: uint256
     initial_state_hash: bytes32
+    round_timeout: uint256
 
 event Registered:
     participant: indexed(address)
@@ -83,6 +90,7 @@ num_rounds: public(uint256)
 quorum: public(uint256)
 vector_len: public(uint256)
 initial_state_hash: public(bytes32)
+round_timeout: public(uint256)  # seconds; 0: a round waits for every participant
 
 allowed: public(HashMap[address, bool])
 registered: public(HashMap[address, bool])
@@ -97,10 +105,15 @@ failed: public(bool)
 update_hash: public(HashMap[uint256, HashMap[address, bytes32]])
 commit_count: public(HashMap[uint256, uint256])
 total_examples: public(HashMap[uint256, uint256])
-# the running sums of the round being committed, packed like the vectors (one slot per word,
-# reused every round: far cheaper than fresh slots); each round's mean is kept in its Aggregated event
-weighted_sum: public(uint256[MAX_WORDS])
-sum_round: public(uint256)
+# the running sums of the rounds being committed, packed like the vectors (one slot per word, two
+# sets used in turn: round r in set r % 2, so round r + 1 can be committed while round r is attested;
+# reused every other round: far cheaper than fresh slots); each round's mean is kept in its
+# Aggregated event
+weighted_sum: public(uint256[MAX_WORDS][2])
+sum_round: public(uint256[2])
+opened: public(HashMap[uint256, uint256])  # when the round's commitments opened (block time)
+commits_closed: public(HashMap[uint256, bool])
+closed_at: public(HashMap[uint256, uint256])  # when its commitments closed
 
 attested_hash: public(HashMap[uint256, HashMap[address, bytes32]])
 attest_count: public(HashMap[uint256, uint256])
@@ -122,6 +135,7 @@ def __init__(
     vector_len: uint256,
     initial_state_hash: bytes32,
     allowlist: DynArray[address, MAX_PARTICIPANTS],
+    round_timeout: uint256,
 ):
     assert num_rounds > 0, "create: num_rounds must be at least 1"
     assert len(allowlist) > 0, "create: the allowlist is empty"
@@ -134,13 +148,14 @@ def __init__(
     self.quorum = quorum
     self.vector_len = vector_len
     self.initial_state_hash = initial_state_hash
+    self.round_timeout = round_timeout
     for a: address in allowlist:
         assert not self.allowed[a], "create: an address appears twice in the allowlist"
         self.allowed[a] = True
     self.current_round = 1
     log TaskCreated(
         submitter=msg.sender, target=target, algorithm=algorithm, num_rounds=num_rounds,
-        quorum=quorum, vector_len=vector_len, initial_state_hash=initial_state_hash,
+        quorum=quorum, vector_len=vector_len, initial_state_hash=initial_state_hash, round_timeout=round_timeout,
     )
 
 
@@ -158,6 +173,7 @@ def register(name: String[64]):
 @external
 def commit(round: uint256, update_hash: bytes32, num_examples: uint256, vector: DynArray[uint256, MAX_WORDS]):
     """
+    @param round the task's current round, or the next one once the current round's commitments closed
     @param vector the round's small vector, two fixed-point values per word: value i sits in the
            low half of word i // 2 when i is even, in the high half when odd, as value + 2**87
            (|value| < 2**87); an odd count leaves the last high half at 2**87 (a zero).
@@ -165,7 +181,9 @@ def commit(round: uint256, update_hash: bytes32, num_examples: uint256, vector: 
     assert self.registered[msg.sender], "commit: sender is not a registered participant"
     assert not self.ended, "commit: the task has ended"
     assert len(self.participants) >= self.quorum, "commit: fewer participants registered than the quorum"
-    assert round == self.current_round, "commit: wrong round, not the task's current round"
+    assert round == self.current_round or (round == self.current_round + 1 and self.commits_closed[self.current_round]), "commit: wrong round, not the task's current round (or the next, once its commitments closed)"
+    assert round <= self.num_rounds, "commit: the task has no such round"
+    assert not self.commits_closed[round], "commit: the round's commitments have closed"
     assert self.update_hash[round][msg.sender] == empty(bytes32), "commit: sender already committed this round"
     assert update_hash != empty(bytes32), "commit: update_hash is zero"
     assert num_examples > 0, "commit: num_examples must be positive"
@@ -173,26 +191,52 @@ def commit(round: uint256, update_hash: bytes32, num_examples: uint256, vector: 
     assert len(vector) == (self.vector_len + 1) // 2, "commit: vector length differs from the task's vector_len"
     if not self.started:
         self.started = True
+        self.opened[round] = block.timestamp
     self.update_hash[round][msg.sender] = update_hash
     self.commit_count[round] += 1
     self.total_examples[round] += num_examples
     # Multiplying a word by n and adding words adds both halves at once, without carries: a half is
     # below 2**88, n below 2**32, and a sum of at most 32 such products stays below 2**125.
+    s: uint256 = round % 2
     i: uint256 = 0
     if self.commit_count[round] == 1:
-        self.sum_round = round
+        self.sum_round[s] = round
         for w: uint256 in vector:
             assert w & OUT_OF_RANGE == 0, "commit: a vector value is out of range (|value| >= 2**87)"
-            self.weighted_sum[i] = unsafe_mul(w, num_examples)
+            self.weighted_sum[s][i] = unsafe_mul(w, num_examples)
             i = unsafe_add(i, 1)
     else:
         for w: uint256 in vector:
             assert w & OUT_OF_RANGE == 0, "commit: a vector value is out of range (|value| >= 2**87)"
-            self.weighted_sum[i] = unsafe_add(self.weighted_sum[i], unsafe_mul(w, num_examples))
+            self.weighted_sum[s][i] = unsafe_add(self.weighted_sum[s][i], unsafe_mul(w, num_examples))
             i = unsafe_add(i, 1)
     log Committed(round=round, participant=msg.sender, update_hash=update_hash, num_examples=num_examples)
     if self.commit_count[round] == len(self.participants):
-        log Aggregated(round=round, total_examples=self.total_examples[round], mean=self._mean(round))
+        self._close_commits(round)
+
+
+@external
+def close_commits(round: uint256):
+    """
+    @notice Close a round's commitments without the missing participants: once the round's timeout
+            has passed since they opened, with at least a quorum committed. Anyone may call it.
+    """
+    assert not self.ended, "close_commits: the task has ended"
+    assert round == self.current_round or (round == self.current_round + 1 and self.commits_closed[self.current_round]), "close_commits: not the current round (or the next)"
+    assert not self.commits_closed[round], "close_commits: the round's commitments are closed already"
+    assert self.round_timeout > 0, "close_commits: the task has no round timeout (every participant commits)"
+    assert self.opened[round] > 0 and block.timestamp >= self.opened[round] + self.round_timeout, "close_commits: the round's timeout has not passed"
+    assert self.commit_count[round] >= self.quorum, "close_commits: fewer commitments than the quorum"
+    self._close_commits(round)
+
+
+@internal
+def _close_commits(round: uint256):
+    self.commits_closed[round] = True
+    self.closed_at[round] = block.timestamp
+    if round < self.num_rounds:
+        self.opened[round + 1] = block.timestamp
+    log Aggregated(round=round, total_examples=self.total_examples[round], mean=self._mean(round))
 
 
 @view
@@ -202,8 +246,9 @@ def _mean(round: uint256) -> DynArray[uint256, MAX_WORDS]:
     # weighted mean rounded down, packed like the vectors
     out: DynArray[uint256, MAX_WORDS] = []
     total: uint256 = self.total_examples[round]
+    s: uint256 = round % 2
     for i: uint256 in range((self.vector_len + 1) // 2, bound=MAX_WORDS):
-        w: uint256 = self.weighted_sum[i]
+        w: uint256 = self.weighted_sum[s][i]
         out.append(unsafe_div(w & HALF, total) | (unsafe_div(w >> 128, total) << 128))
     return out
 
@@ -213,10 +258,10 @@ def _mean(round: uint256) -> DynArray[uint256, MAX_WORDS]:
 def weighted_mean(round: uint256) -> DynArray[uint256, MAX_WORDS]:
     """The sample-weighted mean of the round's committed vectors so far, rounded down, packed like them.
 
-    Only the latest round's sums are kept; every round's final mean is in its Aggregated event.
+    Only the latest two rounds' sums are kept; every round's final mean is in its Aggregated event.
     """
     assert self.total_examples[round] > 0, "weighted_mean: no commitments for this round"
-    assert round == self.sum_round, "weighted_mean: only the latest round is kept; read its Aggregated event"
+    assert round == self.sum_round[round % 2], "weighted_mean: only the latest two rounds are kept; read its Aggregated event"
     return self._mean(round)
 
 
@@ -225,28 +270,48 @@ def attest(round: uint256, aggregate_hash: bytes32):
     assert self.registered[msg.sender], "attest: sender is not a registered participant"
     assert not self.ended, "attest: the task has ended"
     assert round == self.current_round, "attest: wrong round, not the task's current round"
-    assert self.commit_count[round] == len(self.participants), "attest: the round is still waiting for commitments"
+    assert self.commits_closed[round], "attest: the round is still waiting for commitments"
+    assert self.update_hash[round][msg.sender] != empty(bytes32), "attest: sender did not commit in this round"
     assert self.attested_hash[round][msg.sender] == empty(bytes32), "attest: sender already attested this round"
     assert aggregate_hash != empty(bytes32), "attest: aggregate_hash is zero"
     self.attested_hash[round][msg.sender] = aggregate_hash
     self.attest_count[round] += 1
     self.votes[round][aggregate_hash] += 1
     log Attested(round=round, participant=msg.sender, aggregate_hash=aggregate_hash)
-    if self.attest_count[round] == len(self.participants):
-        self._close(round)
+    if self.attest_count[round] == self.commit_count[round]:
+        self._close(round, False)
+
+
+@external
+def close_round(round: uint256):
+    """
+    @notice Finalize a round without the committers that did not attest: once the round's timeout
+            has passed since its commitments closed, with a quorum agreeing on one hash. Anyone may
+            call it.
+    """
+    assert not self.ended, "close_round: the task has ended"
+    assert round == self.current_round, "close_round: not the task's current round"
+    assert self.commits_closed[round], "close_round: the round is still waiting for commitments"
+    assert self.round_timeout > 0, "close_round: the task has no round timeout (every committer attests)"
+    assert block.timestamp >= self.closed_at[round] + self.round_timeout, "close_round: the round's timeout has not passed"
+    self._close(round, True)
 
 
 @internal
-def _close(round: uint256):
+def _close(round: uint256, late: bool):
     best: bytes32 = empty(bytes32)
     best_votes: uint256 = 0
     for p: address in self.participants:
         h: bytes32 = self.attested_hash[round][p]
+        if h == empty(bytes32):
+            continue
         v: uint256 = self.votes[round][h]
         if v > best_votes:
             best = h
             best_votes = v
     if best_votes < self.quorum:
+        # every committer attested and no hash has a quorum: the round can never be finalized
+        assert not late, "close_round: no aggregate has a quorum of attestations yet"
         self.failed = True
         self.ended = True
         log RoundFailed(round=round, best_votes=best_votes)
@@ -254,7 +319,7 @@ def _close(round: uint256):
     self.finalized_hash[round] = best
     for p: address in self.participants:
         h: bytes32 = self.attested_hash[round][p]
-        if h != best:
+        if h != best and h != empty(bytes32):
             log Dissent(round=round, participant=p, attested_hash=h, agreed_hash=best)
     log RoundFinalized(round=round, aggregate_hash=best, votes=best_votes)
     if round == self.num_rounds:

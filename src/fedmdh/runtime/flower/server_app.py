@@ -23,6 +23,8 @@ from fedmdh.runtime.flower.wire import from_records, to_records
 
 EVENT = "fedmdh-event "
 PULL_S = 0.1
+#: how much longer than the others a node that missed the last round is waited for
+OPTIONAL_GRACE_S = 10.0
 
 app = ServerApp()
 
@@ -55,20 +57,26 @@ class GridTransport:
                 raise TaskError(f"{len(ids)} of the {count} nodes the task needs connected within {timeout:.0f} s")
             time.sleep(0.5)
 
-    def exchange(self, requests: Mapping[int, tuple[dict, dict]], timeout: float) -> dict[int, tuple[dict, dict]]:
+    def exchange(self, requests: Mapping[int, tuple[dict, dict]], timeout: float,
+                 optional: frozenset[int] = frozenset()) -> dict[int, tuple[dict, dict]]:
         self.step += 1
         messages, node_of = [], {}
         for node, (meta, arrays) in requests.items():
             kind = "train" if meta.get("cmd") == "round" else "query"
+            # a message outlives its step by little: a node that comes back does not work through stale ones
             messages.append(Message(to_records(meta, arrays), dst_node_id=int(node), message_type=kind,
-                                    group_id=str(self.step)))
+                                    group_id=str(self.step), ttl=timeout + 30.0))
         ids = list(self.grid.push_messages(messages))
         for mid, node in zip(ids, requests):
             node_of[mid] = node
         replies: dict[int, tuple[dict, dict]] = {}
         pending = set(ids)
         t_end = time.monotonic() + timeout
+        required = {mid for mid in ids if node_of[mid] not in optional}
         while pending and time.monotonic() < t_end:
+            if not (pending & required):  # only nodes that missed the last round are left: a short grace
+                t_end = min(t_end, time.monotonic() + OPTIONAL_GRACE_S)
+                required = pending
             for msg in self.grid.pull_messages(list(pending)):
                 mid = msg.metadata.reply_to_message_id
                 if mid not in pending:
@@ -101,9 +109,16 @@ def main(grid: Grid, context: Context) -> None:
     def on_round(rec) -> None:
         emit("round", round=rec.round, rmse=rec.rmse, r2=rec.r2, val_mse=rec.val_mse, seconds=rec.seconds)
 
+    def before_round(rnd: int) -> None:
+        emit("round_start", round=rnd)
+        pause = task.pause_before.get(rnd)
+        if pause:  # a rehearsal (`fedmdh deploy local --fault`) acts during the pause
+            emit("pause", round=rnd, seconds=pause)
+            time.sleep(pause)
+
     try:
         final = Coordinator(task, GridTransport(grid), on_round=on_round,
-                            say=lambda line: emit("note", message=line)).run()
+                            say=lambda line: emit("note", message=line), before_round=before_round).run()
     except FedmdhError as exc:
         emit("failed", message=str(exc))
         raise TaskFailed(str(exc)) from None  # Flower marks the run failed and flushes its log

@@ -1,0 +1,582 @@
+"""Bad input, tried as a new user and as an attacker would: each gets one clear line (exit 2, no traceback).
+
+The table in docs/reliability.md ("Bad input") lists every case here with what the tool says;
+rerun them all with ``.venv/bin/python -m pytest tests/test_reliability_inputs.py -v``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from fedmdh.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ----------------------------------------------------------------------------------------------
+# Helpers
+# ----------------------------------------------------------------------------------------------
+
+
+def _frame(n: int = 40, seed: int = 0) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    return pd.DataFrame({"a": rng.normal(size=n), "b": rng.normal(size=n), "y": rng.normal(size=n)})
+
+
+def _write(path: Path, frame: pd.DataFrame) -> str:
+    frame.to_csv(path, index=False)
+    return str(path)
+
+
+@pytest.fixture
+def fed(tmp_path) -> dict[str, str]:
+    """Two small institutions and a test set (columns a, b; target y)."""
+    return {
+        "A": _write(tmp_path / "A.csv", _frame(40, 1)),
+        "B": _write(tmp_path / "B.csv", _frame(40, 2)),
+        "T": _write(tmp_path / "T.csv", _frame(30, 3)),
+    }
+
+
+def _run_args(fed: dict[str, str], out: Path, *extra: str, rounds: int = 3) -> list[str]:
+    return ["run", "--institutions", fed["A"], fed["B"], "--test", fed["T"], "--target", "y",
+            "--rounds", str(rounds), "--ledger", "off", "--out", str(out), *extra]
+
+
+def _cli_error(capsys, args: list[str]) -> str:
+    """Run the CLI expecting a user error: exit status 2, one line on stderr, no traceback; the line."""
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2, err
+    assert "Traceback" not in err
+    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("error: ")
+    return lines[0]
+
+
+def _cli_ok(capsys, args: list[str]) -> tuple[str, str]:
+    main(args)
+    cap = capsys.readouterr()
+    return cap.out, cap.err
+
+
+def _strict_json_lines(path: Path) -> list[dict]:
+    def no_constants(name: str):
+        raise AssertionError(f"{path}: bare {name} is not JSON")
+
+    return [json.loads(ln, parse_constant=no_constants) for ln in path.read_text().splitlines()]
+
+
+# ----------------------------------------------------------------------------------------------
+# Data loss: output folders
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("ledger", ["off", "embedded"])
+def test_run_into_an_existing_run_is_refused_before_anything_is_written(fed, tmp_path, capsys, ledger):
+    # Prepare: a finished run
+    out = tmp_path / "run"
+    _cli_ok(capsys, _run_args(fed, out))
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    args = [a if a != "off" else ledger for a in _run_args(fed, out, rounds=5)]
+    # Execute
+    line = _cli_error(capsys, args)
+    # Assert: named, with what to do; every file byte-identical (metrics.jsonl not truncated)
+    assert f"{out}: --out folder is not empty" in line and "--overwrite" in line
+    after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert after == before and len(before[Path("metrics.jsonl")]) > 0
+
+
+def test_overwrite_replaces_an_earlier_run(fed, tmp_path, capsys):
+    out = tmp_path / "run"
+    _cli_ok(capsys, _run_args(fed, out, rounds=3))
+    (out / "models" / "stale").mkdir()
+    _cli_ok(capsys, _run_args(fed, out, "--overwrite", rounds=4))
+    assert [r["round"] for r in _strict_json_lines(out / "metrics.jsonl")] == [1, 2, 3, 4]
+    assert sorted(p.name for p in (out / "models").iterdir()) == ["A", "B"]
+
+
+def test_overwrite_does_not_delete_a_folder_fedmdh_did_not_write(fed, tmp_path, capsys):
+    out = tmp_path / "thesis"
+    out.mkdir()
+    (out / "chapter1.tex").write_text("precious")
+    line = _cli_error(capsys, _run_args(fed, out, "--overwrite"))
+    assert "was not written by fedmdh" in line
+    assert (out / "chapter1.tex").read_text() == "precious"
+
+
+def test_benchmark_into_an_existing_folder_is_refused(fed, tmp_path, capsys):
+    out = tmp_path / "bench"
+    out.mkdir()
+    (out / "results.csv").write_text("algorithm,seed\nfedavg,0\n")
+    line = _cli_error(capsys, ["benchmark", "--institutions", fed["A"], fed["B"], "--test", fed["T"], "--target",
+                               "y", "--algorithms", "fedavg", "--seeds", "1", "--rounds", "2", "--out", str(out)])
+    assert "not empty" in line and "results.csv" in line
+    assert (out / "results.csv").read_text() == "algorithm,seed\nfedavg,0\n"
+
+
+def _wait_for_rounds(path: Path, n: int, proc: subprocess.Popen, timeout: float = 120.0) -> None:
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if path.exists() and len(path.read_text().splitlines()) >= n and (path.parent / "models").is_dir():
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"the run ended early: {proc.stderr.read() if proc.stderr else ''}")
+        time.sleep(0.1)
+    raise AssertionError(f"{path}: fewer than {n} rounds after {timeout} s")
+
+
+def test_a_run_killed_mid_way_keeps_its_best_models_and_a_second_run_cannot_enter_meanwhile(fed, tmp_path, capsys):
+    # Prepare: a long run in another process
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    proc = subprocess.Popen([sys.executable, "-m", "fedmdh.cli", *_run_args(fed, out, rounds=100_000)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        _wait_for_rounds(out / "metrics.jsonl", 15, proc)
+        # Execute: a second run into the same folder while the first writes; then kill -9 the first
+        line = _cli_error(capsys, _run_args(fed, out, "--overwrite"))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    # Assert: the second was refused in one line; the killed run left a complete set of models
+    assert "another fedmdh process is writing" in line
+    from fedmdh.experiment.models import load_model
+
+    records = _strict_json_lines(out / "metrics.jsonl")
+    for name in ("A", "B"):
+        model = load_model(out / "models" / name)
+        # each institution's model of its kept round on its own validation rows so far (its best, or
+        # a later one within 1 SE of it: protocol.ROUND_SE), or of the round being recorded when killed
+        best = min(records, key=lambda r: r["per_institution"][name]["val_mse"])["round"]
+        assert best <= model.info["best_round"] <= len(records) + 1
+        assert model.predict(pd.read_csv(fed["T"])).shape == (30,)
+    # and once the killed run's lock is gone, the folder can be taken over explicitly
+    _cli_ok(capsys, _run_args(fed, out, "--overwrite", rounds=2))
+    assert [r["round"] for r in _strict_json_lines(out / "metrics.jsonl")] == [1, 2]
+
+
+def test_best_models_are_saved_at_each_improvement_through_the_simulator_callback(fed, tmp_path, monkeypatch):
+    monkeypatch.setattr("fedmdh.runtime.protocol.ROUND_SE", 0.0)  # the best-round rule (the default's 1 SE: test_guard.py)
+    from fedmdh.config import ExperimentConfig
+    from fedmdh.experiment.runner import load_tables, prepare
+    from fedmdh.runtime.simulator import simulate
+
+    cfg = ExperimentConfig((fed["A"], fed["B"]), fed["T"], "y", algorithms=("fedavg",), rounds=12)
+    fed_ = prepare(cfg, load_tables(cfg), 0)
+    seen: list[int] = []
+    res = simulate(fed_, cfg.build_algorithm("fedavg"), 12, on_best=lambda r, models, rounds: seen.append(r))
+    # a round is reported when any institution's own validation loss improved on its best so far
+    improving = []
+    for i, h in enumerate(res.history):
+        if any(h.per_institution[n]["val_mse"] < min((g.per_institution[n]["val_mse"] for g in res.history[:i]),
+                                                    default=np.inf) for n in h.per_institution):
+            improving.append(i + 1)
+    assert seen == improving and seen[-1] == max(res.best_rounds.values())
+
+
+# ----------------------------------------------------------------------------------------------
+# Paths
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def run_dir(fed, tmp_path, capsys) -> Path:
+    out = tmp_path / "run"
+    _cli_ok(capsys, _run_args(fed, out))
+    return out
+
+
+@pytest.mark.parametrize("name", ["../../other/models/x", "../A", "/etc", "..", "a/b", "a\\b"])
+def test_predict_institution_names_are_names_not_paths(run_dir, fed, tmp_path, capsys, name):
+    # Prepare: a model outside the run folder where the path would lead
+    (tmp_path / "other" / "models").mkdir(parents=True)
+    import shutil
+
+    shutil.copytree(run_dir / "models" / "A", tmp_path / "other" / "models" / "x")
+    line = _cli_error(capsys, ["predict", "--model", str(run_dir), "--institution", name, fed["T"],
+                               str(tmp_path / "p.csv")])
+    assert "is not an institution name" in line
+    assert not (tmp_path / "p.csv").exists()
+
+
+def test_predict_accepts_the_models_own_folder(run_dir, fed, tmp_path, capsys):
+    out, _ = _cli_ok(capsys, ["predict", "--model", str(run_dir / "models" / "A"), "--institution", "A", fed["T"],
+                              str(tmp_path / "p.csv")])
+    assert "predicted y for 30 rows" in out
+    assert "predicted_y" in pd.read_csv(tmp_path / "p.csv").columns
+    line = _cli_error(capsys, ["predict", "--model", str(run_dir / "models" / "A"), "--institution", "B",
+                               fed["T"], str(tmp_path / "q.csv")])
+    assert "holds the model of institution 'A', not 'B'" in line
+
+
+def test_output_paths_that_are_files_or_lie_under_files(fed, run_dir, tmp_path, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    cases = [
+        (_run_args(fed, afile), "--out exists and is a file"),
+        (_run_args(fed, afile / "sub"), "lies under"),
+        (["benchmark", "--institutions", fed["A"], fed["B"], "--test", fed["T"], "--target", "y", "--algorithms",
+          "fedavg", "--rounds", "2", "--out", str(afile / "b")], "lies under"),
+        (["predict", "--model", str(run_dir), "--institution", "A", fed["T"], str(tmp_path)], "OUT.csv is a folder"),
+        (["predict", "--model", str(run_dir), "--institution", "A", fed["T"], str(afile / "p.csv")], "lies under"),
+        (["featurize", fed["T"], str(tmp_path)], "OUT.csv is a folder"),
+        (["partition", "--data", fed["T"], "--target", "y", "--out", str(afile / "p")], "lies under"),
+    ]
+    for args, expected in cases:
+        line = _cli_error(capsys, args)
+        assert expected in line, (args, line)
+    assert afile.read_text() == "x"
+
+
+def test_an_input_that_is_a_fifo_is_refused_instead_of_blocking(fed, run_dir, tmp_path, capsys):
+    fifo = tmp_path / "new.csv"
+    os.mkfifo(fifo)
+    line = _cli_error(capsys, ["predict", "--model", str(run_dir), "--institution", "A", str(fifo),
+                               str(tmp_path / "p.csv")])
+    assert f"{fifo}: is not a regular file" in line
+
+
+def test_an_unreadable_input_file_is_one_line(fed, tmp_path, capsys, monkeypatch):
+    # Prepare: root reads through chmod 000, so make the read itself fail as it does for other users
+    bad = Path(fed["A"])
+    bad.chmod(0)
+    real = Path.read_bytes
+
+    def denied(self):
+        if self == bad:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self)
+
+    if os.geteuid() == 0:
+        monkeypatch.setattr(Path, "read_bytes", denied)
+    try:
+        line = _cli_error(capsys, _run_args(fed, tmp_path / "o"))
+    finally:
+        bad.chmod(0o644)
+    assert f"{bad}: cannot be read (Permission denied)" in line
+    assert not (tmp_path / "o").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad values in the tables
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "which, make, expected",
+    [
+        ("A", lambda f: f.assign(a=f["a"].where(f.index != 3, 1e308)), "column 'a' holds values too large"),
+        ("A", lambda f: f.assign(y=f["y"].where(f.index != 3, 1e308)), "target column 'y' holds values too large"),
+        ("A", lambda f: f.assign(b=1e200 * (2 + f["b"].abs())), "column 'b' holds values too large"),
+        ("T", lambda f: f.assign(a=f["a"].where(f.index != 0, -1e308)), "column 'a' holds values too large"),
+    ],
+    ids=["feature-1e308", "target-1e308", "column-of-1e200", "test-set-minus-1e308"],
+)
+def test_values_that_overflow_standardisation_name_the_file_and_column(fed, tmp_path, capsys, which, make, expected):
+    _write(Path(fed[which]), make(pd.read_csv(fed[which])))
+    line = _cli_error(capsys, _run_args(fed, tmp_path / "o"))
+    assert Path(fed[which]).name in line and expected in line and "rescale" in line
+
+
+def test_a_divergent_run_with_the_ledger_on_says_so_in_one_line(fed, tmp_path, capsys):
+    cfg = tmp_path / "lr.toml"
+    cfg.write_text("[algorithm.fedavg]\nlr = 1e6\n")
+    args = [a if a != "off" else "embedded" for a in _run_args(fed, tmp_path / "o", "--config", str(cfg))]
+    line = _cli_error(capsys, args)
+    assert "training diverged at round 1 (loss nan); lower the learning rate" in line
+    assert "not finite" not in line and "best_per" not in line
+
+
+def test_a_run_that_diverges_later_keeps_the_rounds_before_it(fed, tmp_path, capsys, monkeypatch):
+    # Prepare: FedAvg whose local training blows up in round 4 (each round calls it once per institution)
+    from fedmdh.algorithms.fedavg import FedAvg
+
+    real = FedAvg.client_update
+    calls = {"n": 0}
+
+    def blows_up(self, server, client, data, rng, rnd):
+        calls["n"] += 1
+        upd, client = real(self, server, client, data, rng, rnd)
+        if calls["n"] > 6:
+            upd = type(upd)(upd.institution, {k: v * np.nan for k, v in upd.payload.items()}, upd.num_examples,
+                            {"loss": float("nan")})
+        return upd, client
+
+    monkeypatch.setattr(FedAvg, "client_update", blows_up)
+    out = tmp_path / "o"
+    # Execute
+    line = _cli_error(capsys, _run_args(fed, out, rounds=50))
+    # Assert: the round and the remedy; rounds 1-3 kept as strict JSON, the best models of those rounds saved
+    assert "training diverged at round 4 (loss nan); lower the learning rate" in line
+    assert f"rounds 1-3 are in {out / 'metrics.jsonl'}" in line
+    records = _strict_json_lines(out / "metrics.jsonl")
+    assert [x["round"] for x in records] == [1, 2, 3]
+    from fedmdh.experiment.models import load_model
+
+    best = min(records, key=lambda r: r["val_mse"])["round"]
+    assert load_model(out / "models" / "A").info["best_round"] == best
+    assert "stopped: training diverged at round 4" in (out / "run.log").read_text()
+    assert not (out / "final_metrics.json").exists()
+
+
+def test_a_run_whose_losses_are_finite_but_absurd_has_diverged_too(fed, tmp_path, capsys):
+    cfg = tmp_path / "lr.toml"
+    cfg.write_text("[algorithm.fedgen]\nlr = 1e6\n")  # gradient clipping keeps FedGen's numbers finite
+    line = _cli_error(capsys, _run_args(fed, tmp_path / "o", "--config", str(cfg), "--algorithm", "fedgen"))
+    assert "training diverged at round 1 (loss " in line and "lower the learning rate" in line
+
+
+def test_metrics_jsonl_is_strict_json_without_validation_rows(fed, tmp_path, capsys):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("val_fraction = 0\n")
+    out = tmp_path / "o"
+    _cli_ok(capsys, _run_args(fed, out, "--config", str(cfg)))
+    records = _strict_json_lines(out / "metrics.jsonl")
+    assert [r["val_mse"] for r in records] == [None, None, None]
+    json.loads((out / "final_metrics.json").read_text(), parse_constant=lambda c: pytest.fail(c))
+
+
+def test_the_same_csv_given_twice_is_refused(fed, tmp_path, capsys):
+    line = _cli_error(capsys, ["run", "--institutions", fed["A"], fed["A"], "--test", fed["T"], "--target", "y",
+                               "--out", str(tmp_path / "o")])
+    assert "A.csv: is given twice as an institution" in line
+    copy = tmp_path / "A_copy.csv"
+    copy.write_bytes(Path(fed["A"]).read_bytes())
+    line = _cli_error(capsys, ["run", "--institutions", fed["A"], str(copy), "--test", fed["T"], "--target", "y",
+                               "--out", str(tmp_path / "o")])
+    assert "A_copy.csv: has the same content as" in line
+
+
+def test_a_feature_that_differs_from_the_target_only_by_case_is_reported(fed, tmp_path, capsys):
+    for key in ("A", "T"):
+        f = pd.read_csv(fed[key])
+        _write(Path(fed[key]), f.rename(columns={"y": "e_form"}).assign(E_form=lambda d: d["e_form"]))
+    f = pd.read_csv(fed["B"])
+    _write(Path(fed["B"]), f.rename(columns={"y": "e_form"}))
+    args = [a if a != "y" else "e_form" for a in _run_args(fed, tmp_path / "o")]
+    line = _cli_error(capsys, args)
+    assert "A.csv: column 'E_form' differs from the target 'e_form' only by case" in line and "--exclude" in line
+
+
+def test_a_text_column_in_the_test_set_is_named_or_ignored_when_no_institution_uses_it(fed, tmp_path, capsys):
+    t = pd.read_csv(fed["T"])
+    # a column no institution has (e.g. the formula) is not needed: ignored
+    _write(Path(fed["T"]), t.assign(formula="CaTiO3"))
+    _cli_ok(capsys, _run_args(fed, tmp_path / "o1"))
+    # a column the institutions predict from must be numeric: named with its line
+    t["b"] = t["b"].astype(object)
+    t.loc[4, "b"] = "n/a?"
+    _write(Path(fed["T"]), t)
+    line = _cli_error(capsys, _run_args(fed, tmp_path / "o2"))
+    assert "T.csv: column 'b' is not numeric (line 6 holds 'n/a?')" in line
+
+
+def test_a_text_cell_in_new_materials_is_named_not_imputed(run_dir, fed, tmp_path, capsys):
+    t = pd.read_csv(fed["T"])
+    t["a"] = t["a"].astype(object)
+    t.loc[2, "a"] = "high"
+    new = _write(tmp_path / "new.csv", t)
+    line = _cli_error(capsys, ["predict", "--model", str(run_dir), "--institution", "A", new,
+                               str(tmp_path / "p.csv")])
+    assert "new.csv: column 'a' is not numeric (line 4 holds 'high')" in line
+    assert not (tmp_path / "p.csv").exists()
+
+
+def test_a_test_set_lacking_columns_is_found_before_any_progress(fed, tmp_path, capsys):
+    _write(Path(fed["T"]), pd.read_csv(fed["T"]).drop(columns=["b"]))
+    line = _cli_error(capsys, _run_args(fed, tmp_path / "o"))  # one line: no progress printed first
+    assert "the test set lacks column 'b'" in line
+    assert not (tmp_path / "o").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# Config files: wrong types, unknown keys, absurd budgets
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "toml, expected",
+    [
+        ('rounds = "ten"', "rounds must be >= 1 and <= 100,000 (an integer), got the string 'ten'"),
+        ("rounds = 2.7", "rounds must be >= 1 and <= 100,000 (an integer), got 2.7"),
+        ('val_fraction = "0.1"', "val_fraction must be a number in [0, 0.5), got the string '0.1'"),
+        ('[training]\nhidden = "64,64"', "hidden must be a list of 1..16 layer widths"),
+        ("[training]\nlocal_steps = 2.5", "local_steps must be >= 1 and <= 10,000 (an integer), got 2.5"),
+        ("[training]\nlocal_steps = 1e9", "local_steps must be >= 1 and <= 10,000 (an integer), got 1000000000.0"),
+        ("[training]\nlocal_steps = 1000000000", "local_steps must be >= 1 and <= 10,000"),
+        ("training = 5", "training must be a table ([training]"),
+        ('[algorithm.fedavg]\nlr = "fast"', "[algorithm.fedavg] lr must be a number, got the string 'fast'"),
+        ('institutions = "a.csv"', "institutions must be a list of file paths"),
+        ("[training]\nlr = 0.1", "unknown [training] setting 'lr'"),
+        ("[algorithm]\nfedavg = 3", "[algorithm.fedavg] must be a table"),
+    ],
+    ids=["rounds-ten", "rounds-2.7", "val_fraction-string", "hidden-string", "local_steps-2.5", "local_steps-1e9",
+         "local_steps-10^9", "training-5", "lr-fast", "institutions-string", "training-unknown-key",
+         "algorithm-not-a-table"],
+)
+def test_config_values_of_the_wrong_type_are_one_line(fed, tmp_path, capsys, toml, expected):
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text(toml + "\n")
+    line = _cli_error(capsys, _run_args(fed, tmp_path / "o", "--config", str(cfg)))
+    assert f"{cfg}: " in line and expected in line  # brackets kept: printed verbatim, not as markup
+    assert not (tmp_path / "o").exists()
+
+
+def test_an_absurd_total_budget_is_refused_with_the_bound(fed, tmp_path, capsys):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("[training]\nlocal_steps = 5000\n")
+    line = _cli_error(capsys, _run_args(fed, tmp_path / "o", "--config", str(cfg), rounds=5000))
+    assert "rounds x local_steps = 25,000,000 minibatch steps per institution exceeds the bound 10,000,000" in line
+
+
+def test_the_python_api_refuses_wrong_types_too():
+    from fedmdh.config import ExperimentConfig
+    from fedmdh.errors import InputError
+
+    with pytest.raises(InputError, match="institutions must be a list of file paths"):
+        ExperimentConfig("a.csv", "t.csv", "y")
+    with pytest.raises(InputError, match="rounds must be >= 1"):
+        ExperimentConfig(("a.csv", "b.csv"), "t.csv", "y", rounds=2.7)
+
+
+def test_user_text_is_never_read_as_markup(tmp_path, capsys):
+    a = _frame(20, 1).rename(columns={"y": "y[eV]"})
+    b = _frame(20, 2).rename(columns={"y": "y[eV]"})
+    pa, pb = _write(tmp_path / "a[1].csv", a), _write(tmp_path / "b.csv", b)
+    out, _ = _cli_ok(capsys, ["heterogeneity", "--target", "y[eV]", pa, pb])
+    assert "y[eV] mean" in out and "a[1]" in out
+    line = _cli_error(capsys, ["heterogeneity", "--target", "[bold]z[/bold]", pa, pb])
+    assert "target column '[bold]z[/bold]' not found" in line
+
+
+# ----------------------------------------------------------------------------------------------
+# Also: one table of defaults, help, progress, readable logs
+# ----------------------------------------------------------------------------------------------
+
+
+def test_make_algorithm_builds_what_the_cli_runs_for_every_algorithm():
+    from fedmdh.algorithms import ALGORITHMS, make_algorithm
+    from fedmdh.cli import _experiment_config
+    from fedmdh.defaults import ALGORITHM_NAMES
+
+    assert set(ALGORITHM_NAMES) == set(ALGORITHMS)
+    for name in ALGORITHMS:
+        cfg = _experiment_config(None, ["a.csv", "b.csv"], Path("t.csv"), "y", algorithms=(name,), seeds=1)
+        assert make_algorithm(name).hyperparameters() == cfg.build_algorithm(name).hyperparameters(), name
+    assert make_algorithm("fedgen").hyperparameters()["max_grad_norm"] == 1.0
+    assert make_algorithm("fedavg").training.lr == 0.2
+
+
+def _help(capsys, *cmd: str) -> str:
+    main([*cmd, "--help"])
+    out = capsys.readouterr().out
+    return " ".join(out.replace("│", " ").split())  # rich wraps the help in a box: compare as one line
+
+
+def test_help_shows_defaults_every_algorithm_and_no_stray_spaces(capsys):
+    from fedmdh.defaults import ALGORITHM_NAMES
+
+    bench = _help(capsys, "benchmark")
+    run = _help(capsys, "run")
+    for name in ALGORITHM_NAMES:
+        assert name in bench, name
+    assert "[default: local,pooled,fedavg,fedprox,fedmdh]" in bench
+    assert "[default: 3]" in bench and "[default: 400]" in bench and "[default: 1]" in bench
+    assert "[default: 0]" in run and "[default: 400]" in run
+    for text in (bench, run):
+        assert " ." not in text and "<bool>" not in text and "BOOLEAN" not in text
+        assert "--overwrite" in text
+
+
+def test_a_benchmark_not_on_a_terminal_prints_plain_progress_and_whole_tables(fed, tmp_path, capsys):
+    out, err = _cli_ok(capsys, ["benchmark", "--institutions", fed["A"], fed["B"], "--test", fed["T"], "--target",
+                                "y", "--algorithms", "fedavg,fedmdh-no-gfam", "--seeds", "2", "--rounds", "10",
+                                "--out", str(tmp_path / "b")])
+    # progress: a plain line every tenth of a run's rounds (capsys is not a terminal)
+    assert "fedavg seed 0: round 1/10" in err and "fedmdh-no-gfam seed 1: round 10/10" in err
+    assert "run 4 of 4" in err
+    # the table: title on one line, no cell cut or split
+    lines = out.splitlines()
+    assert "mean ± std over seeds (test set, each institution through its own columns)" in lines
+    assert "…" not in out
+    row = next(ln for ln in lines if "fedmdh-no-gfam" in ln)
+    assert row.count("±") == 5 and "RMSE [y]" in out
+
+
+def test_default_benchmark_includes_fedmdh():
+    from fedmdh.config import ExperimentConfig
+
+    assert "fedmdh" in ExperimentConfig(("a.csv", "b.csv"), "t.csv", "y").algorithms
+
+
+def test_partition_error_says_what_helps_when_featurizers_are_given():
+    from fedmdh.data.partition import Tolerance, _choose_features
+    from fedmdh.errors import TargetUnreachableError
+
+    with pytest.raises(TargetUnreachableError) as exc:
+        _choose_features([], [["m1", "m2"], ["d1", "d2"], ["g1", "g2"]], 0.31, Tolerance())
+    assert "--shared-featurizer" in str(exc.value) and "pass --featurizers" not in str(exc.value)
+
+
+def test_featurize_off_a_terminal_shows_progress_lines_and_no_blank_line(tmp_path, capsys):
+    pytest.importorskip("matminer")
+    from conftest import SHARED_DATASETS, require
+
+    src = require(SHARED_DATASETS / "wolverton_oxides" / "wolverton_oxides.csv")
+    frame = pd.read_csv(src, nrows=260)[["formula", "e_form"]]
+    inp = _write(tmp_path / "in.csv", frame)
+    out, err = _cli_ok(capsys, ["featurize", inp, str(tmp_path / "out.csv")])
+    lines = err.splitlines()
+    assert any("featurizing in.csv (magpie), formulas: 260/260" in ln for ln in lines), err
+    assert all(ln.strip() for ln in lines) and "wrote" in out
+
+
+def test_curves_use_a_linear_axis_with_enough_ticks():
+    from fedmdh.experiment.report import curves_figure
+    from fedmdh.runtime.simulator import RoundRecord, RunResult
+
+    def result(name: str, level: float) -> RunResult:
+        hist = [RoundRecord(r, 0.0, 0.0, level + 0.5 / r, 0.0, 0.0, {}, 0, 0.0) for r in range(1, 101)]
+        return RunResult(name, 0, hist, 100, {}, {}, {}, {})
+
+    fig = curves_figure([result("fedavg", 0.25), result("fedmdh", 0.23)], "e_form")
+    ax = fig.axes[0]
+    lo, hi = ax.get_ylim()
+    ticks = [t for t in ax.get_yticks() if lo <= t <= hi]
+    assert ax.get_yscale() == "linear" and len(ticks) >= 4
+    assert hi < 1.0  # the first steep rounds do not squash the curves
+
+
+def test_offline_fallback_tells_cli_users_about_data_dir(tmp_path, capsys, monkeypatch):
+    import fedmdh.data.datasets as ds
+
+    monkeypatch.setenv("FEDMDH_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("FEDMDH_DATA_DIR", raising=False)
+    monkeypatch.setattr(ds, "DEFAULT_BASE_URL", "http://127.0.0.1:9/unreachable")
+    _, err = _cli_ok(capsys, ["demo", "--out", str(tmp_path / "demo"), "--rounds", "2", "--ledger", "off"])
+    fallback = next(ln for ln in err.splitlines() if "falling back" in ln)
+    assert "--data-dir DIR" in fallback and "data_dir=" not in fallback
+
+
+def test_make_test_installs_anvil_so_every_test_runs():
+    # -B: as on a fresh machine (nothing installed yet); -n: print the commands, run none
+    dry = subprocess.run(["make", "-n", "-B", "test", "FEDMDH_ANVIL="], cwd=REPO, capture_output=True, text=True)
+    assert dry.returncode == 0, dry.stderr
+    assert "@foundry-rs/anvil@1.7.1" in dry.stdout and "FEDMDH_ANVIL=" in dry.stdout
+    assert "make test" in (REPO / ".ci" / "run").read_text()
