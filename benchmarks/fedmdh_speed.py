@@ -5,7 +5,9 @@ Run:  .venv/bin/python benchmarks/fedmdh_speed.py [--data-dir DIR] [--federation
 
 ``--federation DIR`` (repeatable): a folder written by ``fedmdh partition`` (``inst*.csv``,
 ``test.csv``, ``federation.json`` naming the target); without it, the perovskite split
-(``--data-dir``). Every federation is timed in the same run, alternating the algorithms.
+(``--data-dir``). Every federation is timed in the same run, alternating the algorithms. The
+timed part is ``simulate`` alone, after torch's one-time imports (torch.optim imports
+torch._dynamo on its first optimizer: seconds that both algorithms would otherwise pay once).
 
 Both algorithms run with the same rounds, local steps, batch and network (the benchmark's
 defaults), each in a fresh subprocess (so peak resident memory is the run's own), alternating
@@ -39,6 +41,7 @@ else:  # the perovskite split
     target, files, test = "e_form", [f"{data}/train_part{i}.csv" for i in range(3)], f"{data}/test_data1.csv"
 tables = [load_institution(f, target) for f in files]
 fed = prepare_federation(tables, load_institution(test, target, name="test"), target)
+import torch, torch._dynamo  # one-time imports that torch.optim triggers on its first optimizer (about 3 s): not the run's
 t = time.perf_counter()
 res = simulate(fed, make_algorithm(name), rounds, seed=0)
 print(json.dumps({"seconds": time.perf_counter() - t, "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
