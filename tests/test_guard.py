@@ -228,3 +228,26 @@ def test_references_are_not_guarded_and_the_guard_needs_own_selection(perovskite
 def test_choose_keeps_one_of_the_two(perovskite, perovskite_fed):
     res = simulate(perovskite_fed, _guarded(perovskite, mode="choose", rounds=4).build_algorithm("fedavg"), 4, seed=0)
     assert {g["blend"] for g in res.guard.values()} <= {0.0, 1.0}
+
+
+def test_a_selection_saved_and_restored_keeps_every_parts_best_and_its_tolerance():
+    # Prepare: two parts offered over two rounds, the local one with a tolerance
+    sel = Selection(round_se=1.0)
+    y = np.zeros(4)
+    for rnd, (f, g) in enumerate([(0.5, 0.9), (0.7, 0.4)], start=1):
+        for part, v in (("federated", f), ("local", g)):
+            pred = y + np.sqrt(v)
+            sel.offer("a", rnd, v, {"w": np.full(2, rnd, np.float32)}, {"rmse": v}, np.zeros(3), pred, (pred - y) ** 2,
+                      part=part)
+    meta, arrays = sel.state("a")
+    # Execute: a fresh selection (a restarted node) reads it back
+    back = Selection(round_se=1.0)
+    back.restore("a", json.loads(json.dumps(meta)), arrays)
+    # Assert: the same bests, minima and kept model
+    assert back._min == sel._min
+    for key, k in sel.best.items():
+        b = back.best[key]
+        assert (b.round, b.val_mse, b.metrics) == (k.round, k.val_mse, k.metrics)
+        assert b.params["w"].tobytes() == k.params["w"].tobytes()
+        assert b.val_predictions.tobytes() == k.val_predictions.tobytes()
+    assert back.kept["a"].round == sel.kept["a"].round == 1
