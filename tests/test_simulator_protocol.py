@@ -102,7 +102,8 @@ def test_the_order_of_the_input_files_changes_nothing(perovskite_tables):
         assert payload_bytes(a.models[name]) == payload_bytes(b.models[name])
 
 
-def test_own_selection_keeps_each_institutions_best_round_on_its_own_validation_rows(perovskite_fed):
+def test_own_selection_keeps_each_institutions_best_round_on_its_own_validation_rows(perovskite_fed, monkeypatch):
+    monkeypatch.setattr("fedmdh.runtime.protocol.ROUND_SE", 0.0)  # the best-round rule (the default's 1 SE: test_guard.py)
     res = simulate(perovskite_fed, make_algorithm("fedavg"), rounds=8, seed=0)
     for name, kept in res.best_rounds.items():
         losses = [h.per_institution[name]["val_mse"] for h in res.history]

@@ -148,8 +148,26 @@ NoCganOpt = Annotated[bool, typer.Option("--no-cgan", help="fedmdh without GPD-C
 NoRkdOpt = Annotated[bool, typer.Option("--no-rkd", help="fedmdh without RKD (ablation).")]
 
 
-def _switches(no_gfam: bool, no_cgan: bool, no_rkd: bool) -> dict:
-    return {k: False for k, off in (("gfam", no_gfam), ("cgan", no_cgan), ("rkd", no_rkd)) if off}
+GfamOpt = Annotated[
+    Optional[str],
+    typer.Option("--gfam", metavar="MAPPING",
+                 help="fedmdh's GFAM mapping: union (one encoder over the union of the columns, the default) "
+                      "or per-institution (a private encoder per institution over its own columns)."),
+]
+LocalGuardOpt = Annotated[
+    Optional[str],
+    typer.Option("--local-guard", metavar="MODE",
+                 help="off (the default), choose or blend: every institution also trains its own local model "
+                      "and keeps, on its own validation rows, the better of it and the federated one (choose) "
+                      "or a mixture of the two (blend)."),
+]
+
+
+def _switches(no_gfam: bool, no_cgan: bool, no_rkd: bool, gfam: Optional[str] = None) -> dict:
+    out: dict = {k: False for k, off in (("gfam", no_gfam), ("cgan", no_cgan), ("rkd", no_rkd)) if off}
+    if gfam is not None:
+        out["mapping"] = gfam
+    return out
 LedgerOpt = Annotated[
     Optional[str],
     typer.Option("--ledger", help="Record to a blockchain ledger: embedded, rpc (needs --chain-rpc) or off."),
@@ -234,6 +252,8 @@ def run(
     no_gfam: NoGfamOpt = False,
     no_cgan: NoCganOpt = False,
     no_rkd: NoRkdOpt = False,
+    gfam: GfamOpt = None,
+    local_guard: LocalGuardOpt = None,
     overwrite: OverwriteOpt = False,
     secure: Annotated[bool, typer.Option("--secure", help="Pool setup statistics and weighted parameter sums "
                                          "under threshold CKKS (fedavg, fedprox, fedgan; needs --ledger off).")] = False,
@@ -246,8 +266,8 @@ def run(
     cfg = _experiment_config(
         config, institutions, test, target, rounds=rounds, first_seed=seed,
         exclude=tuple(exclude) if exclude else None, algorithms=(algorithm,), seeds=1, clip=_clip_option(clip_inputs),
-        selection=selection,
-        switches=_switches(no_gfam, no_cgan, no_rkd),
+        selection=selection, local_guard=local_guard,
+        switches=_switches(no_gfam, no_cgan, no_rkd, gfam),
     )
     _run_and_report(cfg, algorithm, out, _ledger_options(ledger, chain_rpc, "embedded"), overwrite, secure)
 
@@ -358,6 +378,8 @@ def benchmark(
     no_gfam: NoGfamOpt = False,
     no_cgan: NoCganOpt = False,
     no_rkd: NoRkdOpt = False,
+    gfam: GfamOpt = None,
+    local_guard: LocalGuardOpt = None,
     overwrite: OverwriteOpt = False,
 ) -> None:
     from fedmdh.experiment.runner import check_inputs, run_benchmark
@@ -365,8 +387,8 @@ def benchmark(
 
     cfg = _experiment_config(
         config, institutions, test, target, algorithms=_algorithms_option(algorithms), seeds=seeds,
-        rounds=rounds, exclude=tuple(exclude) if exclude else None, switches=_switches(no_gfam, no_cgan, no_rkd),
-        clip=_clip_option(clip_inputs), selection=selection,
+        rounds=rounds, exclude=tuple(exclude) if exclude else None, switches=_switches(no_gfam, no_cgan, no_rkd, gfam),
+        clip=_clip_option(clip_inputs), selection=selection, local_guard=local_guard,
     )
     ledger_options = _ledger_options(ledger, chain_rpc, "off")
     tables = check_inputs(cfg)  # every file and the federation's layout, before any progress display

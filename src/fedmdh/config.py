@@ -42,6 +42,10 @@ from fedmdh.errors import InputError
 #: Per-algorithm defaults: one table, in :mod:`fedmdh.defaults`, read by make_algorithm and the CLI alike.
 ALGORITHM_DEFAULTS = defaults.ALGORITHM_DEFAULTS
 
+#: The local guard under own selection unless a config sets one (chosen on validation: docs/tuning.md).
+DEFAULT_LOCAL_GUARD = "off"
+GUARD_MODES = ("off", "choose", "blend")
+
 _TRAINING_KEYS = {f.name for f in fields(LocalTraining)}
 _SHARED_TRAINING_KEYS = {"hidden", "local_steps", "batch_size"}
 
@@ -60,6 +64,9 @@ class ExperimentConfig:
     val_fraction: float = 0.15
     clip_inputs: float | None = 1.0  # margin, in training-range widths; None: no clipping
     selection: str = "own"  # model selection: "own" validation rows, or "federated" (simulator only)
+    # every institution also trains its local model and keeps, on its own validation rows, the federated
+    # one, the local one ("choose") or a mixture ("blend"); None: the default under own selection
+    local_guard: str | None = None
     exclude: tuple[str, ...] = ()
     hidden: tuple[int, ...] = (64, 64)
     local_steps: int = 5
@@ -99,6 +106,11 @@ class ExperimentConfig:
                              f"{self.clip_inputs}.")
         if self.selection not in ("own", "federated"):
             raise InputError(f"selection must be 'own' or 'federated', got {self.selection!r}.")
+        if self.local_guard is not None and self.local_guard not in GUARD_MODES:
+            raise InputError(f"local_guard must be one of {', '.join(GUARD_MODES)}, got {self.local_guard!r}.")
+        if self.selection == "federated" and self.local_guard not in (None, "off"):
+            raise InputError(f"local_guard {self.local_guard!r} selects on each institution's own validation rows; "
+                             "with selection 'federated' leave it out or set it to off.")
         if self.rounds * self.local_steps > defaults.MAX_STEPS:
             raise InputError(
                 f"rounds x local_steps = {self.rounds * self.local_steps:,} minibatch steps per institution exceeds "
@@ -106,6 +118,14 @@ class ExperimentConfig:
             )
         for a in self.algorithms:  # fail now, not after an hour of other algorithms
             self.build_algorithm(a)
+
+    @property
+    def guard(self) -> str:
+        """The local guard in effect: :data:`DEFAULT_LOCAL_GUARD` under own selection unless set, off
+        under federated selection."""
+        if self.local_guard is not None:
+            return self.local_guard
+        return DEFAULT_LOCAL_GUARD if self.selection == "own" else "off"
 
     @property
     def seed_list(self) -> list[int]:
@@ -135,9 +155,14 @@ class ExperimentConfig:
         except (TypeError, ValueError) as exc:
             raise InputError(f"algorithm {name!r}: {exc}") from None
         try:
-            return make_algorithm(name, training, **hparams)
+            algorithm = make_algorithm(name, training, **hparams)
         except ValueError as exc:
             raise InputError(f"algorithm {name!r}: {exc}") from None
+        if self.guard != "off" and algorithm.federated and not algorithm.centralized:
+            from fedmdh.algorithms.guard import LocalGuard
+
+            return LocalGuard(algorithm, self.build_algorithm("local"), self.guard)
+        return algorithm
 
     def with_overrides(self, **kw: Any) -> "ExperimentConfig":
         """A copy with the given fields replaced (``None`` values are ignored)."""
@@ -156,6 +181,7 @@ class ExperimentConfig:
             "val_fraction": d["val_fraction"],
             "clip_inputs": d["clip_inputs"] if d["clip_inputs"] is not None else False,
             "selection": d["selection"],
+            "local_guard": self.guard,
             "exclude": list(d["exclude"]),
             "training": {
                 "hidden": list(d["hidden"]),
@@ -212,6 +238,9 @@ def check_types(kw: Mapping[str, Any], where: str = "") -> None:
     """
     if "selection" in kw and kw["selection"] not in ("own", "federated"):
         raise InputError(f"{where}selection must be \"own\" or \"federated\", got {_kind(kw['selection'])}.")
+    if kw.get("local_guard") is not None and kw["local_guard"] not in GUARD_MODES:
+        raise InputError(f"{where}local_guard must be one of " + ", ".join(f'"{m}"' for m in GUARD_MODES)
+                         + f", got {_kind(kw['local_guard'])}.")
     if "target" in kw and not isinstance(kw["target"], str):
         raise InputError(f"{where}target must be a column name (a string), got {_kind(kw['target'])}.")
     if "test" in kw and not isinstance(kw["test"], (str, os.PathLike)):
@@ -255,7 +284,7 @@ def check_types(kw: Mapping[str, Any], where: str = "") -> None:
 
 _TOP_KEYS = {
     "target", "institutions", "test", "algorithms", "seeds", "first_seed", "rounds",
-    "val_fraction", "clip_inputs", "selection", "exclude", "training", "algorithm",
+    "val_fraction", "clip_inputs", "selection", "local_guard", "exclude", "training", "algorithm",
 }
 
 
@@ -293,7 +322,7 @@ def read_toml(path: str | Path) -> dict[str, Any]:
                 where)
     base = path.parent
     kw: dict[str, Any] = {}
-    for key in ("target", "seeds", "first_seed", "rounds", "val_fraction", "clip_inputs", "selection"):
+    for key in ("target", "seeds", "first_seed", "rounds", "val_fraction", "clip_inputs", "selection", "local_guard"):
         if key in flat:
             kw[key] = flat[key]
     if "institutions" in flat:

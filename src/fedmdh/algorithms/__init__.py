@@ -69,6 +69,13 @@ def make_algorithm(name: str, training: LocalTraining | None = None, **hparams: 
 
 def algorithm_from_hyperparameters(name: str, hyperparameters: dict[str, Any]) -> Algorithm:
     """Rebuild an algorithm from the dict its ``hyperparameters()`` returned (saved models)."""
+    hyperparameters = dict(hyperparameters)
+    guard, reference = hyperparameters.pop("local_guard", None), hyperparameters.pop("local_reference", None)
+    if guard not in (None, "off"):
+        from fedmdh.algorithms.guard import LocalGuard
+
+        return LocalGuard(algorithm_from_hyperparameters(name, hyperparameters),
+                          algorithm_from_hyperparameters("local", dict(reference or {})), guard)
     keys = TRAINING_KEYS
     train = {k: v for k, v in hyperparameters.items() if k in keys}
     if "hidden" in train:

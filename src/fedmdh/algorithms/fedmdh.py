@@ -40,7 +40,25 @@ The Gaussian KL term ``KL(N(mu_G, sigma_G^2) || N(mu_batch, sigma_batch^2))`` is
 ``kl_weight`` (default 0: under label skew the local prediction distribution *should* differ from
 the global one). Sent: ``(mu_i, sigma_i^2)``.
 
-``phi`` and ``h`` are averaged by sample count every round. What leaves an institution is only
+**Two readings of GFAM's mapping** (``mapping``):
+
+- ``"union"``: one encoder ``phi`` over the union feature space, averaged like ``h``, trained on
+  the views above; the institution's model is ``h(phi(x))`` with its missing columns at 0.
+- ``"per-institution"`` (the brief's ``phi_i: R^{d_i} -> R^k``): each institution has its own
+  encoder ``phi_i`` over its own columns only, which never leaves it; only ``h``, ``G``, ``D``, the
+  anchor statistics and the prediction moments are shared. The W2 alignment to the anchor is what
+  puts every institution's ``phi_i`` into one latent space for the shared ``h``; there are no
+  views (an institution's encoder never sees another's columns). This is the reading that works
+  when institutions share no column (H = 0), where every view of the union reading is an
+  all-zero row.
+
+With ``holder_average`` (union reading), the first layer's weight of each input column is averaged
+over the institutions that hold that column only (by their sample counts): an institution's
+gradient never reaches a column it lacks, so the plain average only shrinks the holders' steps
+on their private columns by their share of the rows (to 4 % for a 65-row institution beside
+1,600 others).
+
+``phi`` (union reading) and ``h`` are averaged by sample count every round. What leaves an institution is only
 model/generator/discriminator parameters, anchor statistics, prediction-distribution summaries
 and the sample count. Each component can be switched off (``gfam``, ``cgan``, ``rkd``); its
 statistics and parameters are then neither computed nor sent.
@@ -73,6 +91,22 @@ from fedmdh.nn.gan import ConditionalDiscriminator, ConditionalGenerator, lsgan_
 from fedmdh.nn.mlp import Evaluator, dense_stack, load_prefixed as _load, make_optimizer, prefixed_params as _prefixed
 
 JITTER = 1e-6
+MAPPINGS = ("union", "per-institution")
+
+
+_SQRT_CACHE: dict[bytes, np.ndarray] = {}
+
+
+def _anchor_sqrt(cov: np.ndarray) -> np.ndarray:
+    """``psd_sqrt(cov)``, remembered for the last anchor: every institution of a simulated round
+    needs the same one (a copy is returned; the bits are those of ``psd_sqrt``)."""
+    key = np.ascontiguousarray(cov).tobytes()
+    hit = _SQRT_CACHE.get(key)
+    if hit is None:
+        hit = psd_sqrt(cov)
+        _SQRT_CACHE.clear()
+        _SQRT_CACHE[key] = hit
+    return hit.copy()
 
 
 class LatentRegressor(nn.Module):
@@ -102,8 +136,9 @@ class FedMDHClient:
     disc: ConditionalDiscriminator | None
     g_opt: torch.optim.Optimizer | None
     d_opt: torch.optim.Optimizer | None
-    masks: np.ndarray  # (K, n_features) float32: each institution's feature set, as 0/1
+    masks: np.ndarray  # (K, n_features) float32: each institution's feature set, as 0/1 (union reading)
     own: int  # index of this institution among the masks
+    own_idx: np.ndarray  # (d_i,) int64: the institution's columns in the union space
 
 
 class FedMDH(Algorithm):
@@ -114,7 +149,16 @@ class FedMDH(Algorithm):
     training:
         Local optimisation of ``h . phi`` (shared network size and budget).
     gfam, cgan, rkd:
-        Switch each component on or off (ablation).
+        Switch each component on or off (ablation). ``gfam`` also takes a mapping's name
+        (``"union"`` or ``"per-institution"``), shorthand for ``gfam=True, mapping=...``.
+    mapping:
+        GFAM's encoder: ``"union"`` (one shared encoder over the union feature space) or
+        ``"per-institution"`` (a private encoder per institution over its own columns).
+    holder_average:
+        Union reading: average the first layer's weights of each column over its holders only.
+    empty_views:
+        Union reading: also view rows in the columns of institutions sharing none with this one
+        (all-zero rows, which pull the prediction for "no information" toward the labels).
     mask_prob:
         GFAM: fraction of each minibatch re-expressed in another institution's feature set.
     align_weight:
@@ -139,9 +183,12 @@ class FedMDH(Algorithm):
     def __init__(
         self,
         training: LocalTraining | None = None,
-        gfam: bool = True,
+        gfam: bool | str = True,
         cgan: bool = True,
         rkd: bool = True,
+        mapping: str = "union",
+        holder_average: bool = False,
+        empty_views: bool = True,
         mask_prob: float = 0.3,
         align_weight: float = 0.01,
         gen_weight: float = 0.1,
@@ -166,7 +213,17 @@ class FedMDH(Algorithm):
             raise ValueError(f"align_steps must be >= 0, got {align_steps}.")
         if gan_steps < 0 or gan_hidden < 1:
             raise ValueError("gan_steps must be >= 0 and gan_hidden >= 1.")
+        if isinstance(gfam, str):
+            if gfam in ("off", "false"):
+                gfam = False
+            else:
+                gfam, mapping = True, gfam
+        if mapping not in MAPPINGS:
+            raise ValueError(f"mapping must be one of {', '.join(MAPPINGS)}, got {mapping!r}.")
         self.gfam, self.cgan, self.rkd = bool(gfam), bool(cgan), bool(rkd)
+        self.mapping = str(mapping)
+        self.holder_average = bool(holder_average)
+        self.empty_views = bool(empty_views)
         self.mask_prob = float(mask_prob)
         self.align_weight = float(align_weight)
         self.gen_weight = float(gen_weight)
@@ -179,11 +236,13 @@ class FedMDH(Algorithm):
         self.gan_weight_decay = float(gan_weight_decay)
         self.gan_hidden = int(gan_hidden)
         self._evaluator: Evaluator | None = None
+        self._shared: tuple[Payload, Params] | None = None
 
     def hyperparameters(self) -> dict[str, Any]:
         d = super().hyperparameters()
         d.update(
-            gfam=self.gfam, cgan=self.cgan, rkd=self.rkd, mask_prob=self.mask_prob,
+            gfam=self.gfam, cgan=self.cgan, rkd=self.rkd, mapping=self.mapping,
+            holder_average=self.holder_average, empty_views=self.empty_views, mask_prob=self.mask_prob,
             align_weight=self.align_weight, gen_weight=self.gen_weight, soft_weight=self.soft_weight,
             kl_weight=self.kl_weight, align_steps=self.align_steps,
             barycenter_iters=self.barycenter_iters, gan_steps=self.gan_steps, gan_lr=self.gan_lr,
@@ -192,8 +251,17 @@ class FedMDH(Algorithm):
         return d
 
     # -- construction ---------------------------------------------------------------------------
+    @property
+    def per_institution(self) -> bool:
+        """Whether each institution has its own encoder over its own columns."""
+        return self.mapping == "per-institution"
+
     def _net(self, d_in: int, seed: int) -> LatentRegressor:
         return seeded(seed, ("fedmdh", "net"), lambda: LatentRegressor(d_in, self.training.hidden))
+
+    def _own_net(self, d_in: int, seed: int) -> LatentRegressor:
+        # every private encoder of a width starts from the same weights (a common initialisation)
+        return seeded(seed, ("fedmdh", "own-net", d_in), lambda: LatentRegressor(d_in, self.training.hidden))
 
     def _gan(self, k: int, seed: int) -> tuple[ConditionalGenerator, ConditionalDiscriminator]:
         return seeded(seed, ("fedmdh", "gan"), lambda: (
@@ -201,8 +269,15 @@ class FedMDH(Algorithm):
 
     def init(self, spec: FederationSpec, seed: int) -> Payload:
         net = self._net(spec.n_features, seed)
-        state: Payload = {**_prefixed(net.phi, "phi"), **_prefixed(net.h, "h")}
+        state: Payload = _prefixed(net.h, "h") if self.per_institution else {
+            **_prefixed(net.phi, "phi"), **_prefixed(net.h, "h")}
         k = net.latent_dim
+        if self.holder_average and not self.per_institution:
+            # which institution holds which column: public (the setup's layout)
+            for nm in spec.names:
+                held = np.zeros(spec.n_features)
+                held[np.asarray(spec.feature_idx[nm])] = 1.0
+                state[f"holders.{nm}"] = held
         if self.cgan:
             gen, disc = self._gan(k, seed)
             state.update(_prefixed(gen, "G"))
@@ -217,7 +292,8 @@ class FedMDH(Algorithm):
         return state
 
     def init_client(self, spec: FederationSpec, data: InstitutionData, seed: int) -> FedMDHClient:
-        net = self._net(spec.n_features, seed)
+        own_idx = np.asarray(spec.feature_idx.get(data.name, data.feature_idx), dtype=np.int64)
+        net = self._own_net(own_idx.size, seed) if self.per_institution else self._net(spec.n_features, seed)
         t = self.training
         opt = make_optimizer(net.parameters(), t.optimizer, t.lr, t.momentum, t.weight_decay)
         gen = disc = g_opt = d_opt = None
@@ -226,18 +302,25 @@ class FedMDH(Algorithm):
             g_opt = torch.optim.Adam(gen.parameters(), lr=self.gan_lr, weight_decay=self.gan_weight_decay, foreach=True)
             d_opt = torch.optim.Adam(disc.parameters(), lr=self.gan_lr, weight_decay=self.gan_weight_decay, foreach=True)
         names = list(spec.names)
-        masks = np.zeros((len(names), spec.n_features), dtype=np.float32)
-        for j, nm in enumerate(names):
+        masks = np.zeros((0 if self.per_institution else len(names), spec.n_features), dtype=np.float32)
+        for j, nm in enumerate(names if not self.per_institution else ()):
             masks[j, spec.feature_idx[nm]] = 1.0
         own = names.index(data.name) if data.name in names else 0
-        return FedMDHClient(net, opt, gen, disc, g_opt, d_opt, masks, own)
+        return FedMDHClient(net, opt, gen, disc, g_opt, d_opt, masks, own, own_idx)
 
     # -- local round ---------------------------------------------------------------------------
     def _views(self, X: np.ndarray, client: FedMDHClient, rng: np.random.Generator) -> np.ndarray:
-        """Re-express a fraction of rows in other institutions' feature sets (GFAM mapping)."""
+        """Re-express a fraction of rows in other institutions' feature sets (GFAM mapping).
+
+        With ``empty_views`` off, only institutions that share a column with this one give views (a
+        view in the columns of an institution with none in common is an all-zero row)."""
         if not self.gfam or self.mask_prob == 0.0 or client.masks.shape[0] < 2:
             return X
-        others = [j for j in range(client.masks.shape[0]) if j != client.own]
+        mine = client.masks[client.own]
+        others = [j for j in range(client.masks.shape[0])
+                  if j != client.own and (self.empty_views or float(client.masks[j] @ mine) > 0)]
+        if not others:
+            return X
         pick = rng.random(X.shape[0]) < self.mask_prob
         which = rng.integers(0, len(others), size=X.shape[0])
         X = X.copy()
@@ -251,8 +334,10 @@ class FedMDH(Algorithm):
     ) -> tuple[Update, FedMDHClient]:
         c = client_state
         net = c.net
-        _load(net.phi, server_state, "phi")
+        if not self.per_institution:
+            _load(net.phi, server_state, "phi")
         _load(net.h, server_state, "h")
+        X_in = np.ascontiguousarray(data.X[:, c.own_idx]) if self.per_institution else data.X
         c.optimizer.state.clear()
         k = net.latent_dim
         mu_g, var_g = (float(v) for v in server_state["pred_dist"])
@@ -260,7 +345,7 @@ class FedMDH(Algorithm):
         if self.gfam:
             a_mean = np.asarray(server_state["anchor_mean"], np.float64)
             a_cov = np.asarray(server_state["anchor_cov"], np.float64)
-            a_sqrt = psd_sqrt(a_cov)
+            a_sqrt = _anchor_sqrt(a_cov)
             a_mean_t = torch.from_numpy(a_mean.astype(np.float32))
             a_sqrt_t = torch.from_numpy(a_sqrt.astype(np.float32))
             a_trace = float(np.trace(a_cov))
@@ -271,14 +356,20 @@ class FedMDH(Algorithm):
             _load(c.gen, server_state, "G")
             _load(c.disc, server_state, "D")
 
-        X = torch.from_numpy(data.X)
+        X = torch.from_numpy(X_in)
         y = torch.from_numpy(data.y)
+        n, b = data.n_train, min(self.training.batch_size, data.n_train)
+        steps = self.training.local_steps
+        # the round's minibatches, drawn first: the shared model's predictions (RKD's soft labels)
+        # are needed for those rows only
+        batches = [rng.choice(n, size=b, replace=False) for _ in range(steps)]
         teacher = None
         if self.rkd and self.soft_weight > 0:
+            rows = np.unique(np.concatenate(batches))
             net.eval()
             with torch.no_grad():
-                teacher = net(X)
-        n, b = data.n_train, min(self.training.batch_size, data.n_train)
+                teacher = torch.zeros(n)
+                teacher[torch.from_numpy(rows)] = net(torch.from_numpy(np.ascontiguousarray(X_in[rows])))
 
         def cond_labels(size: int) -> np.ndarray:
             if self.rkd:  # global prediction distribution
@@ -289,7 +380,6 @@ class FedMDH(Algorithm):
             eps = rng.standard_normal((size, k))
             return torch.from_numpy((a_mean + eps @ a_sqrt).astype(np.float32))
 
-        steps = self.training.local_steps
         if gan_ready and self.gen_weight > 0:
             # the round's generated (latent, y~) pairs, drawn in one pass of the global generator
             y_gen_np = cond_labels(b * steps).astype(np.float32)
@@ -299,9 +389,8 @@ class FedMDH(Algorithm):
             y_gen = torch.from_numpy(y_gen_np)
         net.train()
         total = 0.0
-        for step in range(steps):
-            idx = rng.choice(n, size=b, replace=False)
-            xb = torch.from_numpy(self._views(data.X[idx], c, rng))
+        for step, idx in enumerate(batches):
+            xb = torch.from_numpy(self._views(X_in[idx], c, rng))
             z = net.phi(xb)
             pred = net.h(z).squeeze(-1)
             loss = torch.mean((pred - y[idx]) ** 2)
@@ -323,7 +412,8 @@ class FedMDH(Algorithm):
             loss.backward()
             c.optimizer.step()
 
-        payload: Payload = {**_prefixed(net.phi, "phi"), **_prefixed(net.h, "h")}
+        payload: Payload = _prefixed(net.h, "h") if self.per_institution else {
+            **_prefixed(net.phi, "phi"), **_prefixed(net.h, "h")}
         net.eval()
         with torch.no_grad():
             latent = net.phi(X)
@@ -351,12 +441,17 @@ class FedMDH(Algorithm):
         c.d_opt.state.clear()
         c.gen.train()
         c.disc.train()
+        # one step a round from cleared moments is Adam's first step: computed in closed form
+        first = (c.gen, self.gan_lr, self.gan_weight_decay) if self.gan_steps == 1 else None
         for _ in range(self.gan_steps):
             idx = torch.from_numpy(rng.choice(n, size=b, replace=False))
             real, y_real = latent[idx], y[idx]
             y_fake = torch.from_numpy(cond_labels(b).astype(np.float32))
             fake = c.gen(anchor_noise(b), y_fake)
-            lsgan_step(c.disc, c.d_opt, c.g_opt, real, y_real, fake, y_fake)
+            lsgan_step(c.disc, c.d_opt, c.g_opt, real, y_real, fake, y_fake, first_adam=first)
+        # the moments are cleared at the start of every round: nothing of them is kept (or stored)
+        c.g_opt.state.clear()
+        c.d_opt.state.clear()
 
     # -- aggregation ----------------------------------------------------------------------------
     def aggregate(
@@ -368,6 +463,8 @@ class FedMDH(Algorithm):
         prefixes = ("phi.", "h.", "G.", "D.")
         keys = [k for k in ups[0].payload if k.startswith(prefixes)]
         new.update(weighted_average([({k: u.payload[k] for k in keys}, u.num_examples) for u in ups]))
+        if self.holder_average and "phi.0.weight" in new:
+            new["phi.0.weight"] = self._holder_average(server_state, ups)
         if self.gfam:
             warm = server_state["anchor_cov"] if float(server_state["anchor_ready"][0]) > 0 else None
             # a few fixed-point steps a round from the previous anchor: the anchor tracks the
@@ -384,6 +481,20 @@ class FedMDH(Algorithm):
             new["pred_dist"] = np.array([mu, var])
         return new
 
+    @staticmethod
+    def _holder_average(server_state: Payload, ups: Sequence[Update]) -> np.ndarray:
+        """The first layer's weights, each input column averaged over the institutions holding it
+        (sample-weighted, in institution order, float64); a column nobody holds keeps its weights."""
+        ref = np.asarray(server_state["phi.0.weight"])
+        acc = np.zeros(ref.shape, dtype=np.float64)
+        total = np.zeros(ref.shape[1], dtype=np.float64)
+        for u in ups:
+            held = np.asarray(server_state[f"holders.{u.institution}"], dtype=np.float64)
+            acc += np.asarray(u.payload["phi.0.weight"], dtype=np.float64) * (held * u.num_examples)
+            total += held * u.num_examples
+        out = np.where(total > 0, acc / np.maximum(total, 1e-300), np.asarray(ref, dtype=np.float64))
+        return out.astype(ref.dtype)
+
     def onchain_vectors(self, update: Update) -> dict[str, np.ndarray]:
         """Small vectors a ledger contract can aggregate itself: anchor mean and prediction moments."""
         out = {}
@@ -393,15 +504,43 @@ class FedMDH(Algorithm):
             out["pred_stats"] = np.asarray(update.payload["pred_stats"], np.float64)
         return out
 
+    # -- private state ---------------------------------------------------------------------------
+    def client_arrays(self, client_state: FedMDHClient) -> Payload:
+        """What an institution keeps between rounds: its private encoder (per-institution reading),
+        nothing otherwise. The shared networks are reloaded from the aggregate at the start of every
+        round and the optimisers' state is cleared there, so storing them would change nothing; the
+        masks and column indices follow from the setup (:meth:`init_client`)."""
+        if not self.per_institution:
+            return {}
+        return _prefixed(client_state.net.phi, "net.phi")
+
+    def load_client(self, client_state: FedMDHClient, arrays: Mapping[str, np.ndarray]) -> FedMDHClient:
+        if self.per_institution:
+            missing = [k for k in client_state.net.phi.state_dict() if f"net.phi.{k}" not in arrays]
+            if missing:
+                raise ValueError(f"client state lacks net.phi.{missing[0]}.")
+            _load(client_state.net.phi, arrays, "net.phi")
+        return client_state
+
     # -- prediction -----------------------------------------------------------------------------
     def personal_params(self, server_state: Payload, client_state: FedMDHClient) -> Params:
-        # the institution's model: the shared encoder and predictor, fed its own columns
-        return {k: v for k, v in server_state.items() if k.startswith(("phi.", "h."))}
+        if self.per_institution:
+            # its own encoder (copied: it keeps training) over its own columns, the shared predictor
+            return {**_prefixed(client_state.net.phi, "phi"),
+                    **{k: v for k, v in server_state.items() if k.startswith("h.")},
+                    "input_idx": np.array(client_state.own_idx, dtype=np.int64)}
+        # the institution's model: the shared encoder and predictor, fed its own columns; one dict
+        # per aggregate (every institution's), so an evaluation loads it once
+        if self._shared is None or self._shared[0] is not server_state:
+            self._shared = (server_state, {k: v for k, v in server_state.items() if k.startswith(("phi.", "h."))})
+        return self._shared[1]
 
     def predict(self, params: Mapping[str, np.ndarray], X: np.ndarray) -> np.ndarray:
         if self._evaluator is None:
             hidden = self.training.hidden
             self._evaluator = Evaluator(lambda d_in: LatentRegressor(d_in, hidden), "phi.0.weight")
+        if "input_idx" in params:  # a private encoder over the institution's own columns
+            X = np.ascontiguousarray(np.asarray(X)[:, np.asarray(params["input_idx"], dtype=np.int64)])
         return self._evaluator(params, X)
 
 

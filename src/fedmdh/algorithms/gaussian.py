@@ -67,6 +67,13 @@ def _eig_pow(a: np.ndarray, power: float, floor: float) -> np.ndarray:
     return (v * np.clip(w, floor, None) ** power) @ v.T
 
 
+def _eig_pows(a: np.ndarray, floor: float) -> tuple[np.ndarray, np.ndarray]:
+    """``(a^1/2, a^-1/2)`` from one eigendecomposition (the same bits as two :func:`_eig_pow` calls)."""
+    w, v = np.linalg.eigh(_sym(a))
+    w = np.clip(w, floor, None)
+    return (v * w**0.5) @ v.T, (v * w**-0.5) @ v.T
+
+
 def barycenter(
     means: Sequence[np.ndarray],
     covs: Sequence[np.ndarray],
@@ -94,8 +101,7 @@ def barycenter(
     floor = 1e-12 * scale
     S = _sym(np.asarray(init, np.float64)) if init is not None else np.sum([wi * c for wi, c in zip(w, cs)], axis=0)
     for _ in range(max_iter):
-        r = _eig_pow(S, 0.5, floor)
-        r_inv = _eig_pow(S, -0.5, floor)
+        r, r_inv = _eig_pows(S, floor)
         T = np.sum([wi * psd_sqrt(r @ c @ r) for wi, c in zip(w, cs)], axis=0)
         S_new = _sym(r_inv @ T @ T @ r_inv)
         change = np.linalg.norm(S_new - S) / max(np.linalg.norm(S), 1e-300)

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from fedmdh.algorithms import ALGORITHMS
+from fedmdh.runtime.protocol import ROUND_SE
 
 if TYPE_CHECKING:
     from fedmdh.config import ExperimentConfig
@@ -116,7 +117,8 @@ def write_summary(
         f"Budget: {cfg.rounds} rounds x {cfg.local_steps} local steps of batch {cfg.batch_size}; "
         f"network MLP {list(cfg.hidden)}; seeds {cfg.seed_list}.",
         "Metrics on the shared test set, each institution predicting through its own columns, "
-        "mean over institutions; mean ± std over seeds. Model kept at the round of lowest validation loss.",
+        "mean over institutions; mean ± std over seeds. Each institution keeps, on its own validation rows, the latest "
+        f"round within {ROUND_SE:g} SE of its lowest validation loss" + (f"; local guard: {cfg.guard}." if cfg.guard != "off" else "."),
         ("Inputs a model did not train on: not clipped." if cfg.clip_inputs is None else
          f"Inputs a model did not train on: each column clipped to the institution's training range "
          f"widened by {cfg.clip_inputs:g} x the range on each side."),

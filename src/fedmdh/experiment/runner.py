@@ -240,7 +240,7 @@ def _run_in(out, cfg, algorithm, seed, tables, fed, algo, progress, ledger, secu
             finish_run_ledger(recorder, None, after_error=True)
             done = "round 1 is" if exc.round == 2 else f"rounds 1-{exc.round - 1} are"
             kept = (f"{done} in {out / 'metrics.jsonl'} and the models kept {kept_rounds_text(saved['rounds'])} "
-                    f"(lowest validation loss) in {models_dir}" if exc.round > 1 and saved["rounds"]
+                    f"(on own validation rows) in {models_dir}" if exc.round > 1 and saved["rounds"]
                     else "no round finished, nothing was kept")
             with (out / "run.log").open("a", encoding="utf-8") as log_fh:
                 log_fh.write(f"stopped: {exc.with_kept(kept)}\n")
@@ -268,7 +268,7 @@ def _run_in(out, cfg, algorithm, seed, tables, fed, algo, progress, ledger, secu
             fh.write(ledger_line + "\n")
         fh.write(
             f"finished {cfg.rounds} rounds in {result.seconds:.1f} s; models kept {kept_rounds_text(result.best_rounds)} "
-            f"(lowest validation loss); test rmse {result.final['rmse']:.4f} r2 {result.final['r2']:.4f}\n"
+            f"(on own validation rows); test rmse {result.final['rmse']:.4f} r2 {result.final['r2']:.4f}\n"
         )
     return result
 

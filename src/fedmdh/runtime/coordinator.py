@@ -286,11 +286,9 @@ class Coordinator:
 
     def run(self) -> dict[str, Any]:
         """Run (or, with ``resume``, continue) the task to the end; returns the final metrics."""
-        import torch
+        from fedmdh.runtime.protocol import use_training_threads
 
-        from fedmdh.runtime.protocol import training_threads
-
-        torch.set_num_threads(training_threads())  # it recomputes aggregates: the nodes' bits
+        use_training_threads()  # it recomputes aggregates: the nodes' bits (torch and BLAS)
         self.t_start = time.perf_counter()
         self.task.config()  # validate the settings before anyone works
         if self.task.resume:

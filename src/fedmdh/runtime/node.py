@@ -158,10 +158,8 @@ class NodeService:
     def __init__(self, name: str, data: str | Path, target: str, state_dir: str | Path,
                  test: str | Path | None = None, exclude: tuple[str, ...] = (), chain_rpc: str | None = None,
                  passphrase: str | None = None) -> None:
-        import torch
-
         from fedmdh.ledger.keys import KeystoreSettings, load_or_create
-        from fedmdh.runtime.protocol import training_threads
+        from fedmdh.runtime.protocol import use_training_threads
 
         self.name = check_name(name)
         self.data = Path(data)
@@ -178,7 +176,7 @@ class NodeService:
         settings = KeystoreSettings.from_env(self.state_dir / "keystore", passphrase=passphrase)
         self.account = load_or_create(self.name, settings)
         self.tasks: dict[str, NodeTask] = {}
-        torch.set_num_threads(training_threads())  # the simulator's count: the same bits
+        use_training_threads()  # the simulator's count: the same bits (torch and BLAS)
 
     @property
     def address(self) -> str:
@@ -300,7 +298,11 @@ class NodeService:
                                        arrays={k[len("client/"):]: v for k, v in arrays.items()
                                                if k.startswith("client/")})
                 kept = task.progress.kept
-                if kept:
+                if "selection" in arrays:
+                    sel_meta = json.loads(bytes(arrays.pop("selection")).decode("utf-8"))
+                    task.selection.restore(self.name, sel_meta, {k[len("selection/"):]: v for k, v in arrays.items()
+                                                                 if k.startswith("selection/")})
+                elif kept:  # a state file from before the selection was saved with it
                     best = folder / "best" / "params.npz"
                     with np.load(best) as z:
                         params = {k: z[k] for k in z.files}
@@ -462,7 +464,7 @@ class NodeService:
         from fedmdh.ledger import codec
         from fedmdh.ledger.blobs import sha256_hex
         from fedmdh.runtime.messages import updates_from
-        from fedmdh.runtime.protocol import aggregate_rng, own_validation_mse, score_on_test
+        from fedmdh.runtime.protocol import aggregate_rng, evaluate_round
 
         c = task.contract.functions
         if "base_round" in meta:
@@ -499,11 +501,10 @@ class NodeService:
             self._attest(task, rnd, agg_hash)
         client = task.slot.get()
         params = task.algorithm.personal_params(task.server, client)
-        val = own_validation_mse(task.algorithm, params, task.data)
-        metrics, _ = score_on_test(task.algorithm, params, task.data, task.setup.scaler,
-                                   task.test.y if task.test is not None else np.zeros(0))
-        metrics = {**metrics, "val_mse": val}
-        if task.selection.offer(self.name, rnd, val, {k: np.array(v) for k, v in params.items()}, metrics):
+        metrics, changed = evaluate_round(task.algorithm, task.selection, self.name, rnd,
+                                          {k: np.array(v) for k, v in params.items()}, task.data, task.setup.scaler,
+                                          task.test.y if task.test is not None else np.zeros(0))
+        if changed:
             kept = task.selection.kept[self.name]
             self._save_model(task, task.folder / "best", kept)
             task.progress.kept = {"round": kept.round, "val_mse": kept.val_mse, "metrics": kept.metrics}
@@ -633,8 +634,11 @@ class NodeService:
         """Client state, the current aggregate and the progress as one file, written atomically."""
         buf = io.BytesIO()
         progress = np.frombuffer(json.dumps(task.progress.to_json(), sort_keys=True).encode("utf-8"), dtype=np.uint8)
-        np.savez(buf, progress=progress, **{f"client/{k}": v for k, v in task.slot.arrays.items()},
-                 **{f"server/{k}": np.asarray(v) for k, v in task.server.items()})
+        sel_meta, sel_arrays = task.selection.state(self.name)  # every part's best round, not only the kept model
+        selection = np.frombuffer(json.dumps(sel_meta, sort_keys=True).encode("utf-8"), dtype=np.uint8)
+        np.savez(buf, progress=progress, selection=selection, **{f"client/{k}": v for k, v in task.slot.arrays.items()},
+                 **{f"server/{k}": np.asarray(v) for k, v in task.server.items()},
+                 **{f"selection/{k}": v for k, v in sel_arrays.items()})
         atomic_write_bytes(task.folder / "state.npz", buf.getvalue(), mode=0o600)
 
 

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from fedmdh.algorithms.base import Algorithm, FederationSpec, Params, Payload, Update
+from fedmdh.algorithms.guard import FEDERATED, LocalGuard
 from fedmdh.data.federation import InstitutionData, PreparedFederation
 from fedmdh.runtime.protocol import (
     SELECTIONS,
@@ -33,8 +34,8 @@ from fedmdh.runtime.protocol import (
     Selection,
     aggregate_rng,
     client_rng,
+    evaluate_round,
     initial_state,
-    own_validation_mse,
     score_on_test,
     training_thread_count,
 )
@@ -100,6 +101,12 @@ class RunResult:
     models: dict[str, Params] = field(repr=False)
     predictions: dict[str, np.ndarray] = field(repr=False)
     seconds: float = 0.0
+    #: what each institution's federated model alone scores (its best round on its own validation
+    #: rows): under the local guard, the same run without the guard; otherwise the final metrics
+    federated_only: dict[str, float] = field(default_factory=dict)
+    federated_only_per_institution: dict[str, dict[str, float]] = field(default_factory=dict)
+    #: under the local guard, per institution: the federated and local rounds kept and the weight
+    guard: dict[str, dict[str, float]] = field(default_factory=dict)
 
     @property
     def best_round(self) -> int:
@@ -136,6 +143,7 @@ def simulate(
     on_round: Callable[[RoundRecord], None] | None = None,
     round_hook: RoundHook | None = None,
     selection: str = "own",
+    on_models: Callable[[int, dict[str, Params]], None] | None = None,
     on_best: BestHook | None = None,
     secure: SecureSum | None = None,
 ) -> RunResult:
@@ -161,6 +169,9 @@ def simulate(
         with the lowest loss on its own validation rows. ``"federated"``: every institution's
         model is scored on all institutions' validation rows through its own columns and one round
         is chosen for all (it needs every model at every institution, so only the simulator can).
+    on_models:
+        Called after each round's evaluation with the round and every institution's current model
+        (studies of selection rules; the arrays must not be modified).
     on_best:
         Called with ``(round, models, kept_rounds)`` each time a kept model changes (every
         institution's kept model after that round, and the round each was kept from).
@@ -183,12 +194,15 @@ def simulate(
         raise ValueError(f"rounds must be >= 1, got {rounds}.")
     if selection not in SELECTIONS:
         raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}.")
+    if selection == "federated" and isinstance(algorithm, LocalGuard):
+        raise ValueError("the local guard selects on each institution's own validation rows; use selection "
+                         "'own' or the algorithm without the guard.")
     if secure is not None:
         from fedmdh.secure.aggregation import check_covered
 
         check_covered(algorithm.name)
     with training_thread_count():
-        return _simulate(fed, algorithm, rounds, seed, on_round, round_hook, selection, on_best, secure)
+        return _simulate(fed, algorithm, rounds, seed, on_round, round_hook, selection, on_models, on_best, secure)
 
 
 def _simulate(
@@ -199,6 +213,7 @@ def _simulate(
     on_round: Callable[[RoundRecord], None] | None,
     round_hook: RoundHook | None,
     selection: str,
+    on_models: Callable[[int, dict[str, Params]], None] | None = None,
     on_best: BestHook | None = None,
     secure: SecureSum | None = None,
 ) -> RunResult:
@@ -249,12 +264,17 @@ def _simulate(
         for name, d in insts.items():
             owner = POOLED_NAME if algorithm.centralized else name
             models[name] = algorithm.personal_params(server, clients[owner])
-        fed_val = federated_val(algorithm, models) if federated_val is not None else None
         preds: dict[str, np.ndarray] = {}
-        for name, d in insts.items():
-            val = fed_val if fed_val is not None else own_validation_mse(algorithm, models[name], d)
-            metrics, preds[name] = score_on_test(algorithm, models[name], d, fed.scaler, fed.y_test)
-            per[name] = {**metrics, "val_mse": val}
+        changed: list[bool] = []
+        if federated_val is not None:
+            fed_val = federated_val(algorithm, models)
+            for name, d in insts.items():
+                metrics, preds[name] = score_on_test(algorithm, models[name], d, fed.scaler, fed.y_test)
+                per[name] = {**metrics, "val_mse": fed_val}
+        else:  # each institution on its own validation rows; what it keeps is offered there
+            for name, d in insts.items():
+                per[name], ch = evaluate_round(algorithm, kept, name, r, models[name], d, fed.scaler, fed.y_test)
+                changed.append(ch)
         summ = _summary(per)
         n_up = sum(u.num_examples for u in updates)
         record = RoundRecord(
@@ -273,13 +293,17 @@ def _simulate(
                     if not np.isfinite(v)), None)
         if bad is not None:  # e.g. finite weights whose predictions overflow
             raise TrainingDiverged(r, bad)
-        changed = [kept.offer(name, r, per[name]["val_mse"], models[name], per[name], preds[name]) for name in insts]
+        if federated_val is not None:
+            changed = [kept.offer(name, r, per[name]["val_mse"], models[name], per[name], preds[name]) for name in insts]
         if any(changed) and on_best is not None:
             on_best(r, {name: kept.kept[name].params for name in insts}, {name: kept.kept[name].round for name in insts})
         history.append(record)
+        if on_models is not None:
+            on_models(r, models)
         if on_round is not None:
             on_round(record)
     final_per = {name: kept.kept[name].metrics for name in insts}
+    federated_per = {name: kept.best[(name, FEDERATED)].metrics for name in insts}
     return RunResult(
         algorithm=algorithm.name,
         seed=seed,
@@ -290,6 +314,9 @@ def _simulate(
         models={name: kept.kept[name].params for name in insts},
         predictions={name: kept.kept[name].predictions for name in insts},
         seconds=time.perf_counter() - t_start,
+        federated_only=_summary(federated_per),
+        federated_only_per_institution=federated_per,
+        guard={name: dict(kept.kept[name].detail) for name in insts if kept.kept[name].detail},
     )
 
 
