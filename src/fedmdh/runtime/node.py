@@ -204,6 +204,9 @@ class NodeService:
             reply, reply_arrays = {"error": f"institution {self.name}: {type(exc).__name__}: {exc}"}, {}
         reply.setdefault("institution", self.name)
         reply["seconds"] = time.perf_counter() - t0
+        if cmd in ("round", "finish", "archive", "status"):
+            log.info("task %s: %s %s answered in %.2f s", meta.get("task_id"), cmd, meta.get("round", ""),
+                     reply["seconds"])
         task = self.tasks.get(str(meta.get("task_id")))
         if task is not None:
             reply["progress"] = {"committed": task.progress.committed, "state_round": task.progress.state_round}
