@@ -63,19 +63,15 @@ def federation_label(federation: str) -> str:
 def record(federation: str, variant: str, seed: int, rounds: int, out: Path) -> Path:
     """Train once and store own- and federated-validation predictions of every round (float32)."""
     from fedmdh.experiment.runner import load_tables, prepare
-    from fedmdh.runtime.simulator import simulate
+    from fedmdh.runtime.simulator import simulate, validation_views
 
     cfg = _config(federation, variant, rounds)
     fed = prepare(cfg, load_tables(cfg), seed)
     insts = fed.institutions
-    val_X = np.concatenate([d.X_val for d in insts])
-    views = {}
-    for d in insts:
-        keep = np.zeros(fed.n_features, dtype=np.float32)
-        keep[d.feature_idx] = 1.0
-        views[d.name] = d.clip(val_X * keep)
+    views = validation_views(fed)
+    n_val = sum(d.y_val.size for d in insts)
     own = {d.name: np.zeros((rounds, d.y_val.size), np.float32) for d in insts}
-    every = {d.name: np.zeros((rounds, val_X.shape[0]), np.float32) for d in insts}
+    every = {d.name: np.zeros((rounds, n_val), np.float32) for d in insts}
     algo = cfg.build_algorithm(cfg.algorithms[0])
 
     def on_models(rnd: int, models) -> None:

@@ -36,19 +36,23 @@ def _anvil_or_skip() -> None:
         pytest.skip(str(exc))
 
 
-@pytest.fixture(scope="module")
-def deployment(perovskite, tmp_path_factory):
+def local_deployment(perovskite, folder: Path):
+    """A local deployment of the perovskite split in ``folder`` for a module's tests; asserts at
+    the end that none of its processes is left running."""
     from fedmdh.deploy.local import start_local
     from fedmdh.deploy.processes import Services
 
     _anvil_or_skip()
-    folder = tmp_path_factory.mktemp("deploy")
     files = {n: Path(p) for n, p in zip(NAMES, perovskite["institutions"])}
     with Services(folder / "deploy" / "logs") as services:
-        dep = start_local(folder, files, "e_form", Path(perovskite["test"]), services)
-        yield dep
+        yield start_local(folder, files, "e_form", Path(perovskite["test"]), services)
     left = _processes_under(folder)
     assert not left, f"processes left running: {left}"
+
+
+@pytest.fixture(scope="module")
+def deployment(perovskite, tmp_path_factory):
+    yield from local_deployment(perovskite, tmp_path_factory.mktemp("deploy"))
 
 
 def _processes_under(folder: Path) -> list[str]:

@@ -17,7 +17,7 @@ from fedmdh.experiment.runner import load_tables, prepare
 from fedmdh.runtime.coordinator import DeployTask, experiment_settings
 from fedmdh.runtime.simulator import simulate
 
-from test_deploy import NAMES, _anvil_or_skip, _processes_under
+from test_deploy import NAMES, local_deployment
 
 ROUNDS = 5
 #: seconds a round waits for a silent institution (short, for the tests; the CLI's default is longer)
@@ -29,17 +29,7 @@ PATIENT_S = 90.0
 
 @pytest.fixture(scope="module")
 def deployment(perovskite, tmp_path_factory):
-    from fedmdh.deploy.local import start_local
-    from fedmdh.deploy.processes import Services
-
-    _anvil_or_skip()
-    folder = tmp_path_factory.mktemp("failover")
-    files = {n: Path(p) for n, p in zip(NAMES, perovskite["institutions"])}
-    with Services(folder / "deploy" / "logs") as services:
-        dep = start_local(folder, files, "e_form", Path(perovskite["test"]), services)
-        yield dep
-    left = _processes_under(folder)
-    assert not left, f"processes left running: {left}"
+    yield from local_deployment(perovskite, tmp_path_factory.mktemp("failover"))
 
 
 def _config(perovskite, rounds: int = ROUNDS) -> ExperimentConfig:

@@ -330,20 +330,26 @@ def _nanmean(values: Sequence[float]) -> float:
     return float(np.mean(finite)) if finite else float("nan")
 
 
+def validation_views(fed: PreparedFederation) -> dict[str, np.ndarray]:
+    """Every institution's validation rows, stacked in institution order, as each institution sees
+    them: through its own columns (the others set to 0), clipped to its training range."""
+    val_X = np.concatenate([d.X_val for d in fed.institutions])
+    views = {}
+    for d in fed.institutions:
+        keep = np.zeros(fed.n_features, dtype=np.float32)
+        keep[d.feature_idx] = 1.0
+        views[d.name] = d.clip(val_X * keep)
+    return views
+
+
 def _federated_validation(fed: PreparedFederation) -> Callable[[Algorithm, dict[str, Params]], float] | None:
     """The cross-institution validation loss: every institution's model predicts the validation rows
     of all institutions through its own columns, clipped to its training range; the loss is the mean
     over institutions of those MSEs. Needs every model at every institution (simulator only)."""
-    insts = fed.institutions
-    val_y = np.concatenate([d.y_val for d in insts]).astype(np.float64)
+    val_y = np.concatenate([d.y_val for d in fed.institutions]).astype(np.float64)
     if not val_y.size:
         return None
-    val_X = np.concatenate([d.X_val for d in insts])
-    views = {}
-    for d in insts:
-        keep = np.zeros(fed.n_features, dtype=np.float32)
-        keep[d.feature_idx] = 1.0
-        views[d.name] = d.clip(val_X * keep)
+    views = validation_views(fed)
 
     def loss(algorithm: Algorithm, models: dict[str, Params]) -> float:
         return float(np.mean([np.mean((algorithm.predict(models[n], views[n]) - val_y) ** 2) for n in views]))
