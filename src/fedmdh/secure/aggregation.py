@@ -86,7 +86,7 @@ def _fedgan_keys(payload: Payload) -> list[str]:
     return sorted(k for k in payload if k.startswith(_SHARED))
 
 
-def _fedgan_contribution(update: Update) -> np.ndarray:
+def _fedgan_contribution(update: Update, server_state: Payload | None = None) -> np.ndarray:
     mu, var = (float(v) for v in np.asarray(update.payload["label_stats"], dtype=np.float64)[:2])
     n = float(update.num_examples)
     return np.concatenate([contribution(update, _fedgan_keys(update.payload)), [n * mu, n * (var + mu * mu)]])
@@ -106,12 +106,36 @@ def _mean_from_sum(server_state: Payload, first: Update, total: np.ndarray, coun
     return aggregate_from_sum(first.payload, total, count)
 
 
-#: per covered algorithm: (what an institution encrypts, the aggregate from the decrypted sum)
-_RULES: dict[str, tuple[Callable[[Update], np.ndarray], Callable[[Payload, Update, np.ndarray, float], Payload]]] = {
-    "fedavg": (contribution, _mean_from_sum),
-    "fedprox": (contribution, _mean_from_sum),
+def _mean_contribution(update: Update, server_state: Payload | None = None) -> np.ndarray:
+    return contribution(update)
+
+
+#: per covered algorithm: (what an institution encrypts, from its update and the current server
+#: state, which every institution holds; the aggregate from the decrypted sum)
+_RULES: dict[str, tuple[Callable[[Update, Payload | None], np.ndarray],
+                        Callable[[Payload, Update, np.ndarray, float], Payload]]] = {
+    "fedavg": (_mean_contribution, _mean_from_sum),
+    "fedprox": (_mean_contribution, _mean_from_sum),
     "fedgan": (_fedgan_contribution, _fedgan_from_sum),
 }
+
+
+def secure_contribution(algorithm: Algorithm, server_state: Payload, update: Update) -> np.ndarray:
+    """The float64 vector institution ``update.institution`` encrypts in a secure round (its own
+    computation: in a deployment, on its node)."""
+    check_covered(algorithm.name)
+    return _RULES[algorithm.name][0](update, server_state)
+
+
+def secure_from_sum(algorithm: Algorithm, server_state: Payload, template: Update, total: np.ndarray,
+                    count: float) -> Payload:
+    """The aggregate from the decrypted sum of the contributions and the public ``count`` (the sum
+    of the committed sample counts); ``template``: any one update of the round (its layout only:
+    in a deployment, the institution's own)."""
+    check_covered(algorithm.name)
+    if count <= 0:
+        raise ValueError("weights must sum to a positive number.")
+    return _RULES[algorithm.name][1](server_state, template, np.asarray(total, dtype=np.float64), float(count))
 
 
 def secure_aggregate(algorithm: Algorithm, server_state: Payload, updates: Sequence[Update],
@@ -121,7 +145,6 @@ def secure_aggregate(algorithm: Algorithm, server_state: Payload, updates: Seque
     Each institution's contribution is one vector; only the decrypted sum and the public counts
     are used afterwards."""
     check_covered(algorithm.name)
-    encode, decode = _RULES[algorithm.name]
     ups = ordered(updates)
     keys = [layout(u.payload) for u in ups]
     if any([(k, s) for k, s, _ in lay] != [(k, s) for k, s, _ in keys[0]] for lay in keys):
@@ -129,5 +152,5 @@ def secure_aggregate(algorithm: Algorithm, server_state: Payload, updates: Seque
     count = float(sum(u.num_examples for u in ups))
     if count <= 0:
         raise ValueError("weights must sum to a positive number.")
-    total = secure_sum({u.institution: encode(u) for u in ups})
-    return decode(server_state, ups[0], total, count)
+    total = secure_sum({u.institution: secure_contribution(algorithm, server_state, u) for u in ups})
+    return secure_from_sum(algorithm, server_state, ups[0], total, count)
