@@ -370,18 +370,23 @@ def centred_sums(stats: Mapping[str, SufficientStats], columns: Sequence[str], m
     return out
 
 
-def _secure_moments(by_name: Mapping[str, SetupSummary], features: tuple[str, ...], secure_sum: SecureSum):
-    """Pooled moments of the features and the label from two secure sums.
+#: the columns a secure setup sums over: the union features, then the label
+def _secure_columns(features: Sequence[str]) -> tuple[str, ...]:
+    return (*features, "__y__")
 
-    A CKKS sum carries an absolute error (about 1e-9), so a variance taken from pooled raw sums of
-    squares loses a column with a small spread. The first sum (counts, sums, sums of squares) gives
-    the pooled mean and a rough scale; the second sums each institution's squared deviations from
-    that mean in units of that scale, which a relative precision of about 1e-12 then pins down.
-    """
-    cols = (*features, "__y__")
+
+def secure_setup_first(summary: SetupSummary, features: Sequence[str]) -> np.ndarray:
+    """What one institution encrypts in a secure setup's first pass: its ``[count | sum | sum of
+    squares]`` over the union features and the label (zeros where it lacks a column)."""
+    return pooled_sums({summary.institution: summary.x_stats, "__y__": summary.y_stats}, _secure_columns(features))
+
+
+def secure_setup_unit(first: np.ndarray, features: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(count, mean, unit)`` from the first pass's decrypted sum: the pooled counts (rounded to
+    the integers they are), means and a rough scale, the public inputs of the second pass."""
+    cols = _secure_columns(features)
     k = len(cols)
-    stats = {n: {n: s.x_stats, "__y__": s.y_stats} for n, s in by_name.items()}
-    first = secure_sum({n: pooled_sums(stats[n], cols) for n in by_name})
+    first = np.asarray(first, dtype=np.float64)
     count = np.round(first[:k])
     if np.any(count == 0):
         missing = cols[int(np.flatnonzero(count == 0)[0])]
@@ -389,10 +394,58 @@ def _secure_moments(by_name: Mapping[str, SetupSummary], features: tuple[str, ..
     mean = first[k:2 * k] / count
     rough = np.sqrt(np.maximum(first[2 * k:] / count - mean * mean, 0.0))
     unit = np.maximum(rough, 1e-6 * np.maximum(1.0, np.abs(mean)))
-    second = secure_sum({n: centred_sums(stats[n], cols, mean, unit) for n in by_name})
-    sums = np.concatenate([count, mean * count, (np.maximum(second, 0.0) * unit * unit) + count * mean * mean])
+    return count, mean, unit
+
+
+def secure_setup_second(summary: SetupSummary, features: Sequence[str], mean: np.ndarray,
+                        unit: np.ndarray) -> np.ndarray:
+    """What one institution encrypts in the second pass: its squared deviations from the pooled
+    mean in units of the rough scale (:func:`centred_sums`)."""
+    stats = {summary.institution: summary.x_stats, "__y__": summary.y_stats}
+    return centred_sums(stats, _secure_columns(features), mean, unit)
+
+
+def secure_moments_from(first: np.ndarray, second: np.ndarray, features: Sequence[str]):
+    """``(mean, scale, y_mean, y_scale)`` from both passes' decrypted sums."""
+    cols = _secure_columns(features)
+    count, mean, unit = secure_setup_unit(first, features)
+    sums = np.concatenate([count, mean * count, (np.maximum(np.asarray(second, np.float64), 0.0) * unit * unit)
+                           + count * mean * mean])
     m, sd = moments_from_sums(sums, cols, SECURE_CONSTANT_RTOL)
     return m[:-1], sd[:-1], m[-1:], sd[-1:]
+
+
+def setup_from_moments(summaries: Sequence[SetupSummary], mean: np.ndarray, scale: np.ndarray, y_mean: np.ndarray,
+                       y_scale: np.ndarray) -> FederationSetup:
+    """The setup from the institutions' public summary fields (names, columns, row counts, label
+    range) and pooled moments computed elsewhere (a secure sum)."""
+    by_name = {s.institution: s for s in summaries}
+    order = tuple(sorted(by_name))
+    features = union_features([by_name[n].columns for n in order])
+    return FederationSetup(
+        names=order,
+        columns={n: by_name[n].columns for n in order},
+        n_train={n: by_name[n].n_train for n in order},
+        features=features,
+        scaler=Scaler(features, np.asarray(mean, np.float64), np.asarray(scale, np.float64), float(y_mean[0]),
+                      float(y_scale[0])),
+        label_range=(min(by_name[n].label_min for n in order), max(by_name[n].label_max for n in order)),
+    )
+
+
+def _secure_moments(by_name: Mapping[str, SetupSummary], features: tuple[str, ...], secure_sum: SecureSum):
+    """Pooled moments of the features and the label from two secure sums.
+
+    A CKKS sum carries an absolute error (about 1e-9), so a variance taken from pooled raw sums of
+    squares loses a column with a small spread. The first sum (counts, sums, sums of squares) gives
+    the pooled mean and a rough scale; the second sums each institution's squared deviations from
+    that mean in units of that scale, which a relative precision of about 1e-12 then pins down.
+    A deployed task runs the same two passes over the wire (:mod:`fedmdh.runtime.secure_task`).
+    """
+    first = secure_sum({n: secure_setup_first(s, features) for n, s in by_name.items()})
+    _, mean, unit = secure_setup_unit(first, features)
+    second = secure_sum({n: secure_setup_second(s, features, mean, unit) for n, s in by_name.items()})
+    return secure_moments_from(first, second, features)
 
 
 def federation_heterogeneity(

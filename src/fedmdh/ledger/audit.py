@@ -40,6 +40,8 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+import numpy as np
+
 from fedmdh.algorithms.base import Algorithm
 from fedmdh.errors import InputError
 from fedmdh.ledger import codec
@@ -641,6 +643,11 @@ class _Audit:
         done = 0
         # the aggregation's generator of round r derives from (seed, r)
         seed = self.seed if self.seed is not None else int(self.task.get("seed", 0))
+        secure = None
+        if self.task.get("secure"):
+            secure, problem = self._secure_checker(algorithm, seed)
+            if problem:
+                return 0, problem
         for r in range(1, int(st.created["num_rounds"]) + 1):
             if r not in st.finalized:
                 if r in st.failed:
@@ -666,7 +673,9 @@ class _Audit:
                     vector = codec.committed_vector(c["raw"])
                 except LedgerError as exc:
                     return done, f"{where}: the commit transaction: {exc}"
-                lay, flat = codec.flatten(codec.onchain_vectors(algorithm, upd))
+                # a secure task's updates are ciphertexts: no on-chain vector (it would be in the clear)
+                lay, flat = ([], np.zeros(0)) if secure is not None else \
+                    codec.flatten(codec.onchain_vectors(algorithm, upd))
                 if [tuple(x) for x in lay] != layout:
                     return done, f"{where}: the update's on-chain vector layout {lay} is not the task's {layout}"
                 mine = codec.pack(codec.to_fixed(flat))
@@ -676,6 +685,11 @@ class _Audit:
                                   f"{len(vector)} words committed, {len(mine)} computed)")
                 updates.append(upd)
                 vectors.append((vector, int(c["num_examples"])))
+            if secure is not None:  # the released sum of the committed ciphertexts, not the updates
+                try:
+                    state = secure.aggregate(r, state, updates, sum(n for _, n in vectors))
+                except ValueError as exc:
+                    return done, f"round {r}: {exc}"
             mean = st.means.get(r)
             total_n = sum(n for _, n in vectors)
             values = [(codec.unpack(v, size), n) for v, n in vectors]
@@ -689,7 +703,8 @@ class _Audit:
                 label = _labels(layout)[k]
                 return done, (f"round {r}: the contract's weighted mean differs from the exact recomputation at "
                               f"{label}: {got[k]} vs {expected[k]} (fixed point)")
-            state = algorithm.aggregate(state, updates, aggregate_rng(seed, r), r)
+            if secure is None:
+                state = algorithm.aggregate(state, updates, aggregate_rng(seed, r), r)
             agg_hash = sha256_hex(codec.encode_payload(state))
             if "0x" + agg_hash != st.finalized[r]:
                 return done, (f"round {r}: {algorithm.name}.aggregate recomputed from the blobs gives {agg_hash[:16]}, "
@@ -703,6 +718,19 @@ class _Audit:
                                   f"aggregate ({d['attested_hash'][2:18]}); the quorum finalized the recomputed one")
             done = r
         return done, None
+
+    def _secure_checker(self, algorithm: Algorithm, seed: int) -> tuple[Any, str | None]:
+        """A secure task's checker of released sums (it needs OpenFHE: the homomorphic sums are
+        recomputed and the partial decryptions fused here)."""
+        from fedmdh.secure.backend import unavailable_reason
+
+        reason = unavailable_reason()
+        if reason:
+            return None, f"a secure task's sums can only be checked with OpenFHE, which is unavailable here: {reason}"
+        try:
+            return _SecureCheck(self, algorithm, seed), None
+        except (ValueError, KeyError, LedgerError, _BlobProblem) as exc:
+            return None, f"the secure task's record: {exc}"
 
     # ------------------------------------------------------------ 5: the archive and the run folder
 
@@ -851,6 +879,84 @@ def verify(path: str | Path, algorithm: Algorithm | None = None, rpc_url: str | 
 
 class _BlobProblem(Exception):
     pass
+
+
+class _SecureCheck:
+    """What ``verify`` checks of a secure task (fedmdh.runtime.secure_task), round by round: the
+    committed blobs are ciphertexts; their homomorphic sum in name order is the released sum's; one
+    partial decryption per participant; their fusion here is within the tolerance of the released
+    values; the aggregate follows from those values and the committed counts. The setup's two
+    releases are checked the same way against the setup the task recorded."""
+
+    def __init__(self, audit: "_Audit", algorithm: Algorithm, seed: int) -> None:
+        from fedmdh.algorithms.base import FederationSpec
+        from fedmdh.runtime.messages import setup_from_record, setup_hash
+        from fedmdh.runtime.secure_task import Release, secure_record, template_update
+        from fedmdh.secure.threshold import ThresholdCKKS
+
+        doc = audit.task["secure"]
+        blobs = audit.blobs
+        self.context = _checked_blob(blobs, doc["context"])
+        public_key = _checked_blob(blobs, doc["public_key"])
+        if audit.manifest is not None and audit.manifest.get("secure") != secure_record(self.context, public_key):
+            raise ValueError("its context or joint public key is not the one the task manifest names")
+        self.names = sorted(audit.task["participants"])
+        self.scheme = ThresholdCKKS(self.context)
+        self.releases: dict[str, Any] = {}
+        path = audit.ledger_dir / str(doc.get("releases", "releases.jsonl"))
+        for line in path.read_text(encoding="utf-8").splitlines() if path.is_file() else []:
+            d = json.loads(line)
+            self.releases[str(d["purpose"])] = Release.from_blob(_checked_blob(blobs, d["release"]))
+        setup = setup_from_record(json.loads(_checked_blob(blobs, audit.task["setup"])))
+        self._check_setup(audit, setup, setup_hash(setup))
+        self.template = template_update(algorithm, FederationSpec.from_setup(setup), seed)
+        self.algorithm = algorithm
+
+    def _check_setup(self, audit: "_Audit", setup, digest: str) -> None:
+        from fedmdh.data.federation import secure_moments_from, setup_from_moments, union_features
+        from fedmdh.runtime.flower.wire import unpack
+        from fedmdh.runtime.messages import public_summaries_from, setup_hash
+
+        meta, _ = unpack(_checked_blob(audit.blobs, audit.task["summaries"]))
+        summaries = public_summaries_from(meta)
+        features = union_features([s.columns for s in sorted(summaries, key=lambda s: s.institution)])
+        first = self._released("setup-1", None)
+        second = self._released("setup-2", None)
+        k = len(features) + 1
+        again = setup_from_moments(summaries, *secure_moments_from(first, second[:k], features))
+        if setup_hash(again) != digest:
+            raise ValueError("the setup recomputed from its released sums is not the recorded setup")
+
+    def _released(self, purpose: str, ciphertexts) -> np.ndarray:
+        from fedmdh.secure.threshold import verify_tolerance
+
+        rel = self.releases.get(purpose)
+        if rel is None:
+            raise ValueError(f"no released sum recorded for {purpose}")
+        if ciphertexts is not None and self.scheme.add([ciphertexts[n] for n in sorted(ciphertexts)]).digest() \
+                != rel.sum_digest:
+            raise ValueError(f"{purpose}: the homomorphic sum of the committed ciphertexts is not the released one")
+        if sorted(p.party for p in rel.partials) != self.names:
+            raise ValueError(f"{purpose}: partial decryptions from {sorted(p.party for p in rel.partials)}, "
+                             f"not from every participant")
+        fused = self.scheme.fuse(rel.partials)
+        tol = verify_tolerance(rel.released)
+        off = float(np.max(np.abs(fused - rel.released))) if fused.size else 0.0
+        if fused.shape != rel.released.shape or not off <= tol:
+            raise ValueError(f"{purpose}: the fused partial decryptions are off by {off:.3g} from the released sum "
+                             f"(allowed {tol:.3g})")
+        return rel.released
+
+    def aggregate(self, rnd: int, state, updates, count: int):
+        from fedmdh.runtime.secure_task import update_vector
+        from fedmdh.secure.aggregation import secure_from_sum
+
+        try:
+            cts = {u.institution: update_vector(u) for u in updates}
+        except InputError as exc:
+            raise ValueError(str(exc)) from None
+        released = self._released(f"round-{rnd}", cts)
+        return secure_from_sum(self.algorithm, state, self.template, released, count)
 
 
 def _checked_blob(blobs: DirBlobStore, digest: str) -> bytes:

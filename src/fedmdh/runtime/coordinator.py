@@ -99,12 +99,14 @@ class DeployTask:
     round_timeout: float = 0.0
     resume: bool = False
     pause_before: Mapping[int, float] = field(default_factory=dict)
+    secure: bool = False
 
     def to_json(self) -> dict[str, Any]:
         return {"task_id": self.task_id, "experiment": dict(self.experiment), "min_nodes": self.min_nodes,
                 "chain_rpc": self.chain_rpc, "out_dir": self.out_dir, "keystore": self.keystore,
                 "wait_s": self.wait_s, "quorum": self.quorum, "round_timeout": self.round_timeout,
-                "resume": self.resume, "pause_before": {str(k): v for k, v in self.pause_before.items()}}
+                "resume": self.resume, "pause_before": {str(k): v for k, v in self.pause_before.items()},
+                "secure": self.secure}
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> "DeployTask":
@@ -112,7 +114,8 @@ class DeployTask:
                    chain_rpc=str(d["chain_rpc"]), out_dir=str(d["out_dir"]), keystore=d.get("keystore"),
                    wait_s=float(d.get("wait_s", 600.0)), quorum=d.get("quorum"),
                    round_timeout=float(d.get("round_timeout", 0.0)), resume=bool(d.get("resume", False)),
-                   pause_before={int(k): float(v) for k, v in dict(d.get("pause_before") or {}).items()})
+                   pause_before={int(k): float(v) for k, v in dict(d.get("pause_before") or {}).items()},
+                   secure=bool(d.get("secure", False)))
 
     def config(self, names: tuple[str, ...] = ("institution-a", "institution-b")):
         """The experiment as an :class:`~fedmdh.config.ExperimentConfig` over the given institution names."""
@@ -130,6 +133,10 @@ class DeployTask:
                              "selection 'federated' needs every model at every institution (simulator only).")
         if self.round_timeout < 0:
             raise InputError(f"the round timeout must be >= 0 seconds, got {self.round_timeout}.")
+        if self.secure:
+            from fedmdh.secure.aggregation import check_covered
+
+            check_covered(cls.name)
         return cfg
 
     @property
@@ -139,7 +146,7 @@ class DeployTask:
     def node_task(self) -> dict[str, Any]:
         """What the nodes are told at setup: the experiment's settings, the chain, the patience."""
         return {**dict(self.experiment), "chain_rpc": self.chain_rpc, "wait_s": self.wait_s,
-                "round_timeout": int(round(self.round_timeout))}
+                "round_timeout": int(round(self.round_timeout)), **({"secure": True} if self.secure else {})}
 
 
 def experiment_settings(cfg) -> dict[str, Any]:
@@ -226,6 +233,8 @@ class Coordinator:
         self.log_lines: list[str] = []
         self._own: list[dict[str, Any]] = []
         self._lock = threading.Lock()
+        self.secure = None  # the public side of a secure task (fedmdh.runtime.secure_task.Aggregator)
+        self.releases: dict[int, Any] = {}  # round -> its released sum (secure tasks)
 
     # ------------------------------------------------------------------ helpers
 
@@ -324,20 +333,32 @@ class Coordinator:
         replies = self._identify({"cmd": "setup", "task_id": task.task_id, "task": task.node_task()})
         self.say(f"{len(replies)} nodes connected; setup")
         by_name = self._check(replies, "setup")
-        summaries = [summary_from(m, a) for m, a in by_name.values()]
+        if task.secure:  # the statistics never come in the clear: public fields only
+            from fedmdh.runtime.messages import public_summaries_from
+
+            summaries = public_summaries_from({"summaries": [m for m, _ in by_name.values()]})
+        else:
+            summaries = [summary_from(m, a) for m, a in by_name.values()]
         addresses = {name: str(m["address"]) for name, (m, _) in by_name.items()}
-        setup = pool_setup(summaries)
+        blobs = DirBlobStore(self.ledger_dir / "blobs")
+        self.blobs = blobs
+        secure_doc = None
+        if task.secure:
+            self.say("secure setup: key chain and two encrypted passes over the statistics")
+            setup, setup_message, secure_doc = self._secure_setup(by_name)
+        else:
+            setup = pool_setup(summaries)
+            setup_message = summaries_message(summaries)
         names = setup.names
         cfg = task.config(names)
         algorithm = cfg.build_algorithm(task.algorithm)
         spec = FederationSpec.from_setup(setup)
         server = initial_state(algorithm, spec, cfg.first_seed)
-        blobs = DirBlobStore(self.ledger_dir / "blobs")
         init_hash = blobs.put(codec.encode_payload(server))
         setup_blob = blobs.put(json.dumps(setup_record(setup), sort_keys=True, separators=(",", ":")).encode())
-        smeta, sarrays = summaries_message(summaries)
-        summaries_blob = blobs.put(pack(smeta, sarrays))
-        config_bytes, manifest, _ = deployed_task_manifest(cfg, algorithm, spec, setup_hash(setup))
+        summaries_blob = blobs.put(pack(*setup_message))
+        config_bytes, manifest, _ = deployed_task_manifest(cfg, algorithm, spec, setup_hash(setup),
+                                                           secure_doc and secure_doc["record"])
         (self.out / "config.toml").write_bytes(config_bytes)
         manifest_hash = blobs.put(manifest)
         self._log(f"fedmdh {__version__} on Python {platform.python_version()} (coordinator)")
@@ -349,7 +370,7 @@ class Coordinator:
         layout = [tuple(x) for x in json.loads(manifest)["vector_layout"]]
         self._create_contract(algorithm, layout, names, addresses, manifest_hash)
         self._write_task_json(algorithm, cfg, names, addresses, layout, init_hash, setup_blob, manifest_hash,
-                              summaries_blob)
+                              summaries_blob, secure_doc)
         self.say(f"task contract {self.contract.address}; round 1 of {cfg.rounds}")
         self._setup_state(cfg, algorithm, names, addresses, blobs, server, setup)
         self.summaries = summaries
@@ -359,6 +380,121 @@ class Coordinator:
         self.cfg, self.algorithm, self.all_names, self.addresses = cfg, algorithm, tuple(names), dict(addresses)
         self.blobs, self.server, self.setup = blobs, server, setup
         self.server_round = 0  # the round of the aggregate in self.server
+        if self.task.secure:
+            from fedmdh.algorithms.base import FederationSpec
+            from fedmdh.runtime.secure_task import template_update
+
+            self.template = template_update(algorithm, FederationSpec.from_setup(setup), cfg.first_seed)
+
+    # ------------------------------------------------------------------ secure tasks
+
+    def _secure_setup(self, by_name: Mapping[str, Message]):
+        """Key chain and the two encrypted setup passes (fedmdh.runtime.secure_task); returns the
+        setup, the round-1 message that carries it (public summaries and both releases) and what
+        task.json records of the secure set-up."""
+        from fedmdh.data.federation import secure_moments_from, setup_from_moments, union_features
+        from fedmdh.runtime.messages import public_summaries_from, public_summaries_message
+        from fedmdh.runtime.secure_task import Aggregator, _u8, secure_record
+
+        self.secure = Aggregator()
+        names = sorted(by_name)
+        link: bytes | None = None
+        for i, n in enumerate(names):
+            arrays = {"context": _u8(self.secure.context), **({"previous": _u8(link)} if link is not None else {})}
+            rep = self._exchange("key chain", {n: ({"cmd": "keygen", "task_id": self.task.task_id, "link": i + 1},
+                                                   arrays)})
+            link = bytes(np.asarray(rep[n][1]["link"], np.uint8))
+        assert link is not None
+        self.public_key = link
+        public = public_summaries_message(public_summaries_from({"summaries": [m for m, _ in by_name.values()]}))
+        summaries = public_summaries_from(public)
+        features = union_features([s.columns for s in sorted(summaries, key=lambda s: s.institution)])
+        rel1 = self._secure_setup_pass("setup-1", public, {}, names)
+        m1, a1 = rel1.message("rel1/")
+        rel2 = self._secure_setup_pass("setup-2", {**public, "release_1": m1}, a1, names)
+        m2, a2 = rel2.message("rel2/")
+        k = len(features) + 1
+        setup = setup_from_moments(summaries, *secure_moments_from(rel1.released, rel2.released[:k], features))
+        self.secure_doc = {"record": secure_record(self.secure.context, link),
+                           "context": self.blobs.put(self.secure.context), "public_key": self.blobs.put(link),
+                           "setup_releases": [self.blobs.put(rel1.blob()), self.blobs.put(rel2.blob())],
+                           "releases": "releases.jsonl"}
+        return setup, ({**public, "release_1": m1, "release_2": m2}, {**a1, **a2}), self.secure_doc
+
+    def _secure_setup_pass(self, purpose: str, meta: Meta, arrays: Arrays, names: list[str]):
+        from fedmdh.runtime.secure_task import _u8, vector_from
+
+        msg = ({"cmd": "secure_encrypt", "task_id": self.task.task_id, "purpose": purpose, **meta},
+               {"public_key": _u8(self.public_key), **arrays})
+        replies = self._exchange(f"secure setup ({purpose})", {n: msg for n in names})
+        cts = {n: vector_from("ct.", replies[n][1]) for n in names}
+        dec_arrays: Arrays = {}
+        for n, (_, a) in replies.items():
+            dec_arrays.update({f"c/{n}/{k[len('ct.'):]}": v for k, v in a.items() if k.startswith("ct.")})
+        dmeta = {"cmd": "secure_decrypt", "task_id": self.task.task_id, "purpose": purpose, "parties": names,
+                 "from": names}
+        return self._collect_partials(purpose, cts, {n: (dmeta, dec_arrays) for n in names})
+
+    def _collect_partials(self, purpose: str, cts, requests: Mapping[str, Message]):
+        """Every key holder's partial decryption of the sum of ``cts``, fused and recorded."""
+        from fedmdh.runtime.secure_task import partial_from
+
+        missing = [n for n in self.secure_parties() if n not in requests or n not in set(self.names.values())]
+        if missing:
+            raise TaskStopped(f"{purpose}: the sum can only be decrypted with every institution's key share and "
+                              f"{', '.join(missing)} is not connected; start its node again and resume the task")
+        replies = self._exchange(f"decrypting {purpose}", {n: requests[n] for n in self.secure_parties()})
+        partials = [partial_from(m, a) for m, a in replies.values()]
+        release = self.secure.release(purpose, cts, partials)
+        digest = self.blobs.put(release.blob())
+        with (self.ledger_dir / "releases.jsonl").open("a", encoding="utf-8") as fh:
+            fh.write(json.dumps({"purpose": purpose, "release": digest}) + "\n")
+        return release
+
+    def secure_parties(self) -> tuple[str, ...]:
+        return tuple(sorted(self.addresses)) if getattr(self, "addresses", None) else tuple(sorted(self.names.values()))
+
+    def _secure_round(self, rnd: int, updates: list[Any]):
+        """Round ``rnd``'s released sum: every institution decrypts the sum of the committed
+        ciphertexts; the aggregate follows from the fused sum and the public counts."""
+        from fedmdh.secure.aggregation import secure_from_sum
+
+        release = self._release(rnd, updates)
+        count = int(self.contract.functions.total_examples(rnd).call())
+        return secure_from_sum(self.algorithm, self.server, self.template, release.released, count)
+
+    def _release(self, rnd: int, updates: list[Any]):
+        """Round ``rnd``'s released sum: recorded already, or decrypted now by every institution."""
+        from fedmdh.runtime.messages import updates_message
+        from fedmdh.runtime.secure_task import update_vector
+
+        purpose = f"round-{rnd}"
+        release = self.releases.get(rnd) or self._stored_release(purpose)
+        if release is None:
+            umeta, uarrays = updates_message(updates)
+            msg = ({"cmd": "secure_decrypt", "task_id": self.task.task_id, "purpose": purpose, **umeta}, uarrays)
+            cts = {u.institution: update_vector(u) for u in updates}
+            release = self._collect_partials(purpose, cts, {n: msg for n in self.secure_parties()})
+        self.releases[rnd] = release
+        return release
+
+    def _stored_release(self, purpose: str):
+        from fedmdh.runtime.secure_task import Release
+
+        path = self.ledger_dir / "releases.jsonl"
+        if not path.is_file():
+            return None
+        for line in path.read_text(encoding="utf-8").splitlines():
+            d = json.loads(line)
+            if d["purpose"] == purpose and self.blobs.has(d["release"]):
+                return Release.from_blob(self.blobs.get(d["release"]))
+        return None
+
+    def _aggregate(self, rnd: int, updates: list[Any]):
+        """Round ``rnd``'s aggregate from its committed updates (a secure task: from their released sum)."""
+        if self.task.secure:
+            return self._secure_round(rnd, updates)
+        return self.algorithm.aggregate(self.server, updates, _agg_rng(self.cfg, rnd), rnd)
 
     def _resume(self) -> dict[str, Any]:
         """Continue the task of ``out_dir`` from where the chain, its blobs and the nodes stand."""
@@ -390,6 +526,14 @@ class Coordinator:
         c = self.contract.functions
         if c.ended().call():
             raise TaskError(f"task {task.task_id} has ended on chain; nothing to resume")
+        if task.secure != bool(doc.get("secure")):
+            raise TaskError(f"task {task.task_id} was {'' if doc.get('secure') else 'not '}started with --secure; "
+                            "resume it the same way")
+        if task.secure:
+            from fedmdh.runtime.secure_task import Aggregator
+
+            self.secure = Aggregator(blobs.get(doc["secure"]["context"]))
+            self.public_key = blobs.get(doc["secure"]["public_key"])
         self._setup_state(cfg, algorithm, names, dict(doc["participants"]), blobs,
                           codec.decode_payload(blobs.get(doc["initial_state"])), setup)
         replies = self._identify({"cmd": "status", "task_id": task.task_id})
@@ -404,7 +548,7 @@ class Coordinator:
             nxt = cfg.rounds + 1
         prev = self._committed_updates(nxt - 1) if nxt >= 2 else []
         if nxt - 1 >= 1 and self.server_round < nxt - 1:
-            self.server = algorithm.aggregate(self.server, prev, _agg_rng(cfg, nxt - 1), nxt - 1)
+            self.server = self._aggregate(nxt - 1, prev)
             self.server_round = nxt - 1
             blobs.put(codec.encode_payload(self.server))
         for name, (meta, _) in status.items():
@@ -427,7 +571,7 @@ class Coordinator:
         while self.server_round < upto:
             r = self.server_round + 1
             ups = self._committed_updates(r)
-            self.server = self.algorithm.aggregate(self.server, ups, _agg_rng(self.cfg, r), r)
+            self.server = self._aggregate(r, ups)
             self.server_round = r
             if sha256_hex(codec.encode_payload(self.server)) != bytes(c.finalized_hash(r).call()).hex():
                 raise TaskError(f"resume: round {r}'s aggregate recomputed from its updates is not the finalized one")
@@ -486,7 +630,7 @@ class Coordinator:
                 if self.before_round is not None:
                     self.before_round(r)
                 if r >= 2 and self.server_round < r - 1:
-                    self.server = self.algorithm.aggregate(self.server, updates, _agg_rng(cfg, r - 1), r - 1)
+                    self.server = self._aggregate(r - 1, updates)
                     self.server_round = r - 1
                     self.blobs.put(codec.encode_payload(self.server))
                 requests = {}
@@ -501,6 +645,10 @@ class Coordinator:
                         meta.update(contract=self.contract.address, participants=self.addresses,
                                     setup_sha256=self._setup_sha256(), **smeta)
                         arrays.update(sarrays)
+                    elif task.secure:
+                        rmeta, rarrays = self._release(r - 1, updates).message()
+                        meta["release"] = rmeta
+                        arrays.update(rarrays)
                     else:
                         umeta, uarrays = updates_message(updates)
                         meta.update(umeta)
@@ -520,12 +668,16 @@ class Coordinator:
                         self.behind.add(name)
                 t_prev, t0 = t0, time.perf_counter()
                 if r == 1:
-                    counts = {n: np.asarray(replies[n][0]["histogram"], dtype=np.int64) for n in self.all_names}
-                    het = federation_heterogeneity(self.summaries, self.setup, counts)
+                    if task.secure:
+                        het = _secure_heterogeneity(self.summaries, self.setup,
+                                                    {n: float(replies[n][0]["kl"]) for n in self.all_names})
+                    else:
+                        counts = {n: np.asarray(replies[n][0]["histogram"], dtype=np.int64) for n in self.all_names}
+                        het = federation_heterogeneity(self.summaries, self.setup, counts)
                     info = het.to_dict()
                     info.update(target=cfg.target, union_features=len(self.setup.features), runtime="flower",
                                 nodes=dict(self.addresses), setup_sha256=self._setup_sha256())
-                    (self.out / "federation.json").write_text(json.dumps(info, indent=2, default=float),
+                    (self.out / "federation.json").write_text(json.dumps(_finite(info), indent=2, default=float),
                                                               encoding="utf-8")
                 else:
                     self._write_round(self._round_record(r - 1, updates, replies, t0 - t_prev, RoundRecord))
@@ -533,6 +685,10 @@ class Coordinator:
                     final_replies = replies
                     break
                 updates = self._close_commits(r, replies)
+                if task.secure:  # decrypted now: round r + 1's messages carry the released sum
+                    self.server = self._secure_round(r, updates)
+                    self.server_round = r
+                    self.blobs.put(codec.encode_payload(self.server))
         finally:
             if janitor is not None:
                 janitor.stop.set()
@@ -665,7 +821,7 @@ class Coordinator:
         self._record_transactions({})
 
     def _write_task_json(self, algorithm, cfg, names, addresses, layout, init_hash, setup_blob, manifest_hash,
-                         summaries_blob) -> None:
+                         summaries_blob, secure_doc: Mapping[str, Any] | None = None) -> None:
         from fedmdh.ledger import codec
         from fedmdh.ledger.artifacts import load_artifact
 
@@ -700,6 +856,8 @@ class Coordinator:
                        "the task contract, closes rounds whose timeout passed, and archives the model manifest the "
                        "institutions attested",
         }
+        if secure_doc is not None:
+            doc["secure"] = dict(secure_doc)
         (self.ledger_dir / "task.json").write_text(json.dumps(doc, indent=2, default=str), encoding="utf-8")
 
     def _archive(self, replies: Mapping[str, Message]) -> str:
@@ -729,17 +887,33 @@ class Coordinator:
         return digest
 
 
+def _secure_heterogeneity(summaries, setup, kl: Mapping[str, float]):
+    """H / alpha / KL_avg of a secure task: column names and row counts are public, each
+    institution computed its KL against the released pooled histogram itself; per-institution label
+    moments are not released (NaN)."""
+    from fedmdh.data.heterogeneity import InstitutionSummary, from_summaries
+
+    by_name = {s.institution: s for s in summaries}
+    order = setup.names
+    stats = [InstitutionSummary(n, by_name[n].n_rows, len(by_name[n].columns), float("nan"), float("nan"))
+             for n in order]
+    return from_summaries(stats, [by_name[n].columns for n in order], [kl[n] for n in order])
+
+
 def _agg_rng(cfg, rnd: int):
     from fedmdh.runtime.protocol import aggregate_rng
 
     return aggregate_rng(cfg.first_seed, rnd)
 
 
-def deployed_task_manifest(cfg, algorithm, spec, setup_sha256: str) -> tuple[bytes, bytes, str]:
+def deployed_task_manifest(cfg, algorithm, spec, setup_sha256: str,
+                           secure: Mapping[str, str] | None = None) -> tuple[bytes, bytes, str]:
     """``(config.toml bytes, task manifest bytes, initial state hash)`` of a deployed task.
 
     The coordinator records the manifest's sha256 as the contract's ``initial_state_hash``; every
-    node recomputes all three from what setup fixed and refuses a contract that differs.
+    node recomputes all three from what setup fixed and refuses a contract that differs. A secure
+    task's manifest also names its scheme and the sha256 of its context and joint public key
+    (``secure``); its updates have no on-chain vector (each would be an institution's in the clear).
     """
     import tomli_w
 
@@ -750,9 +924,12 @@ def deployed_task_manifest(cfg, algorithm, spec, setup_sha256: str) -> tuple[byt
 
     config = tomli_w.dumps(cfg.to_toml_dict()).encode("utf-8")
     init_hash = sha256_hex(codec.encode_payload(initial_state(algorithm, spec, cfg.first_seed)))
-    layout = probe_layout(algorithm, spec, cfg.first_seed)
+    layout = [] if secure else probe_layout(algorithm, spec, cfg.first_seed)
+    extra: dict[str, Any] = {"setup_sha256": setup_sha256, "runtime": "flower"}
+    if secure:
+        extra["secure"] = dict(secure)
     manifest = task_manifest(algorithm, init_hash, layout, sha256_hex(config), archive=True,
-                             signers=OWN_NODE_SIGNERS, extra={"setup_sha256": setup_sha256, "runtime": "flower"})
+                             signers=OWN_NODE_SIGNERS, extra=extra)
     return config, manifest, init_hash
 
 
@@ -762,22 +939,10 @@ def probe_layout(algorithm, spec, seed: int) -> list[tuple[str, int]]:
     The layout (names and sizes of the small vectors the contract averages) depends on the
     algorithm and the federation's shape, not on data, so 16 rows of zeros give it.
     """
-    from fedmdh.algorithms.base import Update
-    from fedmdh.data.federation import InstitutionData
     from fedmdh.ledger import codec
-    from fedmdh.seeding import rng_for
+    from fedmdh.runtime.secure_task import template_update
 
-    name = spec.names[0]
-    n, d = 16, spec.n_features
-    data = InstitutionData(
-        name=name, features=tuple(f"f{j}" for j in range(len(spec.feature_idx[name]))),
-        feature_idx=np.asarray(spec.feature_idx[name]), X=np.zeros((n, d), np.float32),
-        y=np.linspace(-1, 1, n).astype(np.float32), X_val=np.zeros((2, d), np.float32),
-        y_val=np.zeros(2, np.float32), X_test=np.zeros((0, d), np.float32), impute_values=np.zeros(d),
-    )
-    server = algorithm.init(spec, seed)
-    upd, _ = algorithm.client_update(server, algorithm.init_client(spec, data, seed), data, rng_for(seed, "probe"), 1)
-    layout, _ = codec.flatten(codec.onchain_vectors(algorithm, Update(name, upd.payload, n, upd.metrics)))
+    layout, _ = codec.flatten(codec.onchain_vectors(algorithm, template_update(algorithm, spec, seed)))
     return layout
 
 

@@ -72,6 +72,24 @@ def summaries_from(meta: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) ->
     return out
 
 
+def public_summaries_message(summaries: Sequence[SetupSummary]) -> Meta:
+    """Every institution's public summary fields (names, columns, row counts, label range), no
+    statistics: what a secure task relays in the clear."""
+    return {"summaries": [summary_message(s)[0] for s in sorted(summaries, key=lambda s: s.institution)]}
+
+
+def public_summaries_from(meta: Mapping[str, Any]) -> list[SetupSummary]:
+    """:func:`public_summaries_message` read back; the statistics are zeros (placeholders: a secure
+    task pools them only through secure sums)."""
+    out = []
+    for m in meta["summaries"]:
+        k = len(m["columns"])
+        zero = {f"{p}.{f}": np.zeros(k if p == "x" else 1) for p in ("x", "y", "label")
+                for f in ("count", "total", "total_sq")}
+        out.append(summary_from(m, zero))
+    return out
+
+
 def setup_record(setup: FederationSetup) -> dict[str, Any]:
     """What setup fixed, as plain JSON (its sha256 identifies it in the task record)."""
     sc = setup.scaler

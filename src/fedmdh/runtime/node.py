@@ -126,6 +126,8 @@ class NodeTask:
     addresses: dict[str, str] = field(default_factory=dict)
     progress: Progress = field(default_factory=Progress)
     new_records: list[dict[str, Any]] = field(default_factory=list)
+    secure: Any = None  # a NodeSecure under --secure (fedmdh.runtime.secure_task)
+    template: Any = None  # under --secure: an update of the task's layout (turns a released sum into an aggregate)
 
     @property
     def wait_s(self) -> float:
@@ -191,6 +193,9 @@ class NodeService:
         handlers = {"setup": lambda: self._setup(meta), "round": lambda: self._round(meta, arrays),
                     "finish": lambda: self._finish(meta, arrays), "archive": lambda: self._archive(meta),
                     "status": lambda: self._status(meta),
+                    "keygen": lambda: self._keygen(meta, arrays),
+                    "secure_encrypt": lambda: self._secure_encrypt(meta, arrays),
+                    "secure_decrypt": lambda: self._secure_decrypt(meta, arrays),
                     "ping": lambda: ({"institution": self.name, "address": self.address}, {})}
         try:
             if cmd not in handlers:
@@ -204,7 +209,7 @@ class NodeService:
             reply, reply_arrays = {"error": f"institution {self.name}: {type(exc).__name__}: {exc}"}, {}
         reply.setdefault("institution", self.name)
         reply["seconds"] = time.perf_counter() - t0
-        if cmd in ("round", "finish", "archive", "status"):
+        if cmd in ("round", "finish", "archive", "status", "secure_encrypt", "secure_decrypt"):
             log.info("task %s: %s %s answered in %.2f s", meta.get("task_id"), cmd, meta.get("round", ""),
                      reply["seconds"])
         task = self.tasks.get(str(meta.get("task_id")))
@@ -239,7 +244,12 @@ class NodeService:
             if missing:
                 raise InputError(f"{self.test}: the test set lacks column {missing[0]!r} of {self.data}")
         split = local_split(table, int(spec["first_seed"]), float(spec["val_fraction"]))
-        return NodeTask(task_id, spec, folder, table, split, test, setup_summary(split))
+        task = NodeTask(task_id, spec, folder, table, split, test, setup_summary(split))
+        if spec.get("secure"):
+            from fedmdh.runtime.secure_task import NodeSecure
+
+            task.secure = NodeSecure(self.name, folder).load()
+        return task
 
     def _setup(self, meta: Meta) -> tuple[Meta, Arrays]:
         from fedmdh.runtime.messages import summary_message
@@ -257,6 +267,8 @@ class NodeService:
         self.tasks[task_id] = task
         m, a = summary_message(task.summary)
         log.info("task %s: setup, %d rows, %d columns", task_id, task.table.n_rows, len(task.table.features))
+        if task.secure is not None:  # the statistics go only encrypted (secure_encrypt), never in the clear
+            a = {}
         return {**m, "address": self.address, "has_test": task.test is not None}, a
 
     def _build(self, task: NodeTask, setup) -> None:
@@ -276,6 +288,10 @@ class NodeService:
         task.server = initial_state(task.algorithm, task.spec, config.first_seed)
         task.slot = ClientSlot(task.algorithm, task.spec, task.data, config.first_seed)
         task.selection = Selection()
+        if task.secure is not None:
+            from fedmdh.runtime.secure_task import template_update
+
+            task.template = template_update(task.algorithm, task.spec, config.first_seed)
 
     def _restore(self, task_id: str) -> NodeTask | None:
         """A task this node took part in before it restarted, from its state folder."""
@@ -343,13 +359,16 @@ class NodeService:
 
         lo_hi = None
         if task.setup is None:
-            summaries = summaries_from(meta, arrays)
-            mine = [s for s in summaries if s.institution == self.name]
-            if len(mine) != 1:
-                raise InputError("the setup relayed by the coordinator does not contain this institution")
-            if not _same_message(summary_message(mine[0]), summary_message(task.summary)):
-                raise InputError("the setup relayed by the coordinator alters this institution's summary")
-            setup = pool_setup(summaries)
+            if task.secure is not None:
+                setup, pooled_hist = self._secure_setup(task, meta, arrays)
+            else:
+                summaries = summaries_from(meta, arrays)
+                mine = [s for s in summaries if s.institution == self.name]
+                if len(mine) != 1:
+                    raise InputError("the setup relayed by the coordinator does not contain this institution")
+                if not _same_message(summary_message(mine[0]), summary_message(task.summary)):
+                    raise InputError("the setup relayed by the coordinator alters this institution's summary")
+                setup = pool_setup(summaries)
             if meta.get("setup_sha256") and meta["setup_sha256"] != setup_hash(setup):
                 raise InputError("the coordinator's setup hash differs from the one pooled here")
             self._build(task, setup)
@@ -360,7 +379,8 @@ class NodeService:
             self._connect(task, str(meta["contract"]), meta.get("chain_rpc") or task.spec_json.get("chain_rpc"))
             task.addresses = participants
             c = task.contract.functions
-            _, manifest, _ = deployed_task_manifest(task.config, task.algorithm, task.spec, setup_hash(setup))
+            _, manifest, _ = deployed_task_manifest(task.config, task.algorithm, task.spec, setup_hash(setup),
+                                                    task.secure.record() if task.secure is not None else None)
             expected = {"target": task.config.target[:64], "algorithm": task.algorithm.name[:64],
                         "num_rounds": task.config.rounds, "initial_state_hash": bytes.fromhex(sha256_hex(manifest)),
                         "round_timeout": int(task.spec_json.get("round_timeout", 0))}
@@ -388,7 +408,109 @@ class NodeService:
             if c.participant_name(addr).call() != name[:64]:
                 raise InputError(f"the address given for {name} registered as {c.participant_name(addr).call()!r}")
         lo_hi = task.setup.label_range
+        if task.secure is not None:  # its KL against the pooled histogram, computed here
+            from fedmdh.data.heterogeneity import kl_from_counts
+
+            pooled = np.asarray(json.loads((task.folder / "secure" / "histogram.json").read_text())["pooled"])
+            own = label_histogram(task.table.y, *lo_hi)
+            return {"kl": float(kl_from_counts([own], pooled=pooled)[0])}
         return {"histogram": [int(v) for v in label_histogram(task.table.y, *lo_hi)]}
+
+    # ------------------------------------------------------------------ secure tasks (fedmdh.runtime.secure_task)
+
+    def _secure_task(self, meta: Meta) -> NodeTask:
+        task = self._task(meta)
+        if task.secure is None:
+            raise InputError(f"task {task.task_id} is not a secure task here")
+        return task
+
+    def _keygen(self, meta: Meta, arrays: Arrays) -> tuple[Meta, Arrays]:
+        from fedmdh.runtime.secure_task import _u8
+
+        task = self._secure_task(meta)
+        prev = bytes(np.asarray(arrays["previous"], np.uint8)) if "previous" in arrays else None
+        link = task.secure.keygen(bytes(np.asarray(arrays["context"], np.uint8)), prev)
+        log.info("task %s: key share created (link %d of the key chain)", task.task_id, int(meta.get("link", 0)))
+        return {}, {"link": _u8(link)}
+
+    def _public_summaries(self, task: NodeTask, meta: Meta) -> list[Any]:
+        """The institutions' public summary fields (no statistics), this institution's unchanged."""
+        from fedmdh.runtime.messages import public_summaries_from, summary_message
+
+        summaries = public_summaries_from(meta)
+        mine = [s for s in summaries if s.institution == self.name]
+        if len(mine) != 1 or summary_message(mine[0])[0] != summary_message(task.summary)[0]:
+            raise InputError("the setup relayed by the coordinator lacks or alters this institution's summary")
+        return summaries
+
+    def _secure_encrypt(self, meta: Meta, arrays: Arrays) -> tuple[Meta, Arrays]:
+        """A secure setup's pass: this institution's statistics encrypted under the joint key."""
+        from fedmdh.data.federation import (
+            label_histogram,
+            secure_setup_first,
+            secure_setup_second,
+            secure_setup_unit,
+            union_features,
+        )
+        from fedmdh.runtime.secure_task import Release, vector_arrays
+
+        task = self._secure_task(meta)
+        task.secure.set_public_key(bytes(np.asarray(arrays["public_key"], np.uint8)))
+        summaries = self._public_summaries(task, meta)
+        names = sorted(s.institution for s in summaries)
+        features = union_features([s.columns for s in sorted(summaries, key=lambda s: s.institution)])
+        purpose = str(meta["purpose"])
+        if purpose == "setup-1":
+            values = secure_setup_first(task.summary, features)
+        elif purpose == "setup-2":
+            first = task.secure.check(Release.from_message(meta["release_1"], arrays, "rel1/"), names, "setup-1")
+            _, mean, unit = secure_setup_unit(first, features)
+            lo = min(s.label_min for s in summaries)
+            hi = max(s.label_max for s in summaries)
+            hist = label_histogram(task.table.y, lo, hi) if hi > lo else np.zeros(0)
+            values = np.concatenate([secure_setup_second(task.summary, features, mean, unit),
+                                     np.asarray(hist, dtype=np.float64)])
+        else:
+            raise InputError(f"unknown secure pass {purpose!r}")
+        return {"purpose": purpose}, vector_arrays("ct.", task.secure.encrypt(purpose, values))
+
+    def _secure_decrypt(self, meta: Meta, arrays: Arrays) -> tuple[Meta, Arrays]:
+        """This institution's partial decryption of a sum it computes itself from checked ciphertexts."""
+        from fedmdh.runtime.messages import updates_from
+        from fedmdh.runtime.secure_task import partial_message, update_vector, vector_from
+
+        task = self._secure_task(meta)
+        purpose = str(meta["purpose"])
+        if purpose.startswith("round-"):
+            rnd = int(purpose[len("round-"):])
+            if task.setup is None:
+                raise InputError("round 1 never reached this node for this task")
+            if not task.contract.functions.commits_closed(rnd).call():
+                raise InputError(f"round {rnd}'s commitments are still open on chain; refusing to decrypt its sum")
+            updates = updates_from(meta, arrays)
+            self._check_committed(task, rnd, updates)
+            cts = {u.institution: update_vector(u) for u in updates}
+            parties = list(task.setup.names)
+        else:
+            parties = sorted(str(n) for n in meta["parties"])
+            cts = {n: vector_from(f"c/{n}/", arrays) for n in meta["from"]}
+        return partial_message(task.secure.decrypt(purpose, cts, parties))
+
+    def _secure_setup(self, task: NodeTask, meta: Meta, arrays: Arrays):
+        """Round 1 of a secure task: the setup from the two released sums, each checked here."""
+        from fedmdh.data.federation import secure_moments_from, setup_from_moments, union_features
+        from fedmdh.runtime.secure_task import Release
+
+        summaries = self._public_summaries(task, meta)
+        names = sorted(s.institution for s in summaries)
+        features = union_features([s.columns for s in sorted(summaries, key=lambda s: s.institution)])
+        first = task.secure.check(Release.from_message(meta["release_1"], arrays, "rel1/"), names, "setup-1")
+        second = task.secure.check(Release.from_message(meta["release_2"], arrays, "rel2/"), names, "setup-2")
+        k = len(features) + 1
+        setup = setup_from_moments(summaries, *secure_moments_from(first, second[:k], features))
+        pooled = np.round(second[k:])
+        atomic_write_json(task.folder / "secure" / "histogram.json", {"pooled": [float(v) for v in pooled]})
+        return setup, pooled
 
     def _round(self, meta: Meta, arrays: Arrays) -> tuple[Meta, Arrays]:
         task = self._task(meta)
@@ -481,21 +603,19 @@ class NodeService:
         self._confirm(task, rnd - 1, wait=True)
         if not c.commits_closed(rnd).call():
             raise InputError(f"round {rnd}'s commitments are still open on chain; nothing to aggregate yet")
-        updates = updates_from(meta, arrays)
-        committed = int(c.commit_count(rnd).call())
-        if len(updates) != committed:
-            raise InputError(f"round {rnd}: {len(updates)} updates relayed, {committed} committed on chain")
-        for u in updates:
-            addr = task.addresses.get(u.institution)
-            if addr is None:
-                raise InputError(f"round {rnd}: an update from {u.institution!r}, who is not a participant")
-            on_chain = bytes(c.update_hash(rnd, addr).call()).hex()
-            mine = sha256_hex(codec.encode_update(u))
-            if mine != on_chain:
-                raise InputError(f"round {rnd}: the update relayed for {u.institution} is not the one it committed "
-                                 f"(sha256 {mine[:16]}, on chain {on_chain[:16] if on_chain != EMPTY.hex() else 'none'})")
-        seed = task.config.first_seed
-        task.server = task.algorithm.aggregate(task.server, updates, aggregate_rng(seed, rnd), rnd)
+        if task.secure is not None:  # the released sum of the round's ciphertexts, checked here
+            from fedmdh.runtime.secure_task import Release
+            from fedmdh.secure.aggregation import secure_from_sum
+
+            released = task.secure.check(Release.from_message(meta["release"], arrays), task.setup.names,
+                                         f"round-{rnd}")
+            task.server = secure_from_sum(task.algorithm, task.server, task.template, released,
+                                          int(c.total_examples(rnd).call()))
+        else:
+            updates = updates_from(meta, arrays)
+            self._check_committed(task, rnd, updates)
+            seed = task.config.first_seed
+            task.server = task.algorithm.aggregate(task.server, updates, aggregate_rng(seed, rnd), rnd)
         agg_hash = sha256_hex(codec.encode_payload(task.server))
         task.progress.state_round = rnd
         task.progress.unconfirmed[rnd] = agg_hash
@@ -513,6 +633,25 @@ class NodeService:
             task.progress.kept = {"round": kept.round, "val_mse": kept.val_mse, "metrics": kept.metrics}
         task.progress.last_eval = {"round": rnd, "metrics": metrics, "aggregate_sha256": agg_hash}
         return {"eval_round": rnd, "eval": metrics, "aggregate_sha256": agg_hash}
+
+    def _check_committed(self, task: NodeTask, rnd: int, updates) -> None:
+        """The relayed updates of round ``rnd`` are exactly the ones committed on chain."""
+        from fedmdh.ledger import codec
+        from fedmdh.ledger.blobs import sha256_hex
+
+        c = task.contract.functions
+        committed = int(c.commit_count(rnd).call())
+        if len(updates) != committed:
+            raise InputError(f"round {rnd}: {len(updates)} updates relayed, {committed} committed on chain")
+        for u in updates:
+            addr = task.addresses.get(u.institution)
+            if addr is None:
+                raise InputError(f"round {rnd}: an update from {u.institution!r}, who is not a participant")
+            on_chain = bytes(c.update_hash(rnd, addr).call()).hex()
+            mine = sha256_hex(codec.encode_update(u))
+            if mine != on_chain:
+                raise InputError(f"round {rnd}: the update relayed for {u.institution} is not the one it committed "
+                                 f"(sha256 {mine[:16]}, on chain {on_chain[:16] if on_chain != EMPTY.hex() else 'none'})")
 
     def _attest(self, task: NodeTask, rnd: int, agg_hash: str) -> None:
         """Attest round ``rnd``'s aggregate, unless the round was finalized without this node already
@@ -571,10 +710,18 @@ class NodeService:
         update, client = task.algorithm.client_update(task.server, task.slot.get(), task.data,
                                                       client_rng(task.config.first_seed, rnd, self.name), rnd)
         task.slot.put(client)
-        digest = DirBlobStore(task.folder / "blobs").put(codec.encode_update(update))
+        blobs = DirBlobStore(task.folder / "blobs")
+        if task.secure is not None:  # the clear update stays here; the ciphertexts are what count
+            from fedmdh.runtime.secure_task import encrypted_update
+            from fedmdh.secure.aggregation import secure_contribution
+
+            blobs.put(codec.encode_update(update))
+            vector = secure_contribution(task.algorithm, task.server, update)
+            update = encrypted_update(update, task.secure.encrypt(f"round-{rnd}", vector))
+        digest = blobs.put(codec.encode_update(update))
         task.progress.updates[rnd] = digest
         self._persist(task)  # the state after training, before the commitment that makes it count
-        _, flat = codec.flatten(codec.onchain_vectors(task.algorithm, update))
+        flat = np.zeros(0) if task.secure is not None else codec.flatten(codec.onchain_vectors(task.algorithm, update))[1]
         self._transact(task, "commit", rnd, bytes.fromhex(digest), int(update.num_examples),
                        codec.pack(codec.to_fixed(flat)), gas="commit", extra_gas=30_000 * flat.size, round=rnd)
         task.progress.committed = rnd

@@ -8,7 +8,8 @@ interpreter that can and speaks to it over a pipe (``python _openfhe_engine.py -
 
 Everything that enters or leaves an :class:`Engine` is bytes, ints or float64 arrays: ciphertexts,
 public keys and the crypto context in OpenFHE's own binary serialisation. A secret key share is
-created inside the engine by :meth:`Engine.keygen` and never leaves it.
+created inside the engine by :meth:`Engine.keygen` and leaves it only through
+:meth:`Engine.export_share`, which a deployed node calls to keep its own share in its own state folder.
 """
 
 from __future__ import annotations
@@ -74,6 +75,18 @@ class Engine:
             kp = self.cc.MultipartyKeyGen(pk)
         self._secret = kp.secretKey
         return _ser(kp.publicKey)
+
+    def export_share(self) -> bytes:
+        """This party's key share, serialised, for its own state folder only (a restarted node
+        reloads it with :meth:`import_share`); the caller must keep it where only the party reads."""
+        if self._secret is None:
+            raise RuntimeError("this engine holds no key share")
+        return _ser(self._secret)
+
+    def import_share(self, share: bytes) -> None:
+        if self._secret is not None:
+            raise RuntimeError("this engine already holds a key share")
+        self._secret, _ = _deserialize(fhe.DeserializePrivateKeyString, share)
 
     def partial_decrypt(self, ciphertexts: list[bytes], lead: bool) -> list[bytes]:
         """This party's partial decryption of each ciphertext (``lead`` for exactly one party)."""
