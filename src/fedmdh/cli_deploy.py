@@ -246,6 +246,27 @@ QuorumOpt = Annotated[Optional[int], typer.Option(
     "--quorum", help="Commitments a round needs to close without every institution [default: a majority].")]
 
 
+SecureOpt = Annotated[bool, typer.Option(
+    "--secure", help="Confidential aggregation: the setup statistics and every update travel and are stored only "
+                     "encrypted under threshold CKKS (OpenFHE), keys shared by the nodes (fedavg, fedprox, fedgan; "
+                     "docs/security.md).")]
+RecordOpt = Annotated[Optional[Path], typer.Option(
+    "--record-messages", help="Write every message the coordinator sends and receives into this folder (an audit of "
+                              "what it sees).")]
+
+
+def _secure_check(secure: bool, algorithm: str) -> None:
+    if not secure:
+        return
+    from fedmdh.secure.aggregation import check_covered
+    from fedmdh.secure.backend import unavailable_reason
+
+    check_covered(algorithm)
+    reason = unavailable_reason()
+    if reason:
+        raise InputError(f"--secure needs OpenFHE at the coordinator and at every node: {reason}")
+
+
 def _timeout_opt(default: float):
     return Annotated[float, typer.Option(
         "--round-timeout", help=f"Seconds a round waits for a silent institution before it closes with a quorum "
@@ -287,15 +308,19 @@ def deploy_run(
     wait: WaitOpt = 600.0,
     quorum: QuorumOpt = None,
     round_timeout: _timeout_opt(300.0) = 300.0,
+    secure: SecureOpt = False,
+    record_messages: RecordOpt = None,
 ) -> None:
     """Submit a task to a running SuperLink and follow it to its end."""
     from fedmdh.runtime.coordinator import DeployTask
 
     _check_out(out)
+    _secure_check(secure, algorithm)
     experiment = _experiment(config, target, algorithm, rounds, seed)
     task = DeployTask(secrets.token_hex(6), experiment, nodes, chain_rpc, str(out.resolve()),
                       keystore=str(keystore.resolve()) if keystore else None, wait_s=wait, quorum=quorum,
-                      round_timeout=round_timeout)
+                      round_timeout=round_timeout, secure=secure,
+                      record_messages=str(record_messages.resolve()) if record_messages else None)
     task.config()
     _follow(superlink, root_certificates, task, int(experiment["rounds"]))
     _print_final(out)
@@ -350,6 +375,8 @@ def deploy_local(
     wait: WaitOpt = 600.0,
     quorum: QuorumOpt = None,
     round_timeout: _timeout_opt(30.0) = 30.0,
+    secure: SecureOpt = False,
+    record_messages: RecordOpt = None,
     fault: Annotated[Optional[list[str]], typer.Option(
         "--fault", help="Rehearse a failure (repeatable): coordinator@R (kill -9 the SuperLink and ServerApp before "
                         "round R, then resume with a new one), node:NAME@R1-R2 (kill NAME's node before round R1, "
@@ -367,6 +394,7 @@ def deploy_local(
     from fedmdh.runtime.node import check_name
 
     _check_out(out)
+    _secure_check(secure, algorithm)
     if len(institutions) < 2:
         raise InputError("give at least two institution files (--institutions A.csv B.csv ...).")
     for p in [*institutions, *([test] if test else [])]:
@@ -390,7 +418,8 @@ def deploy_local(
                           test.resolve() if test else None, services, exclude=tuple(exclude or ()), say=say)
         task = DeployTask(secrets.token_hex(6), experiment, len(names), dep.chain_url, str(out),
                           keystore=str(out / "deploy" / "keystore"), wait_s=wait, quorum=quorum,
-                          round_timeout=round_timeout)
+                          round_timeout=round_timeout, secure=secure,
+                          record_messages=str(record_messages.resolve()) if record_messages else None)
         task.config()
         progress = _Progress(int(experiment["rounds"]), algorithm)
         try:

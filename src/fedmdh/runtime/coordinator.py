@@ -100,13 +100,14 @@ class DeployTask:
     resume: bool = False
     pause_before: Mapping[int, float] = field(default_factory=dict)
     secure: bool = False
+    record_messages: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {"task_id": self.task_id, "experiment": dict(self.experiment), "min_nodes": self.min_nodes,
                 "chain_rpc": self.chain_rpc, "out_dir": self.out_dir, "keystore": self.keystore,
                 "wait_s": self.wait_s, "quorum": self.quorum, "round_timeout": self.round_timeout,
                 "resume": self.resume, "pause_before": {str(k): v for k, v in self.pause_before.items()},
-                "secure": self.secure}
+                "secure": self.secure, "record_messages": self.record_messages}
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> "DeployTask":
@@ -115,7 +116,7 @@ class DeployTask:
                    wait_s=float(d.get("wait_s", 600.0)), quorum=d.get("quorum"),
                    round_timeout=float(d.get("round_timeout", 0.0)), resume=bool(d.get("resume", False)),
                    pause_before={int(k): float(v) for k, v in dict(d.get("pause_before") or {}).items()},
-                   secure=bool(d.get("secure", False)))
+                   secure=bool(d.get("secure", False)), record_messages=d.get("record_messages"))
 
     def config(self, names: tuple[str, ...] = ("institution-a", "institution-b")):
         """The experiment as an :class:`~fedmdh.config.ExperimentConfig` over the given institution names."""
@@ -225,6 +226,8 @@ class Coordinator:
         self.before_round = before_round  # called before each round's messages go out (round R + 1: finish)
         self.transport = transport
         self.on_round = on_round
+        if task.record_messages:
+            self.transport = RecordingTransport(transport, Path(task.record_messages))
         self.say = say or (lambda line: None)
         self.out = Path(task.out_dir)
         self.ledger_dir = self.out / "ledger"
@@ -960,6 +963,37 @@ def _finite(obj: Any) -> Any:
     if isinstance(obj, (list, tuple)):
         return [_finite(v) for v in obj]
     return obj
+
+
+class RecordingTransport:
+    """A transport that writes every message the coordinator sends and receives, as the wire's
+    bytes, into ``folder`` (``NNNNNN-<to|from>-<node>.bin``, in order): an audit of what the
+    coordinator sees (``--record-messages``)."""
+
+    def __init__(self, inner: Transport, folder: Path) -> None:
+        self.inner = inner
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.count = len(list(self.folder.glob("*.bin")))
+
+    def _write(self, way: str, node: Any, message: Message) -> None:
+        from fedmdh.runtime.files import atomic_write_bytes
+        from fedmdh.runtime.flower.wire import pack
+
+        self.count += 1
+        atomic_write_bytes(self.folder / f"{self.count:06d}-{way}-{node}.bin", pack(*message))
+
+    def wait_nodes(self, count: int, timeout: float) -> list[Any]:
+        return self.inner.wait_nodes(count, timeout)
+
+    def exchange(self, requests: Mapping[Any, Message], timeout: float,
+                 optional: frozenset[Any] = frozenset()) -> dict[Any, Message]:
+        for node, msg in requests.items():
+            self._write("to", node, msg)
+        replies = self.inner.exchange(requests, timeout, optional=optional)
+        for node, msg in replies.items():
+            self._write("from", node, msg)
+        return replies
 
 
 class DirectTransport:
