@@ -49,9 +49,13 @@ class Run:
         return self.out.parent / f"{self.out.name}-messages"
 
 
+DOWN = ("train_part1", 2, 4)  # the dropout run: its node does not answer rounds 2 and 3
+
+
 @pytest.fixture(scope="module")
 def runs(perovskite, tmp_path_factory):
-    """A secure and a plain fedavg task of ROUNDS rounds on one chain, three node services each."""
+    """A secure and a plain fedavg task of ROUNDS rounds on one chain, three node services each, and a
+    secure one where one node does not answer for two rounds (``DOWN``)."""
     _require()
     from fedmdh.deploy.processes import Services, start_anvil
     from fedmdh.runtime.node import NodeService
@@ -66,14 +70,23 @@ def runs(perovskite, tmp_path_factory):
     try:
         with Services(root / "logs") as services:
             _, url = start_anvil(services)
-            for kind in ("secure", "plain"):
+            for kind in ("secure", "plain", "dropout"):
                 nodes = {n: NodeService(n, p, "e_form", root / kind / n, test=perovskite["test"])
                          for n, p in zip(NAMES, perovskite["institutions"])}
                 folder = root / kind / "out"
                 task = DeployTask(f"t-{kind}", experiment_settings(cfg), 3, url, str(folder),
-                                  keystore=str(root / "keystore"), wait_s=120, secure=kind == "secure",
-                                  record_messages=str(root / kind / "out-messages"))
-                final = Coordinator(task, DirectTransport(nodes)).run()
+                                  keystore=str(root / "keystore"), wait_s=120, secure=kind != "plain",
+                                  record_messages=str(root / kind / "out-messages"),
+                                  round_timeout=4 if kind == "dropout" else 0)
+                transport = DirectTransport(nodes)
+
+                def before(r, transport=transport, kind=kind):
+                    if kind == "dropout" and r == DOWN[1]:
+                        transport.down.add(DOWN[0])
+                    if kind == "dropout" and r == DOWN[2]:
+                        transport.down.discard(DOWN[0])
+
+                final = Coordinator(task, transport, before_round=before).run()
                 out[kind] = Run(root, url, nodes, folder, final, task.task_id)
             yield out
     finally:
@@ -264,7 +277,6 @@ def test_the_task_records_the_secure_scheme_and_no_on_chain_vector(runs):
     for name, svc in run.nodes.items():
         share = svc.tasks[run.task_id].folder / "secure" / "share.bin"
         assert share.is_file() and (share.stat().st_mode & 0o777) == 0o600
-        assert not any(share.read_bytes()[:4096] in p.read_bytes() for p in _seen_files(run))
 
 
 # ---------------------------------------------------------------- a node's own checks
@@ -334,3 +346,43 @@ def test_a_secure_deployment_of_an_uncovered_algorithm_is_refused_in_one_line():
     with pytest.raises(InputError) as exc:
         task.config()
     assert "\n" not in str(exc.value) and "fedkd would still reveal" in str(exc.value)
+
+
+# ---------------------------------------------------------------- one institution missing
+
+def test_a_secure_round_goes_on_without_one_institution_and_verifies(runs):
+    from fedmdh.ledger.audit import verify
+    from fedmdh.ledger.blobs import DirBlobStore
+    from fedmdh.runtime.secure_task import Release
+
+    run = runs["dropout"]
+    name, first, back = DOWN
+    # Assert: the task finished and verifies; the rounds without it summed two ciphertexts, and their
+    # releases still hold a partial decryption for each of the three key shares
+    assert run.final["rounds"] == ROUNDS
+    report = verify(run.out, rpc_url=run.url)
+    assert report.ok and report.complete, report
+    blobs = DirBlobStore(run.out / "ledger" / "blobs")
+    rels = {json.loads(x)["purpose"]: Release.from_blob(blobs.get(json.loads(x)["release"]))
+            for x in (run.out / "ledger" / "releases.jsonl").read_text().splitlines()}
+    assert sorted(p.party for p in rels["round-2"].partials) == NAMES
+    log = (run.out / "run.log").read_text()
+    for r in range(first, back):
+        assert f"round-{r}: {name} did not answer; train_part0 decrypts for it from its escrowed share" in log
+    task_json = json.loads((run.out / "ledger" / "task.json").read_text())
+    lines = [json.loads(x) for x in (run.out / "metrics.jsonl").read_text().splitlines()]
+    assert [x["round"] for x in lines] == list(range(1, ROUNDS + 1))
+    # the institution that was back trained the last rounds again and keeps a model
+    svc = run.nodes[name]
+    assert svc.tasks[run.task_id].progress.committed == ROUNDS
+    assert sorted(task_json["secure"]["escrow"]["shares"][name]["sealed"]) == ["train_part0", "train_part2"]
+
+
+def test_an_escrowed_share_never_shows_in_the_clear(runs):
+    run = runs["dropout"]
+    seen = [p.read_bytes() for p in _seen_files(run)]
+    for svc in run.nodes.values():
+        share = (svc.tasks[run.task_id].folder / "secure" / "share.bin").read_bytes()
+        # windows of its coefficients (its first few hundred bytes are OpenFHE's header, the same in every key)
+        windows = [share[k * len(share) // 4:k * len(share) // 4 + 64] for k in (1, 2, 3)]
+        assert not any(w in blob for w in windows for blob in seen)

@@ -402,13 +402,16 @@ class Coordinator:
         self.secure = Aggregator()
         names = sorted(by_name)
         link: bytes | None = None
+        boxes: dict[str, str] = {}
         for i, n in enumerate(names):
             arrays = {"context": _u8(self.secure.context), **({"previous": _u8(link)} if link is not None else {})}
             rep = self._exchange("key chain", {n: ({"cmd": "keygen", "task_id": self.task.task_id, "link": i + 1},
                                                    arrays)})
             link = bytes(np.asarray(rep[n][1]["link"], np.uint8))
+            boxes[n] = bytes(np.asarray(rep[n][1]["box"], np.uint8)).hex()
         assert link is not None
         self.public_key = link
+        escrow = self._secure_escrow(names, boxes)
         public = public_summaries_message(public_summaries_from({"summaries": [m for m, _ in by_name.values()]}))
         summaries = public_summaries_from(public)
         features = union_features([s.columns for s in sorted(summaries, key=lambda s: s.institution)])
@@ -421,8 +424,22 @@ class Coordinator:
         self.secure_doc = {"record": secure_record(self.secure.context, link),
                            "context": self.blobs.put(self.secure.context), "public_key": self.blobs.put(link),
                            "setup_releases": [self.blobs.put(rel1.blob()), self.blobs.put(rel2.blob())],
-                           "releases": "releases.jsonl"}
+                           "releases": "releases.jsonl", "boxes": boxes, "escrow": escrow}
         return setup, ({**public, "release_1": m1, "release_2": m2}, {**a1, **a2}), self.secure_doc
+
+    def _secure_escrow(self, names: list[str], boxes: Mapping[str, str]) -> dict[str, Any]:
+        """Every institution escrows its key share with the others (secure_task.NodeSecure.escrow):
+        one institution may then be missing from a decryption. The coordinator stores ciphertexts only."""
+        threshold = len(names) - 1
+        msg = ({"cmd": "secure_escrow", "task_id": self.task.task_id, "boxes": dict(boxes), "threshold": threshold},
+               {})
+        replies = self._exchange("key escrow", {n: msg for n in names})
+        doc: dict[str, Any] = {"threshold": threshold, "shares": {}}
+        for n, (_, a) in sorted(replies.items()):
+            doc["shares"][n] = {"backup": self.blobs.put(bytes(np.asarray(a["backup"], np.uint8))),
+                                "sealed": {k[len("sealed/"):]: self.blobs.put(bytes(np.asarray(v, np.uint8)))
+                                           for k, v in sorted(a.items()) if k.startswith("sealed/")}}
+        return doc
 
     def _secure_setup_pass(self, purpose: str, meta: Meta, arrays: Arrays, names: list[str]):
         from fedmdh.runtime.secure_task import _u8, vector_from
@@ -442,17 +459,49 @@ class Coordinator:
         """Every key holder's partial decryption of the sum of ``cts``, fused and recorded."""
         from fedmdh.runtime.secure_task import partial_from
 
-        missing = [n for n in self.secure_parties() if n not in requests or n not in set(self.names.values())]
-        if missing:
-            raise TaskStopped(f"{purpose}: the sum can only be decrypted with every institution's key share and "
-                              f"{', '.join(missing)} is not connected; start its node again and resume the task")
-        replies = self._exchange(f"decrypting {purpose}", {n: requests[n] for n in self.secure_parties()})
+        parties = self.secure_parties()
+        connected = set(self.names.values())
+        asked = {n: requests[n] for n in parties if n in connected and n in requests}
+        replies = self._exchange(f"decrypting {purpose}", asked, tolerant=purpose.startswith("round-"))
         partials = [partial_from(m, a) for m, a in replies.values()]
+        missing = [n for n in parties if n not in replies]
+        escrow = (getattr(self, "secure_doc", None) or {}).get("escrow")
+        if missing and (len(missing) > 1 or not escrow or not replies):
+            raise TaskStopped(f"{purpose}: the sum needs every institution's key share, or all but one of them; "
+                              f"{', '.join(missing)} did not answer; start their nodes again and resume the task")
+        if missing:
+            partials.append(self._recover(purpose, missing[0], sorted(replies), requests[sorted(replies)[0]]))
         release = self.secure.release(purpose, cts, partials)
         digest = self.blobs.put(release.blob())
         with (self.ledger_dir / "releases.jsonl").open("a", encoding="utf-8") as fh:
             fh.write(json.dumps({"purpose": purpose, "release": digest}) + "\n")
         return release
+
+    def _recover(self, purpose: str, of: str, alive: list[str], request: Message):
+        """``of``'s partial decryption by the first institution that answered, from ``of``'s escrowed
+        share: the others reseal their pieces of it to that institution (two more exchanges)."""
+        from fedmdh.runtime.secure_task import _u8, partial_from
+
+        doc = self.secure_doc
+        esc = doc["escrow"]["shares"][of]
+        recoverer = alive[0]
+        holders = [n for n in sorted(esc["sealed"]) if n in alive and n != recoverer]
+        if len(holders) + 1 < int(doc["escrow"]["threshold"]):
+            raise TaskStopped(f"{purpose}: {of} did not answer and too few institutions hold pieces of its escrowed "
+                              "key share; start its node again and resume the task")
+        self._log(f"{purpose}: {of} did not answer; {recoverer} decrypts for it from its escrowed share")
+        self.say(f"{purpose}: {of} did not answer; {recoverer} decrypts for it from its escrowed share")
+        to_box = doc["boxes"][recoverer]
+        asks = {n: ({"cmd": "secure_reseal", "task_id": self.task.task_id, "of": of, "to": recoverer, "to_box": to_box,
+                     "purpose": purpose}, {"sealed": _u8(self.blobs.get(esc["sealed"][n]))}) for n in holders}
+        resealed = self._exchange(f"{purpose}: resealing pieces of {of}'s share", asks) if asks else {}
+        meta, arrays = request
+        pieces = {f"piece/{n}": a["resealed"] for n, (_, a) in resealed.items()}
+        pieces[f"piece/{recoverer}"] = _u8(self.blobs.get(esc["sealed"][recoverer]))
+        msg = ({**meta, "cmd": "secure_recover", "of": of},
+               {**arrays, "backup": _u8(self.blobs.get(esc["backup"])), **pieces})
+        rep = self._exchange(f"{purpose}: decrypting for {of}", {recoverer: msg})
+        return partial_from(*rep[recoverer])
 
     def secure_parties(self) -> tuple[str, ...]:
         return tuple(sorted(self.addresses)) if getattr(self, "addresses", None) else tuple(sorted(self.names.values()))
@@ -537,6 +586,7 @@ class Coordinator:
 
             self.secure = Aggregator(blobs.get(doc["secure"]["context"]))
             self.public_key = blobs.get(doc["secure"]["public_key"])
+            self.secure_doc = dict(doc["secure"])
         self._setup_state(cfg, algorithm, names, dict(doc["participants"]), blobs,
                           codec.decode_payload(blobs.get(doc["initial_state"])), setup)
         replies = self._identify({"cmd": "status", "task_id": task.task_id})
@@ -648,14 +698,15 @@ class Coordinator:
                         meta.update(contract=self.contract.address, participants=self.addresses,
                                     setup_sha256=self._setup_sha256(), **smeta)
                         arrays.update(sarrays)
-                    elif task.secure:
-                        rmeta, rarrays = self._release(r - 1, updates).message()
-                        meta["release"] = rmeta
-                        arrays.update(rarrays)
                     else:
-                        umeta, uarrays = updates_message(updates)
-                        meta.update(umeta)
-                        arrays.update(uarrays)
+                        if task.secure:
+                            rmeta, rarrays = self._release(r - 1, updates).message()
+                            meta["release"] = rmeta
+                            arrays.update(rarrays)
+                        else:
+                            umeta, uarrays = updates_message(updates)
+                            meta.update(umeta)
+                            arrays.update(uarrays)
                         if name in self.behind and r - 2 >= 1:
                             base = self._finalized_state(r - 2)
                             meta["base_round"] = r - 2

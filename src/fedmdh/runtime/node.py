@@ -196,6 +196,9 @@ class NodeService:
                     "keygen": lambda: self._keygen(meta, arrays),
                     "secure_encrypt": lambda: self._secure_encrypt(meta, arrays),
                     "secure_decrypt": lambda: self._secure_decrypt(meta, arrays),
+                    "secure_escrow": lambda: self._secure_escrow(meta),
+                    "secure_reseal": lambda: self._secure_reseal(meta, arrays),
+                    "secure_recover": lambda: self._secure_recover(meta, arrays),
                     "ping": lambda: ({"institution": self.name, "address": self.address}, {})}
         try:
             if cmd not in handlers:
@@ -431,7 +434,42 @@ class NodeService:
         prev = bytes(np.asarray(arrays["previous"], np.uint8)) if "previous" in arrays else None
         link = task.secure.keygen(bytes(np.asarray(arrays["context"], np.uint8)), prev)
         log.info("task %s: key share created (link %d of the key chain)", task.task_id, int(meta.get("link", 0)))
-        return {}, {"link": _u8(link)}
+        return {}, {"link": _u8(link), "box": _u8(task.secure.box_public())}
+
+    def _secure_escrow(self, meta: Meta) -> tuple[Meta, Arrays]:
+        from fedmdh.runtime.secure_task import _u8
+
+        task = self._secure_task(meta)
+        boxes = {str(n): bytes.fromhex(h) for n, h in dict(meta["boxes"]).items()}
+        if boxes.get(self.name) != task.secure.box_public():
+            raise InputError("the escrow's box keys name another key for this institution")
+        backup, sealed = task.secure.escrow(boxes, int(meta["threshold"]))
+        return {"holders": sorted(sealed)}, {"backup": _u8(backup), **{f"sealed/{n}": _u8(b) for n, b in sealed.items()}}
+
+    def _secure_reseal(self, meta: Meta, arrays: Arrays) -> tuple[Meta, Arrays]:
+        from fedmdh.runtime.secure_task import _u8
+
+        task = self._secure_task(meta)
+        of = str(meta["of"])
+        if of == self.name:
+            raise InputError("asked to reseal a piece of this institution's own share")
+        out = task.secure.reseal(of, bytes(np.asarray(arrays["sealed"], np.uint8)), bytes.fromhex(str(meta["to_box"])))
+        log.warning("task %s: resealed this institution's piece of %s's escrowed share to %s (%s)", task.task_id, of,
+                    meta.get("to"), meta.get("purpose"))
+        return {}, {"resealed": _u8(out)}
+
+    def _secure_recover(self, meta: Meta, arrays: Arrays) -> tuple[Meta, Arrays]:
+        from fedmdh.runtime.secure_task import partial_message
+
+        task = self._secure_task(meta)
+        purpose, cts, parties = self._decrypt_inputs(task, meta, arrays)
+        of = str(meta["of"])
+        pieces = [bytes(np.asarray(v, np.uint8)) for k, v in sorted(arrays.items()) if k.startswith("piece/")]
+        partial = task.secure.recover_partial(of, bytes(np.asarray(arrays["backup"], np.uint8)), pieces, purpose,
+                                              cts, parties)
+        log.warning("task %s: decrypted %s for %s, who did not answer, from its escrowed share", task.task_id,
+                    purpose, of)
+        return partial_message(partial)
 
     def _public_summaries(self, task: NodeTask, meta: Meta) -> list[Any]:
         """The institutions' public summary fields (no statistics), this institution's unchanged."""
@@ -476,10 +514,18 @@ class NodeService:
 
     def _secure_decrypt(self, meta: Meta, arrays: Arrays) -> tuple[Meta, Arrays]:
         """This institution's partial decryption of a sum it computes itself from checked ciphertexts."""
-        from fedmdh.runtime.messages import updates_from
-        from fedmdh.runtime.secure_task import partial_message, update_vector, vector_from
+        from fedmdh.runtime.secure_task import partial_message
 
         task = self._secure_task(meta)
+        purpose, cts, parties = self._decrypt_inputs(task, meta, arrays)
+        return partial_message(task.secure.decrypt(purpose, cts, parties))
+
+    def _decrypt_inputs(self, task: NodeTask, meta: Meta, arrays: Arrays):
+        """``(purpose, ciphertexts, key holders)`` of a decryption request: a round's ciphertexts only
+        once its commitments closed and each as committed on chain."""
+        from fedmdh.runtime.messages import updates_from
+        from fedmdh.runtime.secure_task import update_vector, vector_from
+
         purpose = str(meta["purpose"])
         if purpose.startswith("round-"):
             rnd = int(purpose[len("round-"):])
@@ -494,7 +540,7 @@ class NodeService:
         else:
             parties = sorted(str(n) for n in meta["parties"])
             cts = {n: vector_from(f"c/{n}/", arrays) for n in meta["from"]}
-        return partial_message(task.secure.decrypt(purpose, cts, parties))
+        return purpose, cts, parties
 
     def _secure_setup(self, task: NodeTask, meta: Meta, arrays: Arrays):
         """Round 1 of a secure task: the setup from the two released sums, each checked here."""

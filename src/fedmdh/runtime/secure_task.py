@@ -9,6 +9,13 @@ The pieces both sides of :mod:`fedmdh.runtime.node` and :mod:`fedmdh.runtime.coo
   chain and kept in its own state folder, mode 0600), its encryptions, its partial decryptions
   (of sums it computes itself, in name order, from ciphertexts it has checked) and its check of
   every released sum against its own fusion of the relayed partial decryptions;
+- the key escrow that lets a secure round go on without one institution (:meth:`NodeSecure.escrow`,
+  :meth:`NodeSecure.reseal`, :meth:`NodeSecure.recover_partial`): each institution's share is
+  encrypted under a fresh key, that key is split with Shamir's scheme (pycryptodome) among the
+  other institutions, each piece sealed to its holder (libsodium's sealed boxes, PyNaCl), so the
+  coordinator relays and stores only ciphertexts; when one institution does not answer a
+  decryption, the other institutions reseal their pieces to the first of them by name, which
+  rebuilds the missing share, computes its partial decryption of that one sum and drops it;
 - :class:`Aggregator`: the coordinator's public side (the context, the homomorphic sums and the
   fusion of the partial decryptions into the released sum, which the coordinator learns, as every
   institution does).
@@ -180,6 +187,7 @@ class NodeSecure:
         self.public_key: bytes | None = None
         self.sums: dict[str, str] = {}
         self.sent: dict[str, str] = {}
+        self._box = None
 
     # -- keys ------------------------------------------------------------------------------------
     def keygen(self, context: bytes, previous: bytes | None) -> bytes:
@@ -193,6 +201,84 @@ class NodeSecure:
         atomic_write_bytes(self.dir / "share.bin", self.party.export_share(), mode=0o600)
         atomic_write_bytes(self.dir / "link.bin", link)
         return link
+
+    # -- the escrow of the share ----------------------------------------------------------------
+    def box_public(self) -> bytes:
+        """The public half of this node's sealing key (X25519, PyNaCl), created once per task."""
+        from nacl.public import PrivateKey
+
+        if self._box is None:
+            path = self.dir / "box.key"
+            if path.is_file():
+                self._box = PrivateKey(path.read_bytes())
+            else:
+                self.dir.mkdir(parents=True, exist_ok=True)
+                self._box = PrivateKey.generate()
+                atomic_write_bytes(path, bytes(self._box), mode=0o600)
+        return bytes(self._box.public_key)
+
+    def escrow(self, boxes: Mapping[str, bytes], threshold: int) -> tuple[bytes, dict[str, bytes]]:
+        """``(backup, {holder: sealed piece})``: this node's key share encrypted under a fresh
+        random key (``SecretBox``), and that key split among the other institutions with Shamir's
+        scheme (``threshold`` pieces rebuild it), each piece sealed to its holder's box key."""
+        from Crypto.Protocol.SecretSharing import Shamir
+        from nacl.public import PublicKey, SealedBox
+        from nacl.secret import SecretBox
+        from nacl.utils import random
+
+        holders = sorted(n for n in boxes if n != self.name)
+        if not 1 <= threshold <= len(holders):
+            raise InputError(f"an escrow among {len(holders)} holders cannot need {threshold} of them")
+        key = random(SecretBox.KEY_SIZE)
+        backup = bytes(SecretBox(key).encrypt((self.dir / "share.bin").read_bytes()))
+        # pycryptodome's Shamir takes 16-byte secrets: the 32-byte key in two halves
+        halves = [Shamir.split(threshold, len(holders), key[i:i + 16]) for i in (0, 16)]
+        sealed = {}
+        for j, holder in enumerate(holders):
+            piece = {"of": self.name, "holder": holder, "threshold": threshold,
+                     "halves": [[int(h[j][0]), h[j][1].hex()] for h in halves]}
+            sealed[holder] = bytes(SealedBox(PublicKey(bytes(boxes[holder]))).encrypt(json.dumps(piece).encode()))
+        return backup, sealed
+
+    def _open(self, sealed: bytes) -> dict[str, Any]:
+        from nacl.public import SealedBox
+
+        self.box_public()
+        return json.loads(SealedBox(self._box).decrypt(bytes(sealed)))
+
+    def reseal(self, of: str, sealed: bytes, to_box: bytes) -> bytes:
+        """This node's piece of ``of``'s escrowed key, sealed again to the recovering institution."""
+        from nacl.public import PublicKey, SealedBox
+
+        piece = self._open(sealed)
+        if piece.get("of") != of or piece.get("holder") != self.name:
+            raise InputError(f"the escrow piece relayed is not this institution's piece of {of}'s share")
+        return bytes(SealedBox(PublicKey(bytes(to_box))).encrypt(json.dumps(piece).encode()))
+
+    def recover_partial(self, of: str, backup: bytes, pieces: Sequence[bytes], purpose: str,
+                        ciphertexts: Mapping[str, EncryptedVector], parties: Sequence[str]) -> PartialDecryption:
+        """``of``'s partial decryption of the sum of ``ciphertexts``, from its escrowed share rebuilt
+        here out of ``pieces`` (sealed to this node); the share is dropped afterwards."""
+        from Crypto.Protocol.SecretSharing import Shamir
+        from nacl.secret import SecretBox
+
+        opened = [self._open(p) for p in pieces]
+        if any(p.get("of") != of for p in opened):
+            raise InputError(f"an escrow piece relayed is not a piece of {of}'s share")
+        need = int(opened[0]["threshold"]) if opened else 1
+        if len({p["holder"] for p in opened}) < need:
+            raise InputError(f"{len(opened)} pieces of {of}'s escrowed share, {need} needed")
+        key = b"".join(Shamir.combine([(int(i), bytes.fromhex(h)) for i, h in (p["halves"][k] for p in opened)])
+                       for k in (0, 1))
+        share = SecretBox(key).decrypt(bytes(backup))
+        total = self._scheme().add([ciphertexts[n] for n in sorted(ciphertexts)])
+        if self.sums.get(purpose, total.digest()) != total.digest():
+            raise InputError(f"{purpose}: asked to decrypt for {of} another sum than the one this node decrypted")
+        party = Party.restore(of, (self.dir / "context.bin").read_bytes(), share)
+        try:
+            return party.partial_decrypt(total, lead=of == lead_of(parties))
+        finally:
+            party.close()  # the rebuilt share lived in that engine only
 
     def set_public_key(self, key: bytes) -> None:
         if self.public_key is not None and self.public_key != key:
