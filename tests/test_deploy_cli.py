@@ -74,3 +74,21 @@ def test_a_negative_round_timeout_is_refused(tmp_path, capsys):
                       "--chain-rpc", "http://127.0.0.1:1", "--out", str(tmp_path / "o"), "--nodes", "3",
                       "--target", "e_form", "--round-timeout", "-1"], capsys)
     assert "round timeout must be >= 0" in err
+
+
+def test_secure_deployment_of_an_uncovered_algorithm_is_refused_before_anything_starts(perovskite, tmp_path, capsys):
+    err = _cli_error(["deploy", "local", "--out", str(tmp_path / "o"), "--target", "e_form", "--rounds", "3",
+                      "--algorithm", "flic", "--secure", "--institutions", *perovskite["institutions"]], capsys)
+    assert "--secure covers" in err and "flic would still reveal" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_secure_deployment_without_openfhe_says_so_in_one_line(monkeypatch, tmp_path, capsys):
+    from fedmdh.secure import backend
+
+    monkeypatch.setattr(backend, "unavailable_reason", lambda: "no interpreter here imports openfhe")
+    err = _cli_error(["deploy", "run", "--superlink", "127.0.0.1:1", "--root-certificates", str(tmp_path / "ca"),
+                      "--chain-rpc", "http://127.0.0.1:1", "--out", str(tmp_path / "o"), "--nodes", "3",
+                      "--target", "e_form", "--secure"], capsys)
+    assert err.endswith("--secure needs OpenFHE at the coordinator and at every node: no interpreter here imports "
+                        "openfhe")
