@@ -9,6 +9,7 @@ Needs OpenFHE (``make test`` builds ``.venv-fhe``) and anvil; skips, printing wh
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -50,6 +51,11 @@ class Run:
 
 
 DOWN = ("train_part1", 2, 4)  # the dropout run: its node does not answer rounds 2 and 3
+CRASH = 3  # the resumed run: its coordinator is lost before round 3's messages
+
+
+class _CoordinatorLost(Exception):
+    pass
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +76,7 @@ def runs(perovskite, tmp_path_factory):
     try:
         with Services(root / "logs") as services:
             _, url = start_anvil(services)
-            for kind in ("secure", "plain", "dropout"):
+            for kind in ("secure", "plain", "dropout", "resumed"):
                 nodes = {n: NodeService(n, p, "e_form", root / kind / n, test=perovskite["test"])
                          for n, p in zip(NAMES, perovskite["institutions"])}
                 folder = root / kind / "out"
@@ -85,8 +91,13 @@ def runs(perovskite, tmp_path_factory):
                         transport.down.add(DOWN[0])
                     if kind == "dropout" and r == DOWN[2]:
                         transport.down.discard(DOWN[0])
+                    if kind == "resumed" and r == CRASH:
+                        raise _CoordinatorLost
 
-                final = Coordinator(task, transport, before_round=before).run()
+                try:
+                    final = Coordinator(task, transport, before_round=before).run()
+                except _CoordinatorLost:  # a new coordinator goes on from the run record, chain and nodes
+                    final = Coordinator(dataclasses.replace(task, resume=True), transport).run()
                 out[kind] = Run(root, url, nodes, folder, final, task.task_id)
             yield out
     finally:
@@ -386,3 +397,13 @@ def test_an_escrowed_share_never_shows_in_the_clear(runs):
         # windows of its coefficients (its first few hundred bytes are OpenFHE's header, the same in every key)
         windows = [share[k * len(share) // 4:k * len(share) // 4 + 64] for k in (1, 2, 3)]
         assert not any(w in blob for w in windows for blob in seen)
+
+
+def test_a_secure_task_resumed_by_a_new_coordinator_finishes_and_verifies(runs):
+    from fedmdh.ledger.audit import verify
+
+    run = runs["resumed"]
+    assert "resumed by a new coordinator at round" in (run.out / "run.log").read_text()
+    report = verify(run.out, rpc_url=run.url)
+    assert report.ok and report.complete, report
+    assert abs(run.final["r2"] - runs["secure"].final["r2"]) < 0.005
