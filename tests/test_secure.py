@@ -52,7 +52,8 @@ def test_uncovered_algorithms_are_refused_in_one_line_naming_what_they_reveal(na
     # Assert
     msg = str(exc.value)
     assert "\n" not in msg
-    assert msg.startswith("--secure covers fedavg, fedprox, fedgan only;")
+    assert msg.startswith("--secure covers fedavg, fedprox, fedgan, fedmdh, fedmdh-no-gfam, fedmdh-no-cgan, "
+                          "fedmdh-no-rkd only;")
     assert f"{name} would still reveal {NOT_COVERED[name]}" in msg
 
 
@@ -65,8 +66,8 @@ def test_simulate_refuses_an_uncovered_algorithm_before_training(perovskite_fed)
     from fedmdh.runtime.simulator import simulate
 
     calls = []
-    with pytest.raises(InputError, match="fedmdh would still reveal"):
-        simulate(perovskite_fed, make_algorithm("fedmdh"), rounds=1, secure=lambda v: calls.append(v))
+    with pytest.raises(InputError, match="flic would still reveal"):
+        simulate(perovskite_fed, make_algorithm("flic"), rounds=1, secure=lambda v: calls.append(v))
     assert calls == []
 
 
@@ -125,6 +126,101 @@ def test_secure_fedgan_aggregate_is_its_plain_aggregate(perovskite_fed):
     u = ups[0]
     mu, var = u.payload["label_stats"]
     np.testing.assert_allclose(sent[u.institution][-2:], [u.num_examples * mu, u.num_examples * (var + mu * mu)])
+
+
+def _plain_sum(vectors):
+    return np.sum([vectors[n] for n in sorted(vectors)], axis=0)
+
+
+def _fedmdh_rounds(fed, algo, rounds: int):
+    """Per round: (server state before it, the institutions' real updates, algo.aggregate of them)."""
+    from fedmdh.algorithms.base import FederationSpec
+    from fedmdh.runtime.protocol import ClientSlot, aggregate_rng, client_rng, initial_state
+
+    spec = FederationSpec.from_federation(fed)
+    server = initial_state(algo, spec, 0)
+    slots = {d.name: ClientSlot(algo, spec, d, 0) for d in fed.institutions}
+    out = []
+    for rnd in range(1, rounds + 1):
+        ups = [algo.client_update(server, slots[d.name].get(), d, client_rng(0, rnd, d.name), rnd)[0]
+               for d in sorted(fed.institutions, key=lambda d: d.name)]
+        new = algo.aggregate(server, ups, aggregate_rng(0, rnd), rnd)
+        out.append((server, ups, new))
+        server = new
+    return out
+
+
+FEDMDH_VARIANTS = [("fedmdh", {}), ("fedmdh", {"holder_average": True}),
+                   ("fedmdh", {"mapping": "per-institution"}), ("fedmdh-no-gfam", {}), ("fedmdh-no-cgan", {}),
+                   ("fedmdh-no-rkd", {})]
+
+
+@pytest.mark.parametrize(("name", "kw"), FEDMDH_VARIANTS)
+def test_secure_fedmdh_rule_is_fedmdh_aggregate_with_one_barycenter_step(perovskite_fed, name, kw):
+    from fedmdh.algorithms.gaussian import psd_sqrt
+
+    # Prepare: two real rounds of the variant, its plain aggregate taking one barycenter step a round
+    algo = make_algorithm(name, barycenter_iters=1, **kw)
+    rounds = _fedmdh_rounds(perovskite_fed, algo, 2)
+    for rnd, (server, ups, ref) in enumerate(rounds, start=1):
+        # Execute
+        out = secure_aggregate(algo, server, ups, _plain_sum)
+        # Assert: every key of the plain aggregate, to the last bits of a reordered float64 sum
+        assert sorted(out) == sorted(ref)
+        for key in ref:
+            if key == "anchor_cov" and rnd == 1:
+                continue  # round 1: the plain algorithm solves to convergence (below)
+            np.testing.assert_allclose(out[key], ref[key], rtol=1e-9, atol=1e-12, err_msg=f"round {rnd} {key}")
+    server, ups, ref = rounds[0]
+    if "anchor_cov" in ref:
+        # round 1 from the identity: one step is (sum_i w_i S_i^1/2)^2, exact for commuting covariances
+        out = secure_aggregate(algo, server, ups, _plain_sum)
+        w = np.array([u.num_examples for u in ups], dtype=np.float64) / sum(u.num_examples for u in ups)
+        root = sum(wi * psd_sqrt(u.payload["anchor_cov"]) for wi, u in zip(w, ups))
+        np.testing.assert_allclose(out["anchor_cov"], root @ root, rtol=1e-9, atol=1e-12)
+
+
+def test_secure_fedmdh_sends_n_weighted_sums_and_one_barycenter_term(perovskite_fed):
+    from fedmdh.algorithms.gaussian import psd_sqrt
+
+    # Prepare: round 2 (an anchor exists) of FedMDH's defaults
+    algo = make_algorithm("fedmdh")
+    server, ups, _ = _fedmdh_rounds(perovskite_fed, algo, 2)[1]
+    sent = {}
+
+    def recording_sum(vectors):
+        sent.update(vectors)
+        return _plain_sum(vectors)
+
+    # Execute
+    secure_aggregate(algo, server, ups, recording_sum)
+    # Assert: the tail is n mu, n (var + mu^2); before it n (r S_i r)^1/2, r = S^1/2 of the public anchor
+    u = ups[0]
+    n, k = float(u.num_examples), u.payload["anchor_mean"].size
+    mu, var = u.payload["pred_stats"]
+    v = sent[u.institution]
+    np.testing.assert_allclose(v[-2:], [n * mu, n * (var + mu * mu)], rtol=1e-12)
+    r = psd_sqrt(server["anchor_cov"])
+    np.testing.assert_allclose(v[-2 - k * k:-2].reshape(k, k), n * psd_sqrt(r @ u.payload["anchor_cov"] @ r),
+                               rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(v[-2 - k * k - k:-2 - k * k], n * u.payload["anchor_mean"], rtol=1e-12)
+    assert v.size == sum(np.size(x) for key, x in u.payload.items() if key != "pred_stats") + 2
+
+
+def test_secure_fedmdh_under_ckks_is_its_rule_within_the_ckks_bound(perovskite_fed):
+    _require_openfhe()
+    from fedmdh.secure.threshold import ThresholdGroup
+
+    # Prepare: round 2 of FedMDH's defaults (shared networks, anchor step, prediction moments)
+    algo = make_algorithm("fedmdh")
+    server, ups, _ = _fedmdh_rounds(perovskite_fed, algo, 2)[1]
+    ref = secure_aggregate(algo, server, ups, _plain_sum)
+    # Execute
+    with ThresholdGroup([u.institution for u in ups]) as g:
+        out = secure_aggregate(algo, server, ups, g)
+    # Assert: the decrypted sums are within CKKS's absolute bound, so the aggregate is too
+    for key in ref:
+        np.testing.assert_allclose(out[key], ref[key], rtol=1e-5, atol=1e-5, err_msg=key)
 
 
 def test_secure_setup_through_a_plain_sum_gives_the_plain_scaler(perovskite_tables):
@@ -259,7 +355,7 @@ def test_fedmdh_run_secure_refuses_an_uncovered_algorithm_and_a_ledger_in_one_li
 
     base = [sys.executable, "-m", "fedmdh.cli", "run", "--institutions", *perovskite["institutions"],
             "--test", perovskite["test"], "--target", "e_form", "--secure"]
-    for extra, expected in ((["--algorithm", "fedmdh", "--ledger", "off"], "fedmdh would still reveal"),
+    for extra, expected in ((["--algorithm", "fedkd", "--ledger", "off"], "fedkd would still reveal"),
                             (["--algorithm", "fedavg"], "give --ledger off with --secure")):
         out = tmp_path / extra[1]
         r = subprocess.run([*base, *extra, "--out", str(out)], capture_output=True, text=True, timeout=300)

@@ -3,6 +3,8 @@
 - :func:`w2_squared`: closed-form squared 2-Wasserstein distance between Gaussians (numpy, float64).
 - :func:`w2_squared_torch`: the same, differentiable in the first Gaussian's moments.
 - :func:`barycenter`: the W2 barycenter of Gaussians (weighted), via POT's fixed-point solver.
+- :func:`barycenter_term` / :func:`barycenter_step`: one fixed-point step from a public ``S`` split
+  into a per-Gaussian term and what follows from their weighted sum (the secure rule's pieces).
 - :func:`mixture_moments`: mean and variance of a weighted mixture of 1-D distributions.
 - :func:`gaussian_kl`: KL(N(m0, v0) || N(m1, v1)) for 1-D Gaussians.
 
@@ -109,6 +111,30 @@ def barycenter(
         if change < tol:
             break
     return m, S
+
+
+def _step_roots(S: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(S^1/2, S^-1/2)`` of a public anchor, eigenvalues floored at ``1e-12 tr(S) / k``."""
+    S = np.asarray(S, np.float64)
+    floor = 1e-12 * max(float(np.trace(S)) / S.shape[0], 1e-300)
+    return _eig_pows(S, floor)
+
+
+def barycenter_term(S: np.ndarray, cov: np.ndarray) -> np.ndarray:
+    """``(S^1/2 S_i S^1/2)^1/2``: one Gaussian's term of :func:`barycenter`'s fixed-point step from
+    ``S`` (``cov`` = ``S_i``). The step is ``S_new = S^-1/2 T T S^-1/2`` with ``T = sum_i w_i`` of
+    these terms (:func:`barycenter_step`), so ``T`` is a weighted *sum* each holder of ``S_i``
+    can contribute to on its own."""
+    r, _ = _step_roots(S)
+    return psd_sqrt(r @ _sym(np.asarray(cov, np.float64)) @ r)
+
+
+def barycenter_step(S: np.ndarray, T: np.ndarray) -> np.ndarray:
+    """``S^-1/2 T T S^-1/2`` (symmetrised): the fixed-point step from ``S`` given ``T``, the
+    weighted sum of :func:`barycenter_term` (weights summing to 1)."""
+    _, r_inv = _step_roots(S)
+    T = _sym(np.asarray(T, np.float64))
+    return _sym(r_inv @ T @ T @ r_inv)
 
 
 def mixture_moments(means: Sequence[float], variances: Sequence[float], weights: Sequence[float]) -> tuple[float, float]:
