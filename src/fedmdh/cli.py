@@ -18,7 +18,8 @@ from rich.markup import escape
 from rich.text import Text
 
 from fedmdh import defaults
-from fedmdh.cli_output import TrainingProgress, add_row, print_line, print_table, table
+from fedmdh.cli_output import (DpClipOpt, DpDeltaOpt, DpNoiseOpt, TrainingProgress, add_row, dp_overrides,
+                                print_line, print_table, table)
 from fedmdh.errors import FedmdhError
 
 app = typer.Typer(
@@ -256,7 +257,11 @@ def run(
     local_guard: LocalGuardOpt = None,
     overwrite: OverwriteOpt = False,
     secure: Annotated[bool, typer.Option("--secure", help="Pool setup statistics and weighted parameter sums "
-                                         "under threshold CKKS (fedavg, fedprox, fedgan; needs --ledger off).")] = False,
+                                         "under threshold CKKS (fedavg, fedprox, fedgan, fedmdh; needs --ledger "
+                                         "off).")] = False,
+    dp_noise: DpNoiseOpt = None,
+    dp_clip: DpClipOpt = None,
+    dp_delta: DpDeltaOpt = None,
 ) -> None:
     """Train one federation (the main job); save each institution's model and the metrics.
 
@@ -267,7 +272,7 @@ def run(
         config, institutions, test, target, rounds=rounds, first_seed=seed,
         exclude=tuple(exclude) if exclude else None, algorithms=(algorithm,), seeds=1, clip=_clip_option(clip_inputs),
         selection=selection, local_guard=local_guard,
-        switches=_switches(no_gfam, no_cgan, no_rkd, gfam),
+        switches=_switches(no_gfam, no_cgan, no_rkd, gfam), **dp_overrides(dp_noise, dp_clip, dp_delta),
     )
     _run_and_report(cfg, algorithm, out, _ledger_options(ledger, chain_rpc, "embedded"), overwrite, secure)
 
@@ -341,11 +346,12 @@ def _ledger_options(mode: Optional[str], chain_rpc: Optional[str], default: str)
 
 
 def _run_and_report(cfg, algorithm: str, out: Path, ledger=None, overwrite: bool = False, secure: bool = False) -> None:
-    from fedmdh.experiment.runner import check_inputs, check_secure, run_experiment
+    from fedmdh.experiment.runner import check_dp, check_inputs, check_secure, run_experiment
     from fedmdh.outputs import claim_output_dir
 
     if secure:
         check_secure(algorithm, ledger)
+    check_dp(cfg, ledger)
     tables = check_inputs(cfg)  # every file and the federation's layout, before any progress display
     with claim_output_dir(out, overwrite=overwrite) as claim, \
             TrainingProgress(err_console, f"{algorithm} seed {cfg.first_seed}", 1, cfg.rounds) as progress:
@@ -353,6 +359,10 @@ def _run_and_report(cfg, algorithm: str, out: Path, ledger=None, overwrite: bool
     from fedmdh.experiment.runner import kept_rounds_text
 
     _print_final(result, f"{algorithm}: test metrics (models {kept_rounds_text(result.best_rounds)}, chosen on validation)")
+    if result.privacy is not None:
+        from fedmdh.secure.dp import report_line
+
+        print_line(console, report_line(result.privacy))
     print_line(console, f"saved models, metrics.jsonl and final_metrics.json to {out}")
 
 
@@ -381,6 +391,9 @@ def benchmark(
     gfam: GfamOpt = None,
     local_guard: LocalGuardOpt = None,
     overwrite: OverwriteOpt = False,
+    dp_noise: DpNoiseOpt = None,
+    dp_clip: DpClipOpt = None,
+    dp_delta: DpDeltaOpt = None,
 ) -> None:
     from fedmdh.experiment.runner import check_inputs, run_benchmark
     from fedmdh.outputs import claim_output_dir
@@ -389,6 +402,7 @@ def benchmark(
         config, institutions, test, target, algorithms=_algorithms_option(algorithms), seeds=seeds,
         rounds=rounds, exclude=tuple(exclude) if exclude else None, switches=_switches(no_gfam, no_cgan, no_rkd, gfam),
         clip=_clip_option(clip_inputs), selection=selection, local_guard=local_guard,
+        **dp_overrides(dp_noise, dp_clip, dp_delta),
     )
     ledger_options = _ledger_options(ledger, chain_rpc, "off")
     tables = check_inputs(cfg)  # every file and the federation's layout, before any progress display

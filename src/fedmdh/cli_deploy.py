@@ -17,6 +17,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from fedmdh.cli_output import DpClipOpt, DpDeltaOpt, DpNoiseOpt, dp_overrides
 from fedmdh.errors import InputError
 
 console = Console()
@@ -166,7 +167,7 @@ def chain(
 
 
 def _experiment(config: Optional[Path], target: Optional[str], algorithm: str, rounds: Optional[int],
-                seed: Optional[int]) -> dict[str, Any]:
+                seed: Optional[int], dp: Optional[dict] = None, secure: bool = False) -> dict[str, Any]:
     """The task's experiment settings (config file overlaid with the options), validated."""
     from fedmdh.config import ExperimentConfig, read_toml
     from fedmdh.runtime.coordinator import DeployTask, experiment_settings
@@ -179,10 +180,10 @@ def _experiment(config: Optional[Path], target: Optional[str], algorithm: str, r
     if "target" not in kw:
         raise InputError("missing --target; give it on the command line or in --config FILE.toml.")
     kw.update({k: v for k, v in (("rounds", rounds), ("first_seed", seed)) if v is not None})
-    kw.update(algorithms=(algorithm,), seeds=1)
+    kw.update(algorithms=(algorithm,), seeds=1, **(dp or {}))
     cfg = ExperimentConfig(institutions=("institution-a", "institution-b"), test="", **kw)
     settings = experiment_settings(cfg)
-    DeployTask("check", settings, 2, "", "").config()  # refuses references and simulator-only settings
+    DeployTask("check", settings, 2, "", "", secure=secure).config()  # refuses references and simulator-only settings
     return settings
 
 
@@ -248,7 +249,7 @@ QuorumOpt = Annotated[Optional[int], typer.Option(
 
 SecureOpt = Annotated[bool, typer.Option(
     "--secure", help="Confidential aggregation: the setup statistics and every update travel and are stored only "
-                     "encrypted under threshold CKKS (OpenFHE), keys shared by the nodes (fedavg, fedprox, fedgan; "
+                     "encrypted under threshold CKKS (OpenFHE), keys shared by the nodes (fedavg, fedprox, fedgan, fedmdh; "
                      "docs/security.md).")]
 RecordOpt = Annotated[Optional[Path], typer.Option(
     "--record-messages", help="Write every message the coordinator sends and receives into this folder (an audit of "
@@ -310,13 +311,17 @@ def deploy_run(
     round_timeout: _timeout_opt(300.0) = 300.0,
     secure: SecureOpt = False,
     record_messages: RecordOpt = None,
+    dp_noise: DpNoiseOpt = None,
+    dp_clip: DpClipOpt = None,
+    dp_delta: DpDeltaOpt = None,
 ) -> None:
     """Submit a task to a running SuperLink and follow it to its end."""
     from fedmdh.runtime.coordinator import DeployTask
 
     _check_out(out)
     _secure_check(secure, algorithm)
-    experiment = _experiment(config, target, algorithm, rounds, seed)
+    experiment = _experiment(config, target, algorithm, rounds, seed, dp_overrides(dp_noise, dp_clip, dp_delta),
+                             secure)
     task = DeployTask(secrets.token_hex(6), experiment, nodes, chain_rpc, str(out.resolve()),
                       keystore=str(keystore.resolve()) if keystore else None, wait_s=wait, quorum=quorum,
                       round_timeout=round_timeout, secure=secure,
@@ -377,6 +382,9 @@ def deploy_local(
     round_timeout: _timeout_opt(30.0) = 30.0,
     secure: SecureOpt = False,
     record_messages: RecordOpt = None,
+    dp_noise: DpNoiseOpt = None,
+    dp_clip: DpClipOpt = None,
+    dp_delta: DpDeltaOpt = None,
     fault: Annotated[Optional[list[str]], typer.Option(
         "--fault", help="Rehearse a failure (repeatable): coordinator@R (kill -9 the SuperLink and ServerApp before "
                         "round R, then resume with a new one), node:NAME@R1-R2 (kill NAME's node before round R1, "
@@ -401,7 +409,8 @@ def deploy_local(
         if not p.is_file():
             raise InputError(f"{p}: file not found; check the path.")
     names = [check_name(n) for n in unique_names(institutions)]
-    experiment = _experiment(config, target, algorithm, rounds, seed)
+    experiment = _experiment(config, target, algorithm, rounds, seed, dp_overrides(dp_noise, dp_clip, dp_delta),
+                             secure)
     faults = [Fault.parse(f) for f in fault or ()]
     for f in faults:
         if f.kind == "node" and f.name not in names:

@@ -162,3 +162,28 @@ class CountProgress:
             print_line(self.console, f"{self._label()}: {done}/{total} "
                                      f"({_elapsed(time.perf_counter() - self._t0)} elapsed)")
             self._next = done + max(1, total // 10)
+
+
+# ---------------------------------------------------------------- options shared by run, benchmark and deploy
+
+import typer  # noqa: E402
+from typing import Annotated, Optional  # noqa: E402
+
+DpNoiseOpt = Annotated[Optional[float], typer.Option(
+    "--dp-noise", metavar="SIGMA",
+    help="Differential privacy on every round's released sum (fedavg, fedprox): the Gaussian noise multiplier, "
+         "per institution; the budget spent is reported (docs/security.md) [default: off].")]
+DpClipOpt = Annotated[Optional[float], typer.Option(
+    "--dp-clip", metavar="S", help="With --dp-noise: the L2 bound on one institution's change of the parameters "
+                                   "in a round [default: 0.5].")]
+DpDeltaOpt = Annotated[Optional[float], typer.Option(
+    "--dp-delta", help="With --dp-noise: the budget's delta [default: 1e-5].")]
+
+
+def dp_overrides(noise: Optional[float], clip: Optional[float], delta: Optional[float]) -> dict[str, float]:
+    """The ExperimentConfig fields the --dp-* options set (none given: none)."""
+    from fedmdh.errors import InputError
+
+    if noise is None and (clip is not None or delta is not None):
+        raise InputError("--dp-clip and --dp-delta go with --dp-noise SIGMA (the noise multiplier).")
+    return {k: float(v) for k, v in (("dp_noise", noise), ("dp_clip", clip), ("dp_delta", delta)) if v is not None}

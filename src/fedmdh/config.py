@@ -72,6 +72,10 @@ class ExperimentConfig:
     local_steps: int = 5
     batch_size: int = 64
     algorithm_settings: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    # differential privacy on each round's released sum (fedmdh.secure.dp): noise multiplier, 0 = off
+    dp_noise: float = 0.0
+    dp_clip: float = 0.5  # L2 bound on one institution's change of the parameters in a round
+    dp_delta: float = 1e-5
 
     def __post_init__(self) -> None:
         check_types({f.name: getattr(self, f.name) for f in fields(self)})
@@ -116,8 +120,24 @@ class ExperimentConfig:
                 f"rounds x local_steps = {self.rounds * self.local_steps:,} minibatch steps per institution exceeds "
                 f"the bound {defaults.MAX_STEPS:,}; lower rounds or local_steps."
             )
+        if self.dp_noise < 0:
+            raise InputError(f"dp_noise (the noise multiplier) must be >= 0 (0: off), got {self.dp_noise}.")
+        if self.dp is not None:
+            from fedmdh.secure.dp import check_dp_covered
+
+            for a in self.algorithms:
+                check_dp_covered(a)
         for a in self.algorithms:  # fail now, not after an hour of other algorithms
             self.build_algorithm(a)
+
+    @property
+    def dp(self):
+        """The differential-privacy settings (:class:`fedmdh.secure.dp.DPSettings`), None when off."""
+        if not self.dp_noise:
+            return None
+        from fedmdh.secure.dp import DPSettings
+
+        return DPSettings(float(self.dp_noise), float(self.dp_clip), float(self.dp_delta))
 
     @property
     def guard(self) -> str:
@@ -191,6 +211,8 @@ class ExperimentConfig:
             # the effective settings of every algorithm run, defaults included
             "algorithm": {a: self.settings_for(a) for a in self.algorithms},
         }
+        if self.dp is not None:
+            out["privacy"] = self.dp.to_dict()
         return out
 
     def write_toml(self, path: str | Path) -> None:
@@ -258,6 +280,9 @@ def check_types(kw: Mapping[str, Any], where: str = "") -> None:
             _int_in(key, kw[key], lo, hi, where)
     if "val_fraction" in kw and not _is_number(kw["val_fraction"]):
         raise InputError(f"{where}val_fraction must be a number in [0, 0.5), got {_kind(kw['val_fraction'])}.")
+    for key in ("dp_noise", "dp_clip", "dp_delta"):
+        if key in kw and not _is_number(kw[key]):
+            raise InputError(f"{where}{key} must be a number, got {_kind(kw[key])}.")
     if "clip_inputs" in kw and kw["clip_inputs"] is not None and not _is_number(kw["clip_inputs"]):
         raise InputError(f"{where}clip_inputs must be a margin >= 0 or false, got {_kind(kw['clip_inputs'])}.")
     if "hidden" in kw:
@@ -284,8 +309,9 @@ def check_types(kw: Mapping[str, Any], where: str = "") -> None:
 
 _TOP_KEYS = {
     "target", "institutions", "test", "algorithms", "seeds", "first_seed", "rounds",
-    "val_fraction", "clip_inputs", "selection", "local_guard", "exclude", "training", "algorithm",
+    "val_fraction", "clip_inputs", "selection", "local_guard", "exclude", "training", "algorithm", "privacy",
 }
+_PRIVACY_KEYS = {"noise_multiplier": "dp_noise", "clip": "dp_clip", "delta": "dp_delta"}
 
 
 def read_toml(path: str | Path) -> dict[str, Any]:
@@ -301,7 +327,7 @@ def read_toml(path: str | Path) -> dict[str, Any]:
     if unknown:
         raise InputError(f"{path}: unknown setting {sorted(unknown)[0]!r}; known: {', '.join(sorted(_TOP_KEYS))}.")
     where = f"{path}: "
-    for key in ("training", "algorithm"):
+    for key in ("training", "algorithm", "privacy"):
         if key in raw and not isinstance(raw[key], Mapping):
             raise InputError(f"{where}{key} must be a table ([{key}]{'' if key == 'training' else '.NAME'} with "
                              f"settings under it), got {_kind(raw[key])}.")
@@ -313,7 +339,15 @@ def read_toml(path: str | Path) -> dict[str, Any]:
             f"{', '.join(sorted(_SHARED_TRAINING_KEYS))} (optimizer and lr go under [algorithm.NAME])."
         )
     algs = raw.get("algorithms")
-    flat = {k: v for k, v in raw.items() if k not in ("training", "algorithm")}
+    privacy = raw.get("privacy", {})
+    unknown_p = set(privacy) - set(_PRIVACY_KEYS)
+    if unknown_p:
+        raise InputError(f"{where}unknown [privacy] setting {sorted(unknown_p)[0]!r}; known: "
+                         f"{', '.join(sorted(_PRIVACY_KEYS))}.")
+    for key, value in privacy.items():
+        if not _is_number(value):
+            raise InputError(f"{where}[privacy] {key} must be a number, got {_kind(value)}.")
+    flat = {k: v for k, v in raw.items() if k not in ("training", "algorithm", "privacy")}
     if isinstance(algs, str):  # "fedavg,fedprox" is accepted too
         flat["algorithms"] = [a.strip() for a in algs.split(",") if a.strip()]
     if flat.get("clip_inputs") is False:
@@ -338,6 +372,9 @@ def read_toml(path: str | Path) -> dict[str, Any]:
     for key in _SHARED_TRAINING_KEYS:
         if key in training:
             kw[key] = training[key]
+    for key, field_name in _PRIVACY_KEYS.items():
+        if key in privacy:
+            kw[field_name] = float(privacy[key])
     if "algorithm" in raw:
         kw["algorithm_settings"] = raw["algorithm"]
     return kw

@@ -73,6 +73,16 @@ def check_secure(algorithm: str, ledger: "LedgerOptions | None") -> None:
         raise InputError(f"--secure needs OpenFHE: {reason}")
 
 
+def check_dp(cfg: ExperimentConfig, ledger: "LedgerOptions | None") -> None:
+    """Refuse differential privacy with a run ledger (it would commit, and aggregate on chain, each
+    institution's clear update, without the noise)."""
+    from fedmdh.errors import InputError
+
+    if cfg.dp is not None and ledger is not None and ledger.mode != "off":
+        raise InputError("--dp-noise with a run ledger is not wired (the ledger aggregates each institution's clear "
+                         "update on chain, without the noise); give --ledger off, or deploy the task with --secure.")
+
+
 def check_inputs(cfg: ExperimentConfig, tables: Tables | None = None) -> Tables:
     """Everything that can be checked before training: files, federation layout, algorithms.
 
@@ -191,6 +201,7 @@ def run_experiment(
     """
     seed = cfg.first_seed if seed is None else seed
     cfg = cfg.with_overrides(algorithms=(algorithm,), seeds=1, first_seed=seed)
+    check_dp(cfg, LedgerOptions() if ledger is None else ledger)
     tables = tables or load_tables(cfg)
     algo = cfg.build_algorithm(algorithm)
     if not secure:
@@ -233,7 +244,7 @@ def _run_in(out, cfg, algorithm, seed, tables, fed, algo, progress, ledger, secu
         try:
             result = simulate(fed, algo, cfg.rounds, seed=seed, on_round=on_round,
                               round_hook=recorder.round_hook if recorder else None, selection=cfg.selection,
-                              on_best=on_best, secure=secure)
+                              on_best=on_best, secure=secure, dp=cfg.dp)
             if recorder is not None:
                 recorder.flush()  # the last round finalized the aggregate this run used
         except TrainingDiverged as exc:
@@ -260,12 +271,17 @@ def _run_in(out, cfg, algorithm, seed, tables, fed, algo, progress, ledger, secu
         "seconds": result.seconds,
         **result.final,
         "per_institution": result.final_per_institution,
+        **({"privacy": result.privacy} if result.privacy is not None else {}),
     }
     _write_json(out / "final_metrics.json", final)
     ledger_line = finish_run_ledger(recorder, models_dir)
     with (out / "run.log").open("a", encoding="utf-8") as fh:
         if ledger_line:
             fh.write(ledger_line + "\n")
+        if result.privacy is not None:
+            from fedmdh.secure.dp import report_line
+
+            fh.write(report_line(result.privacy) + "\n")
         fh.write(
             f"finished {cfg.rounds} rounds in {result.seconds:.1f} s; models kept {kept_rounds_text(result.best_rounds)} "
             f"(on own validation rows); test rmse {result.final['rmse']:.4f} r2 {result.final['r2']:.4f}\n"
@@ -297,6 +313,7 @@ def run_benchmark(
     (absent or empty unless ``overwrite``; locked while the benchmark runs).
     """
     ledger = ledger or LedgerOptions(mode="off")
+    check_dp(cfg, ledger)
     tables = check_inputs(cfg, tables)
     with claim_output_dir(out_dir, overwrite=overwrite) as claim:
         return _benchmark_in(claim.path, cfg, progress, command, tables, ledger)
@@ -326,7 +343,8 @@ def _benchmark_in(out: Path, cfg, progress, command, tables, ledger) -> Benchmar
                                         cfg.rounds, seed, out / "config.toml", archive=False)
             try:
                 res = simulate(fed, algo, cfg.rounds, seed=seed, on_round=on_round,
-                               round_hook=recorder.round_hook if recorder else None, selection=cfg.selection)
+                               round_hook=recorder.round_hook if recorder else None, selection=cfg.selection,
+                               dp=cfg.dp)
             except TrainingDiverged as exc:
                 finish_run_ledger(recorder, None, after_error=True)
                 kept = (f"{name} seed {seed}; the {len(results)} runs finished before it are in "

@@ -138,6 +138,9 @@ class DeployTask:
             from fedmdh.secure.aggregation import check_covered
 
             check_covered(cls.name)
+        if cfg.dp is not None and not self.secure:
+            raise InputError("differential privacy in a deployed task needs --secure (without it the coordinator "
+                             "sees, and the chain commits, each institution's update before any noise is summed).")
         return cfg
 
     @property
@@ -841,6 +844,14 @@ class Coordinator:
                  **{k: _mean([m.get(k) for m in per.values()]) for k in ("rmse", "mae", "r2")},
                  "per_institution": per, "runtime": "flower", "task_id": self.task.task_id,
                  "contract": self.contract.address}
+        if cfg.dp is not None:  # the budget spent: every released round sum, with its contributors (chain)
+            from fedmdh.secure.dp import report, report_line
+
+            c = self.contract.functions
+            counts = [sum(bytes(c.update_hash(r, self.addresses[n]).call()) != EMPTY for n in names)
+                      for r in range(1, cfg.rounds + 1)]
+            final["privacy"] = report(cfg.dp, cfg.rounds, len(names), counts)
+            self._log(report_line(final["privacy"]))
         # written before the archive, which commits their sha256
         (self.out / "final_metrics.json").write_text(json.dumps(_finite(final), indent=2), encoding="utf-8")
         digest = self._archive(replies)

@@ -134,6 +134,11 @@ class NodeTask:
         return float(self.spec_json.get("wait_s", DEFAULT_WAIT_S))
 
 
+def _n_max(task: NodeTask) -> int:
+    """The largest institution's training-row count, public since the setup (the noise's scale)."""
+    return max(int(v) for v in task.setup.n_train.values())
+
+
 class NodeService:
     """The node's side of the protocol; :meth:`handle` answers one ``(meta, arrays)`` message.
 
@@ -535,6 +540,10 @@ class NodeService:
                 raise InputError(f"round {rnd}'s commitments are still open on chain; refusing to decrypt its sum")
             updates = updates_from(meta, arrays)
             self._check_committed(task, rnd, updates)
+            big = [u.institution for u in updates if u.num_examples > _n_max(task)]
+            if task.config.dp is not None and big:  # the noise was sized for the setup's largest count
+                raise InputError(f"round {rnd}: {big[0]} committed more rows than the setup's largest count; the "
+                                 "noise added here would not cover it, refusing to decrypt")
             cts = {u.institution: update_vector(u) for u in updates}
             parties = list(task.setup.names)
         else:
@@ -762,7 +771,13 @@ class NodeService:
             from fedmdh.secure.aggregation import secure_contribution
 
             blobs.put(codec.encode_update(update))
-            vector = secure_contribution(task.algorithm, task.server, update)
+            if task.config.dp is not None:  # its share of the noise, from the OS: nobody can subtract it
+                from fedmdh.secure.dp import dp_contribution, private_rng
+
+                vector = dp_contribution(task.algorithm, task.server, update, task.config.dp, _n_max(task),
+                                         len(task.setup.names), private_rng())
+            else:
+                vector = secure_contribution(task.algorithm, task.server, update)
             update = encrypted_update(update, task.secure.encrypt(f"round-{rnd}", vector))
         digest = blobs.put(codec.encode_update(update))
         task.progress.updates[rnd] = digest

@@ -43,6 +43,7 @@ from fedmdh.errors import TrainingDiverged
 
 if TYPE_CHECKING:
     from fedmdh.secure.aggregation import SecureSum
+    from fedmdh.secure.dp import DPSettings
 
 POOLED_NAME = "__pooled__"
 
@@ -107,6 +108,8 @@ class RunResult:
     federated_only_per_institution: dict[str, dict[str, float]] = field(default_factory=dict)
     #: under the local guard, per institution: the federated and local rounds kept and the weight
     guard: dict[str, dict[str, float]] = field(default_factory=dict)
+    # the privacy budget spent (fedmdh.secure.dp.report) when the releases were noised
+    privacy: dict[str, Any] | None = None
 
     @property
     def best_round(self) -> int:
@@ -146,6 +149,7 @@ def simulate(
     on_models: Callable[[int, dict[str, Params]], None] | None = None,
     on_best: BestHook | None = None,
     secure: SecureSum | None = None,
+    dp: "DPSettings | None" = None,
 ) -> RunResult:
     """Train ``algorithm`` on ``fed`` for ``rounds`` rounds in this process.
 
@@ -182,6 +186,12 @@ def simulate(
         only FedAvg, FedProx and FedGAN are covered, others raise :class:`~fedmdh.errors.InputError`.
         ``bytes_up`` then counts what the institutions sent: ciphertexts and partial decryptions,
         when the secure sum says so (``secure.bytes_up``), else the clear payloads.
+    dp:
+        Differential privacy on every round's released sum (:mod:`fedmdh.secure.dp`; FedAvg and
+        FedProx): each institution clips its change and adds its share of the Gaussian noise,
+        through ``secure`` when given, else summed in the clear (a study of the utility: the
+        noise here follows ``seed``, so it protects nothing; a deployed node draws it from the OS).
+        ``RunResult.privacy`` reports the budget spent.
 
     Raises
     ------
@@ -201,8 +211,13 @@ def simulate(
         from fedmdh.secure.aggregation import check_covered
 
         check_covered(algorithm.name)
+    if dp is not None:
+        from fedmdh.secure.dp import check_dp_covered
+
+        check_dp_covered(algorithm.name)
     with training_thread_count():
-        return _simulate(fed, algorithm, rounds, seed, on_round, round_hook, selection, on_models, on_best, secure)
+        return _simulate(fed, algorithm, rounds, seed, on_round, round_hook, selection, on_models, on_best, secure,
+                         dp)
 
 
 def _simulate(
@@ -216,8 +231,11 @@ def _simulate(
     on_models: Callable[[int, dict[str, Params]], None] | None = None,
     on_best: BestHook | None = None,
     secure: SecureSum | None = None,
+    dp: "DPSettings | None" = None,
 ) -> RunResult:
     t_start = time.perf_counter()
+    if dp is not None and (algorithm.centralized or not algorithm.federated):
+        dp = None  # local training releases nothing; pooled is refused by check_dp_covered
     spec = FederationSpec.from_federation(fed)
     insts = {d.name: d for d in fed.institutions}
     if algorithm.centralized:
@@ -247,7 +265,12 @@ def _simulate(
                 )
                 slots[name].put(clients[name])
                 updates.append(upd)
-            if secure is None:
+            if dp is not None:
+                from fedmdh.secure.dp import dp_aggregate
+
+                rngs = {name: np.random.default_rng([seed, r, i, 0x6470]) for i, name in enumerate(sorted(trainers))}
+                server = dp_aggregate(algorithm, server, updates, dp, rngs, secure)
+            elif secure is None:
                 server = algorithm.aggregate(server, updates, aggregate_rng(seed, r), r)
             else:
                 from fedmdh.secure.aggregation import secure_aggregate
@@ -317,7 +340,16 @@ def _simulate(
         federated_only=_summary(federated_per),
         federated_only_per_institution=federated_per,
         guard={name: dict(kept.kept[name].detail) for name in insts if kept.kept[name].detail},
+        privacy=_privacy(dp, rounds, len(trainers)),
     )
+
+
+def _privacy(dp, rounds: int, n_parties: int) -> dict[str, Any] | None:
+    if dp is None:
+        return None
+    from fedmdh.secure.dp import report
+
+    return report(dp, rounds, n_parties)
 
 
 def _bytes_up(updates: Sequence[Update], secure: SecureSum | None) -> int:
