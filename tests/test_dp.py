@@ -129,7 +129,7 @@ def test_simulated_fedavg_with_dp_reports_its_budget_and_noise_costs_accuracy(pe
     quiet = simulate(perovskite_fed, algo, rounds=6, seed=0, dp=DPSettings(1e-9, clip=100.0))
     loud = simulate(perovskite_fed, algo, rounds=6, seed=0, dp=DPSettings(2.0, clip=0.01))
     assert plain.privacy is None
-    assert quiet.privacy["releases"] == 6
+    assert quiet.privacy["releases"] == 6 and quiet.privacy["epsilon"] is None  # no guarantee at this noise
     assert loud.privacy["epsilon"] == pytest.approx(epsilon(2.0, 6, 1e-5))
     assert abs(quiet.final["r2"] - plain.final["r2"]) < 1e-3
     assert loud.final["r2"] < plain.final["r2"] - 0.05
@@ -177,3 +177,33 @@ def test_a_deployed_task_refuses_dp_without_secure():
     cfg = ExperimentConfig(("a", "b"), "", "y", algorithms=("fedavg",), seeds=1, dp_noise=1.0)
     with pytest.raises(InputError, match="needs --secure"):
         DeployTask("t", experiment_settings(cfg), 2, "", "").config()
+
+
+def test_the_noised_sum_under_threshold_ckks_is_the_clear_noised_sum_within_ckks_precision():
+    from fedmdh.secure.backend import unavailable_reason
+
+    reason = unavailable_reason()
+    if reason is not None:
+        print(f"skipped: {reason}")
+        pytest.skip(reason)
+    from fedmdh.secure.threshold import ThresholdGroup
+
+    rng = np.random.default_rng(5)
+    algo = make_algorithm("fedprox")
+    server = _state(rng, (("w", (100, 30)), ("b", (30,))))
+    counts = {"a": 12, "b": 40, "c": 7}
+    updates = [Update(n, {k: v + rng.normal(scale=0.05, size=v.shape) for k, v in server.items()}, c)
+               for n, c in counts.items()]
+    s = DPSettings(noise_multiplier=0.8, clip=0.3)
+
+    def rngs():
+        return {n: np.random.default_rng(i) for i, n in enumerate(counts)}
+
+    clear = dp_aggregate(algo, server, updates, s, rngs())
+    with ThresholdGroup(sorted(counts)) as g:
+        secure = dp_aggregate(algo, server, updates, s, rngs(), secure_sum=g.secure_sum)
+    for k in server:
+        np.testing.assert_allclose(secure[k], clear[k], rtol=0, atol=1e-8)
+    # and the noise is there: not the plain weighted mean
+    plain = algo.aggregate(server, updates, np.random.default_rng(0), 1)
+    assert np.abs(clear["w"] - plain["w"]).max() > 1e-3

@@ -53,6 +53,8 @@ class Run:
 DOWN = ("train_part1", 2, 4)  # the dropout run: its node does not answer rounds 2 and 3
 FEDMDH_ROUNDS = 3  # the fedmdh run (secure; against the simulator's plain run)
 CRASH = 3  # the resumed run: its coordinator is lost before round 3's messages
+DP_ROUNDS = 3  # the dp run: noise on the released sums, a clip no change reaches (the noise alone is checked)
+DP = {"dp_noise": 1e-7, "dp_clip": 10.0}
 
 
 class _CoordinatorLost(Exception):
@@ -77,8 +79,9 @@ def runs(perovskite, tmp_path_factory):
     try:
         with Services(root / "logs") as services:
             _, url = start_anvil(services)
-            for kind in ("secure", "plain", "dropout", "resumed", "fedmdh"):
+            for kind in ("secure", "plain", "dropout", "resumed", "fedmdh", "dp"):
                 kcfg = dataclasses.replace(cfg, algorithms=("fedmdh",), rounds=FEDMDH_ROUNDS) if kind == "fedmdh" else cfg
+                kcfg = dataclasses.replace(cfg, rounds=DP_ROUNDS, **DP) if kind == "dp" else kcfg
                 nodes = {n: NodeService(n, p, "e_form", root / kind / n, test=perovskite["test"])
                          for n, p in zip(NAMES, perovskite["institutions"])}
                 folder = root / kind / "out"
@@ -290,6 +293,48 @@ def test_the_task_records_the_secure_scheme_and_no_on_chain_vector(runs):
     for name, svc in run.nodes.items():
         share = svc.tasks[run.task_id].folder / "secure" / "share.bin"
         assert share.is_file() and (share.stat().st_mode & 0o777) == 0o600
+
+
+def test_a_dp_task_releases_the_sum_plus_noise_of_the_designed_scale_and_reports_its_budget(runs):
+    from fedmdh.ledger.audit import verify
+    from fedmdh.ledger.blobs import DirBlobStore
+    from fedmdh.runtime.secure_task import Release
+    from fedmdh.secure.dp import DPSettings, noise_std, report
+
+    run = runs["dp"]
+    assert verify(run.out, rpc_url=run.url).ok
+    blobs = DirBlobStore(run.out / "ledger" / "blobs")
+    released = {}
+    for line in (run.out / "ledger" / "releases.jsonl").read_text().splitlines():
+        d = json.loads(line)
+        if d["purpose"].startswith("round-"):
+            released[int(d["purpose"][6:])] = Release.from_blob(blobs.get(d["release"])).released
+    assert sorted(released) == list(range(1, DP_ROUNDS + 1))
+    # each institution's clear contributions (kept on its node): one per round
+    contributions = {}
+    for name, vals in _clear_secrets(run).items():
+        contributions[name] = [v for v in vals if v.ndim == 1 and v.size == released[1].size]
+        assert len(contributions[name]) == DP_ROUNDS
+    n_train = run.nodes[NAMES[0]].tasks[run.task_id].setup.n_train
+    std = noise_std(DPSettings(DP["dp_noise"], DP["dp_clip"]), max(n_train.values()))
+    for rnd, total in released.items():
+        # the clear sum of the round: the combination of one contribution per institution closest to it
+        best = min(np.std(total - sum(c)) for c in _combinations(contributions))
+        assert best == pytest.approx(std, rel=0.05), (rnd, best, std)  # noise of the designed scale, not 0
+    final = json.loads((run.out / "final_metrics.json").read_text())
+    expected = report(DPSettings(DP["dp_noise"], DP["dp_clip"]), DP_ROUNDS, 3, [3] * DP_ROUNDS)
+    assert final["privacy"]["releases"] == DP_ROUNDS
+    assert final["privacy"]["epsilon"] is expected["epsilon"] is None  # this noise is too small to promise anything
+    assert "epsilon none (noise too small)" in (run.out / "run.log").read_text()
+    assert "differential privacy" in (run.out / "run.log").read_text()
+
+
+def _combinations(contributions: dict[str, list[np.ndarray]]):
+    import itertools
+
+    names = sorted(contributions)
+    for pick in itertools.product(*(contributions[n] for n in names)):
+        yield list(pick)
 
 
 # ---------------------------------------------------------------- a node's own checks

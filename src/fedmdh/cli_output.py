@@ -175,7 +175,7 @@ DpNoiseOpt = Annotated[Optional[float], typer.Option(
          "per institution; the budget spent is reported (docs/security.md) [default: off].")]
 DpClipOpt = Annotated[Optional[float], typer.Option(
     "--dp-clip", metavar="S", help="With --dp-noise: the L2 bound on one institution's change of the parameters "
-                                   "in a round [default: 0.5].")]
+                                   "in a round [default: 0.01].")]
 DpDeltaOpt = Annotated[Optional[float], typer.Option(
     "--dp-delta", help="With --dp-noise: the budget's delta [default: 1e-5].")]
 

@@ -74,7 +74,7 @@ class ExperimentConfig:
     algorithm_settings: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     # differential privacy on each round's released sum (fedmdh.secure.dp): noise multiplier, 0 = off
     dp_noise: float = 0.0
-    dp_clip: float = 0.5  # L2 bound on one institution's change of the parameters in a round
+    dp_clip: float = 0.01  # L2 bound on one institution's change of the parameters in a round
     dp_delta: float = 1e-5
 
     def __post_init__(self) -> None:
