@@ -14,8 +14,9 @@ messages go through :func:`cell` / ``markup=False``.
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Annotated, Any, Optional
 
+import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.measure import Measurement
@@ -166,18 +167,15 @@ class CountProgress:
 
 # ---------------------------------------------------------------- options shared by run, benchmark and deploy
 
-import typer  # noqa: E402
-from typing import Annotated, Optional  # noqa: E402
-
 DpNoiseOpt = Annotated[Optional[float], typer.Option(
     "--dp-noise", metavar="SIGMA",
     help="Differential privacy on every round's released sum (fedavg, fedprox): the Gaussian noise multiplier, "
-         "per institution; the budget spent is reported (docs/security.md) [default: off].")]
+         "per institution; the budget spent is reported (docs/security.md) " + escape("[default: off]") + ".")]
 DpClipOpt = Annotated[Optional[float], typer.Option(
     "--dp-clip", metavar="S", help="With --dp-noise: the L2 bound on one institution's change of the parameters "
-                                   "in a round [default: 0.01].")]
+                                   "in a round " + escape("[default: 0.01]") + ".")]
 DpDeltaOpt = Annotated[Optional[float], typer.Option(
-    "--dp-delta", help="With --dp-noise: the budget's delta [default: 1e-5].")]
+    "--dp-delta", help="With --dp-noise: the budget's delta " + escape("[default: 1e-5]") + ".")]
 
 
 def dp_overrides(noise: Optional[float], clip: Optional[float], delta: Optional[float]) -> dict[str, float]:
