@@ -173,3 +173,25 @@ def test_fedmdh_main_job_records_on_the_ledger_and_verifies(perovskite, tmp_path
     report = verify(out)
     assert report.ok, report.problem
     assert report.rounds_verified == 3
+
+
+def _model_delta(server, upd):
+    return np.sqrt(sum(float(np.sum((np.asarray(upd.payload[k], np.float64) - np.asarray(server[k], np.float64)) ** 2))
+                       for k in upd.payload if k.startswith(MODEL_KEYS)))
+
+
+def test_max_grad_norm_bounds_every_local_step(perovskite_fed):
+    """Plain SGD moves the model by lr * (clipped gradient) a step: a round's change of h . phi is at
+    most local_steps * lr * max_grad_norm, far less than the same round unclipped."""
+    clip = 1e-3
+    algo, _, server, upd = _one_update(perovskite_fed, max_grad_norm=clip)
+    t = algo.training
+    assert t.optimizer == "sgd" and t.momentum == 0 and t.weight_decay == 0
+    bound = t.local_steps * t.lr * clip
+    moved = _model_delta(server, upd)
+    assert bound * 0.5 < moved <= bound * (1 + 1e-4)
+    _, _, server, free = _one_update(perovskite_fed, max_grad_norm=None)
+    assert _model_delta(server, free) > 10 * bound
+    assert algo.hyperparameters()["max_grad_norm"] == clip
+    with pytest.raises(ValueError, match="max_grad_norm"):
+        make_algorithm("fedmdh", max_grad_norm=0.0)

@@ -176,6 +176,13 @@ class FedMDH(Algorithm):
         GFAM: fixed-point iterations per round for the anchor, warm-started from the last anchor.
     gan_steps, gan_lr, gan_weight_decay, gan_hidden:
         GPD-CGAN: discriminator/generator steps per round and their Adam settings, hidden width.
+    max_grad_norm:
+        Clip the gradient of ``h . phi`` to this L2 norm before every local step
+        (``torch.nn.utils.clip_grad_norm_``; ``None``: no clipping). With SGD at lr 0.2 a small
+        institution whose whole training set is one minibatch, or one with hundreds of columns,
+        can start a round at the edge of stability: the first step enlarges the latent codes, the
+        next gradients grow tenfold a step and the round ends in NaN. A bounded step cannot run
+        away like that.
     """
 
     name = "fedmdh"
@@ -200,8 +207,11 @@ class FedMDH(Algorithm):
         gan_lr: float = 3e-4,
         gan_weight_decay: float = 1e-2,
         gan_hidden: int = 128,
+        max_grad_norm: float | None = None,
     ) -> None:
         super().__init__(training)
+        if max_grad_norm is not None and not max_grad_norm > 0:
+            raise ValueError(f"max_grad_norm must be > 0, got {max_grad_norm}.")
         for nm, v in (("mask_prob", mask_prob),):
             if not 0.0 <= v <= 1.0:
                 raise ValueError(f"{nm} must be in [0, 1], got {v}.")
@@ -235,6 +245,7 @@ class FedMDH(Algorithm):
         self.gan_lr = float(gan_lr)
         self.gan_weight_decay = float(gan_weight_decay)
         self.gan_hidden = int(gan_hidden)
+        self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
         self._evaluator: Evaluator | None = None
         self._shared: tuple[Payload, Params] | None = None
 
@@ -246,7 +257,7 @@ class FedMDH(Algorithm):
             align_weight=self.align_weight, gen_weight=self.gen_weight, soft_weight=self.soft_weight,
             kl_weight=self.kl_weight, align_steps=self.align_steps,
             barycenter_iters=self.barycenter_iters, gan_steps=self.gan_steps, gan_lr=self.gan_lr,
-            gan_weight_decay=self.gan_weight_decay, gan_hidden=self.gan_hidden,
+            gan_weight_decay=self.gan_weight_decay, gan_hidden=self.gan_hidden, max_grad_norm=self.max_grad_norm,
         )
         return d
 
@@ -410,6 +421,8 @@ class FedMDH(Algorithm):
                 )
             c.optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if self.max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(net.parameters(), self.max_grad_norm)
             c.optimizer.step()
 
         payload: Payload = _prefixed(net.h, "h") if self.per_institution else {
