@@ -55,7 +55,8 @@ def parse_variant(variant: str) -> tuple[str, dict]:
     settings: dict = {}
     for item in filter(None, rest.split(";")):
         k, _, v = item.partition("=")
-        settings[k] = json.loads(v) if v in ("true", "false") or v.replace(".", "", 1).isdigit() else v
+        settings[k] = (None if v == "none" else json.loads(v) if v in ("true", "false") or v.replace(".", "", 1).isdigit()
+                       else v)
     return name, settings
 
 
@@ -243,6 +244,10 @@ def compare(out: Path, variants: Sequence[str], rule: str = "latest round within
     n = len(sums[variants[0]])
     lines.append(f"| mean over the {n} rows all finished | | " + " | ".join(
         f"{np.mean(sums[v]):.4f}" if sums[v] else "-" for v in variants) + " |")
+    every = {v: [float(np.mean(r["mse"]) / r["var"]) for (f, s, lab), r in recs.items() if lab == label[v]]
+             for v in variants}
+    lines.append("| mean over the rows each finished | | " + " | ".join(
+        f"{np.mean(every[v]):.4f} ({len(every[v])})" if every[v] else "-" for v in variants) + " |")
     lines.append("| runs diverged | | " + " | ".join(str(diverged[v]) for v in variants) + " |")
     return "\n".join(lines)
 
