@@ -199,7 +199,10 @@ class FedMDH(Algorithm):
     kl_weight:
         RKD: weight of the Gaussian KL between global and batch prediction distributions.
     barycenter_iters:
-        GFAM: fixed-point iterations per round for the anchor, warm-started from the last anchor.
+        GFAM: fixed-point iterations per round for the anchor, warm-started from the last anchor
+        (30 in the first round). One (the default) tracks the barycenter as the latent statistics
+        drift, at a third of the eigendecompositions of three; level with three on validation
+        (docs/tuning.md).
     gan_steps, gan_lr, gan_weight_decay, gan_hidden:
         GPD-CGAN: discriminator/generator steps per round and their Adam settings, hidden width.
     max_grad_norm:
@@ -229,7 +232,7 @@ class FedMDH(Algorithm):
         kl_weight: float = 0.0,
         align_steps: int = 1,
         gan_steps: int = 1,
-        barycenter_iters: int = 3,
+        barycenter_iters: int = 1,
         gan_lr: float = 3e-4,
         gan_weight_decay: float = 1e-2,
         gan_hidden: int = 128,
