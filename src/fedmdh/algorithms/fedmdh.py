@@ -123,8 +123,8 @@ def _load(module: nn.Module, params: Mapping[str, np.ndarray], prefix: str) -> N
 
 
 def _clip_grad_norm_(params: Sequence[torch.Tensor], max_norm: float) -> None:
-    """``torch.nn.utils.clip_grad_norm_(params, max_norm)`` (the same bits: the same total norm and
-    factor; a factor of 1 multiplies nothing), in fewer calls."""
+    """``torch.nn.utils.clip_grad_norm_(params, max_norm)`` (for finite gradients the same bits: the
+    same total norm and factor; a factor of 1 multiplies nothing), in fewer calls."""
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return
