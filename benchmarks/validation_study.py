@@ -4,13 +4,16 @@ Run:
     .venv/bin/python benchmarks/validation_study.py record --federations perovskite runs/degree/gap_h0/data \
         --variants local,fedavg,fedmdh,fedmdh:mapping=per-institution --seeds 0 --rounds 400 --out runs/study
     .venv/bin/python benchmarks/validation_study.py analyse --out runs/study [--markdown docs/...]
+    .venv/bin/python benchmarks/validation_study.py compare --out runs/study --variants fedmdh,fedmdh:max_grad_norm=1
 
 ``record`` trains each variant on each federation (``fedmdh benchmark``'s defaults: clip margin 1,
 validation fraction 0.15, 400 rounds x 5 steps) and stores, for every round and institution, the
 predictions of the institution's current model (a) on its *own* validation rows, which is all a
 deployed institution can select on, and (b) on *every* institution's validation rows seen through
 its own columns (the "federated validation" of the simulator, which mirrors the shared test set: all
-label bands, each institution through its own columns). The test set is never read.
+label bands, each institution through its own columns). The test set is never read. A run that
+diverges (``TrainingDiverged``) is recorded as such (``<variant>_seed<s>.diverged``) and named by
+``compare``, not scored.
 
 ``analyse`` replays selection rules offline on (a) and scores what they keep on (b): since training
 does not depend on the rule, one training run serves every rule. The local guard's reference is the
@@ -52,7 +55,8 @@ def parse_variant(variant: str) -> tuple[str, dict]:
     settings: dict = {}
     for item in filter(None, rest.split(";")):
         k, _, v = item.partition("=")
-        settings[k] = json.loads(v) if v in ("true", "false") or v.replace(".", "", 1).isdigit() else v
+        settings[k] = (None if v == "none" else json.loads(v) if v in ("true", "false") or v.replace(".", "", 1).isdigit()
+                       else v)
     return name, settings
 
 
@@ -62,6 +66,7 @@ def federation_label(federation: str) -> str:
 
 def record(federation: str, variant: str, seed: int, rounds: int, out: Path) -> Path:
     """Train once and store own- and federated-validation predictions of every round (float32)."""
+    from fedmdh.errors import TrainingDiverged
     from fedmdh.experiment.runner import load_tables, prepare
     from fedmdh.runtime.simulator import simulate, validation_views
 
@@ -79,19 +84,33 @@ def record(federation: str, variant: str, seed: int, rounds: int, out: Path) -> 
             own[d.name][rnd - 1] = algo.predict(models[d.name], d.clip(d.X_val))
             every[d.name][rnd - 1] = algo.predict(models[d.name], views[d.name])
 
-    res = simulate(fed, algo, rounds, seed=seed, on_models=on_models)
-    path = out / federation_label(federation) / f"{variant.replace(':', '~').replace('=', '-').replace(';', '+')}_seed{seed}.npz"
+    path = run_path(out, federation, variant, seed)
     path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        res = simulate(fed, algo, rounds, seed=seed, on_models=on_models)
+    except TrainingDiverged as exc:  # recorded, so that analyse names it instead of scoring it
+        path.with_suffix(".diverged").write_text(json.dumps({"round": exc.round, "loss": exc.loss}))
+        _write_federation(path.parent, fed)
+        return path.with_suffix(".diverged")
     arrays = {"y_all": np.concatenate([d.y_val for d in insts]).astype(np.float32), "seconds": np.asarray(res.seconds)}
     for d in insts:
         arrays[f"own/{d.name}"] = own[d.name]
         arrays[f"every/{d.name}"] = every[d.name]
         arrays[f"y_own/{d.name}"] = d.y_val.astype(np.float32)
     np.savez_compressed(path, **arrays)
-    (path.parent / "federation.json").write_text(json.dumps(
+    _write_federation(path.parent, fed)
+    return path
+
+
+def run_path(out: Path, federation: str, variant: str, seed: int) -> Path:
+    return out / federation_label(federation) / f"{variant.replace(':', '~').replace('=', '-').replace(';', '+')}_seed{seed}.npz"
+
+
+def _write_federation(folder: Path, fed) -> None:
+    insts = fed.institutions
+    (folder / "federation.json").write_text(json.dumps(
         {"H": fed.heterogeneity.H, "alpha": fed.heterogeneity.alpha, "KL_avg": fed.heterogeneity.KL_avg,
          "names": [d.name for d in insts], "n_val": [int(d.y_val.size) for d in insts]}))
-    return path
 
 
 # ---------------------------------------------------------------------------------------------- rules
@@ -193,6 +212,46 @@ def analyse(out: Path, rules: dict[str, dict], variants: Sequence[str] | None = 
     return "\n".join(lines)
 
 
+def compare(out: Path, variants: Sequence[str], rule: str = "latest round within 1 SE") -> str:
+    """Markdown: one row per (federation, seed), one column per variant: the federated-validation
+    MSE / label variance of what the institutions keep under ``rule`` (mean over institutions), or
+    the round a run diverged at; then the mean over the rows every variant finished, and how many
+    runs diverged. For settings that change training itself (e.g. a gradient clip)."""
+    recs = {(r["federation"], r["seed"], r["variant"]): r for r in scores(out, {rule: RULES[rule]})}
+    keys = sorted({(f, s) for f, s, _ in recs} | {
+        (p.parent.name, int(p.stem.rsplit("_seed", 1)[1])) for p in out.glob("*/*.diverged")})
+    label = {v: v.replace(':', '~').replace('=', '-').replace(';', '+') for v in variants}
+    lines = ["| federation | seed | " + " | ".join(variants) + " |", "|---|---|" + "---|" * len(variants)]
+    sums: dict[str, list[float]] = {v: [] for v in variants}
+    diverged = {v: 0 for v in variants}
+    for f, s in keys:
+        cells, row = [], {}
+        for v in variants:
+            r = recs.get((f, s, label[v]))
+            div = out / f / f"{label[v]}_seed{s}.diverged"
+            if r is not None:
+                row[v] = float(np.mean(r["mse"]) / r["var"])
+                cells.append(f"{row[v]:.4f}")
+            elif div.exists():
+                diverged[v] += 1
+                cells.append(f"diverged (round {json.loads(div.read_text())['round']})")
+            else:
+                cells.append("-")
+        if len(row) == len(variants):
+            for v in variants:
+                sums[v].append(row[v])
+        lines.append(f"| {f} | {s} | " + " | ".join(cells) + " |")
+    n = len(sums[variants[0]])
+    lines.append(f"| mean over the {n} rows all finished | | " + " | ".join(
+        f"{np.mean(sums[v]):.4f}" if sums[v] else "-" for v in variants) + " |")
+    every = {v: [float(np.mean(r["mse"]) / r["var"]) for (f, s, lab), r in recs.items() if lab == label[v]]
+             for v in variants}
+    lines.append("| mean over the rows each finished | | " + " | ".join(
+        f"{np.mean(every[v]):.4f} ({len(every[v])})" if every[v] else "-" for v in variants) + " |")
+    lines.append("| runs diverged | | " + " | ".join(str(diverged[v]) for v in variants) + " |")
+    return "\n".join(lines)
+
+
 RULES = {
     "best round": {"mode": "off", "round_se": 0.0},
     "latest round within 0.5 SE": {"mode": "off", "round_se": 0.5},
@@ -219,6 +278,9 @@ def main() -> None:
     a = sub.add_parser("analyse")
     a.add_argument("--out", type=Path, default=Path("runs/study"))
     a.add_argument("--variants", default=None)
+    c = sub.add_parser("compare", help="per federation and seed, one column per variant (1 SE rule)")
+    c.add_argument("--out", type=Path, default=Path("runs/study"))
+    c.add_argument("--variants", required=True)
     args = ap.parse_args()
     if args.cmd == "record":
         import time
@@ -226,12 +288,15 @@ def main() -> None:
         for f in args.federations:
             for v in args.variants.split(","):
                 for s in (int(x) for x in args.seeds.split(",")):
-                    path = args.out / federation_label(f) / f"{v.replace(':', '~').replace('=', '-').replace(';', '+')}_seed{s}.npz"
-                    if path.exists():
+                    path = run_path(args.out, f, v, s)
+                    if path.exists() or path.with_suffix(".diverged").exists():
                         continue
                     t = time.perf_counter()
-                    record(f, v, s, args.rounds, args.out)
-                    print(f"{federation_label(f)} {v} seed {s}: {time.perf_counter() - t:.1f} s", flush=True)
+                    done = record(f, v, s, args.rounds, args.out)
+                    what = "DIVERGED" if done.suffix == ".diverged" else "done"
+                    print(f"{federation_label(f)} {v} seed {s}: {what}, {time.perf_counter() - t:.1f} s", flush=True)
+    elif args.cmd == "compare":
+        print(compare(args.out, args.variants.split(",")))
     else:
         variants = args.variants.split(",") if args.variants else None
         print(analyse(args.out, RULES, variants))

@@ -173,3 +173,51 @@ def test_fedmdh_main_job_records_on_the_ledger_and_verifies(perovskite, tmp_path
     report = verify(out)
     assert report.ok, report.problem
     assert report.rounds_verified == 3
+
+
+def _model_delta(server, upd):
+    return np.sqrt(sum(float(np.sum((np.asarray(upd.payload[k], np.float64) - np.asarray(server[k], np.float64)) ** 2))
+                       for k in upd.payload if k.startswith(MODEL_KEYS)))
+
+
+def test_max_grad_norm_bounds_every_local_step(perovskite_fed):
+    """Plain SGD moves the model by lr * (clipped gradient) a step: a round's change of h . phi is at
+    most local_steps * lr * max_grad_norm, far less than the same round unclipped."""
+    clip = 1e-3
+    algo, _, server, upd = _one_update(perovskite_fed, max_grad_norm=clip)
+    t = algo.training
+    assert t.optimizer == "sgd" and t.momentum == 0 and t.weight_decay == 0
+    bound = t.local_steps * t.lr * clip
+    moved = _model_delta(server, upd)
+    assert bound * 0.5 < moved <= bound * (1 + 1e-4)
+    _, _, server, free = _one_update(perovskite_fed, max_grad_norm=None)
+    assert _model_delta(server, free) > 10 * bound
+    assert algo.hyperparameters()["max_grad_norm"] == clip
+    with pytest.raises(ValueError, match="max_grad_norm"):
+        make_algorithm("fedmdh", max_grad_norm=0.0)
+
+
+def test_default_fedmdh_trains_where_unclipped_sgd_diverged(tmp_path):
+    """Issue 12's divergence: steels at H = 0 (an 8-row training institution beside 89 and 128 rows),
+    seed 2, ran away in round 8 without the clip (loss 3e16); the default clip trains through it."""
+    from fedmdh.errors import TrainingDiverged
+    from fedmdh.experiment.runner import load_tables, prepare
+
+    from conftest import SHARED_DATASETS, require
+
+    steels = require(SHARED_DATASETS / "matbench_steels" / "matbench_steels.csv")
+    out = tmp_path / "steels_h0"
+    main(["partition", "--data", str(steels), "--target", "target", "--institutions", "3", "--degree", "high",
+          "--test-fraction", "0.15", "--H", "0", "--seed", "0", "--formula-column", "formula",
+          "--featurizers", "magpie,deml,megnet_el", "--shared-featurizer", "matminer", "--out", str(out)])
+    cfg = ExperimentConfig(tuple(str(out / f"inst{i}.csv") for i in range(3)), str(out / "test.csv"), "target",
+                           rounds=12)
+    fed = prepare(cfg, load_tables(cfg), 2)
+    assert min(d.n_train for d in fed.institutions) == 8
+    with pytest.raises(TrainingDiverged) as e:
+        simulate(fed, make_algorithm("fedmdh", max_grad_norm=None), rounds=12, seed=2)
+    assert e.value.round == 8
+    algo = make_algorithm("fedmdh")
+    assert algo.max_grad_norm is not None
+    res = simulate(fed, algo, rounds=12, seed=2)
+    assert len(res.history) == 12 and all(np.isfinite(h.train_loss) and h.train_loss < 10 for h in res.history)

@@ -84,29 +84,54 @@ from fedmdh.algorithms.base import (
     ordered,
     weighted_average,
 )
-from fedmdh.algorithms.gaussian import barycenter, batch_gaussian, gaussian_kl, mixture_moments, psd_sqrt, w2_squared_torch
+from fedmdh.algorithms.gaussian import anchor_sqrt, barycenter, batch_gaussian, gaussian_kl, mixture_moments, w2_squared_torch
 from fedmdh.algorithms.seeded import seeded
 from fedmdh.data.federation import InstitutionData
 from fedmdh.nn.gan import ConditionalDiscriminator, ConditionalGenerator, lsgan_step
-from fedmdh.nn.mlp import Evaluator, dense_stack, load_prefixed as _load, make_optimizer, prefixed_params as _prefixed
+from fedmdh.nn.mlp import Evaluator, dense_stack, make_optimizer
 
 JITTER = 1e-6
 MAPPINGS = ("union", "per-institution")
 
 
-_SQRT_CACHE: dict[bytes, np.ndarray] = {}
-
-
 def _anchor_sqrt(cov: np.ndarray) -> np.ndarray:
-    """``psd_sqrt(cov)``, remembered for the last anchor: every institution of a simulated round
-    needs the same one (a copy is returned; the bits are those of ``psd_sqrt``)."""
-    key = np.ascontiguousarray(cov).tobytes()
-    hit = _SQRT_CACHE.get(key)
+    """``psd_sqrt(cov)`` (the same bits), its eigendecomposition remembered for the last anchor:
+    every institution of a simulated round needs the same one, and so does the next aggregation."""
+    return anchor_sqrt(cov)
+
+
+def _state(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """The module's state-dict entries (parameters and buffers themselves), listed once per module:
+    loading and sending them every round then skips rebuilding the state dict."""
+    hit = module.__dict__.get("_fedmdh_state")
     if hit is None:
-        hit = psd_sqrt(cov)
-        _SQRT_CACHE.clear()
-        _SQRT_CACHE[key] = hit
-    return hit.copy()
+        hit = list(module.state_dict(keep_vars=True).items())
+        module.__dict__["_fedmdh_state"] = hit
+    return hit
+
+
+def _prefixed(module: nn.Module, prefix: str) -> Payload:
+    """``fedmdh.nn.mlp.prefixed_params`` (the same arrays) from the cached entries."""
+    return {f"{prefix}.{k}": v.detach().cpu().numpy().copy() for k, v in _state(module)}
+
+
+def _load(module: nn.Module, params: Mapping[str, np.ndarray], prefix: str) -> None:
+    """``fedmdh.nn.mlp.load_prefixed`` (the same copies) into the cached entries."""
+    with torch.no_grad():
+        for k, v in _state(module):
+            v.copy_(torch.from_numpy(np.asarray(params[f"{prefix}.{k}"])).to(v.dtype))
+
+
+def _clip_grad_norm_(params: Sequence[torch.Tensor], max_norm: float) -> None:
+    """``torch.nn.utils.clip_grad_norm_(params, max_norm)`` (for finite gradients the same bits: the
+    same total norm and factor; a factor of 1 multiplies nothing), in fewer calls."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2.0)), 2.0)
+    coef = max_norm / (total + 1e-6)
+    if coef < 1.0:
+        torch._foreach_mul_(grads, coef)
 
 
 class LatentRegressor(nn.Module):
@@ -139,6 +164,7 @@ class FedMDHClient:
     masks: np.ndarray  # (K, n_features) float32: each institution's feature set, as 0/1 (union reading)
     own: int  # index of this institution among the masks
     own_idx: np.ndarray  # (d_i,) int64: the institution's columns in the union space
+    view_sets: np.ndarray | None = None  # the institutions whose columns give views (computed once)
 
 
 class FedMDH(Algorithm):
@@ -173,9 +199,19 @@ class FedMDH(Algorithm):
     kl_weight:
         RKD: weight of the Gaussian KL between global and batch prediction distributions.
     barycenter_iters:
-        GFAM: fixed-point iterations per round for the anchor, warm-started from the last anchor.
+        GFAM: fixed-point iterations per round for the anchor, warm-started from the last anchor
+        (30 in the first round). One (the default) tracks the barycenter as the latent statistics
+        drift, at a third of the eigendecompositions of three; level with three on validation
+        (docs/tuning.md).
     gan_steps, gan_lr, gan_weight_decay, gan_hidden:
         GPD-CGAN: discriminator/generator steps per round and their Adam settings, hidden width.
+    max_grad_norm:
+        Clip the gradient of ``h . phi`` to this L2 norm before every local step
+        (``torch.nn.utils.clip_grad_norm_``; ``None``: no clipping). With SGD at lr 0.2 a small
+        institution whose whole training set is one minibatch, or one with hundreds of columns,
+        can start a round at the edge of stability: the first step enlarges the latent codes, the
+        next gradients grow tenfold a step and the round ends in NaN. A bounded step cannot run
+        away like that. ``fedmdh.defaults`` sets 2.0 (chosen on validation, docs/tuning.md).
     """
 
     name = "fedmdh"
@@ -196,12 +232,15 @@ class FedMDH(Algorithm):
         kl_weight: float = 0.0,
         align_steps: int = 1,
         gan_steps: int = 1,
-        barycenter_iters: int = 3,
+        barycenter_iters: int = 1,
         gan_lr: float = 3e-4,
         gan_weight_decay: float = 1e-2,
         gan_hidden: int = 128,
+        max_grad_norm: float | None = None,
     ) -> None:
         super().__init__(training)
+        if max_grad_norm is not None and not max_grad_norm > 0:
+            raise ValueError(f"max_grad_norm must be > 0, got {max_grad_norm}.")
         for nm, v in (("mask_prob", mask_prob),):
             if not 0.0 <= v <= 1.0:
                 raise ValueError(f"{nm} must be in [0, 1], got {v}.")
@@ -235,6 +274,7 @@ class FedMDH(Algorithm):
         self.gan_lr = float(gan_lr)
         self.gan_weight_decay = float(gan_weight_decay)
         self.gan_hidden = int(gan_hidden)
+        self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
         self._evaluator: Evaluator | None = None
         self._shared: tuple[Payload, Params] | None = None
 
@@ -246,7 +286,7 @@ class FedMDH(Algorithm):
             align_weight=self.align_weight, gen_weight=self.gen_weight, soft_weight=self.soft_weight,
             kl_weight=self.kl_weight, align_steps=self.align_steps,
             barycenter_iters=self.barycenter_iters, gan_steps=self.gan_steps, gan_lr=self.gan_lr,
-            gan_weight_decay=self.gan_weight_decay, gan_hidden=self.gan_hidden,
+            gan_weight_decay=self.gan_weight_decay, gan_hidden=self.gan_hidden, max_grad_norm=self.max_grad_norm,
         )
         return d
 
@@ -309,25 +349,50 @@ class FedMDH(Algorithm):
         return FedMDHClient(net, opt, gen, disc, g_opt, d_opt, masks, own, own_idx)
 
     # -- local round ---------------------------------------------------------------------------
-    def _views(self, X: np.ndarray, client: FedMDHClient, rng: np.random.Generator) -> np.ndarray:
-        """Re-express a fraction of rows in other institutions' feature sets (GFAM mapping).
+    def _view_sets(self, client: FedMDHClient) -> np.ndarray:
+        """The institutions whose feature sets give this one's views (computed once per client).
 
         With ``empty_views`` off, only institutions that share a column with this one give views (a
         view in the columns of an institution with none in common is an all-zero row)."""
-        if not self.gfam or self.mask_prob == 0.0 or client.masks.shape[0] < 2:
+        if client.view_sets is None:
+            mine = client.masks[client.own]
+            client.view_sets = np.asarray([j for j in range(client.masks.shape[0]) if j != client.own and (
+                self.empty_views or float(client.masks[j] @ mine) > 0)], dtype=np.int64)
+        return client.view_sets
+
+    def _viewing(self, client: FedMDHClient) -> bool:
+        return self.gfam and self.mask_prob > 0.0 and client.masks.shape[0] >= 2 and self._view_sets(client).size > 0
+
+    def _views(self, X: np.ndarray, client: FedMDHClient, rng: np.random.Generator) -> np.ndarray:
+        """Re-express a fraction of rows in other institutions' feature sets (GFAM mapping)."""
+        if not self._viewing(client):
             return X
-        mine = client.masks[client.own]
-        others = [j for j in range(client.masks.shape[0])
-                  if j != client.own and (self.empty_views or float(client.masks[j] @ mine) > 0)]
-        if not others:
-            return X
+        others = self._view_sets(client)
         pick = rng.random(X.shape[0]) < self.mask_prob
-        which = rng.integers(0, len(others), size=X.shape[0])
+        which = rng.integers(0, others.size, size=X.shape[0])
         X = X.copy()
         if pick.any():
-            sel = np.asarray(others)[which[pick]]
-            X[pick] *= client.masks[sel]
+            X[pick] *= client.masks[others[which[pick]]]
         return X
+
+    def _round_views(self, X: np.ndarray, batches: Sequence[np.ndarray], client: FedMDHClient,
+                     rng: np.random.Generator) -> list[np.ndarray]:
+        """:meth:`_views` of every minibatch of the round, in one pass: the draws are those of a
+        call per minibatch in turn (the same stream), the rows are gathered and masked at once."""
+        rows = X[np.concatenate(batches)]
+        if self._viewing(client):
+            others = self._view_sets(client)
+            draws = [(rng.random(idx.size) < self.mask_prob, rng.integers(0, others.size, size=idx.size))
+                     for idx in batches]
+            pick = np.concatenate([p for p, _ in draws])
+            which = np.concatenate([w for _, w in draws])
+            if pick.any():
+                rows[pick] *= client.masks[others[which[pick]]]
+        out, at = [], 0
+        for idx in batches:
+            out.append(rows[at:at + idx.size])
+            at += idx.size
+        return out
 
     def client_update(
         self, server_state: Payload, client_state: FedMDHClient, data: InstitutionData, rng: np.random.Generator, rnd: int
@@ -366,7 +431,8 @@ class FedMDH(Algorithm):
         teacher = None
         if self.rkd and self.soft_weight > 0:
             rows = np.unique(np.concatenate(batches))
-            net.eval()
+            # (``net`` has no layer that behaves differently in training and evaluation mode, so it
+            # is never switched between them; the generator and discriminator, with BatchNorm, are)
             with torch.no_grad():
                 teacher = torch.zeros(n)
                 teacher[torch.from_numpy(rows)] = net(torch.from_numpy(np.ascontiguousarray(X_in[rows])))
@@ -387,11 +453,11 @@ class FedMDH(Algorithm):
             with torch.no_grad():
                 z_gen = c.gen(anchor_noise(b * steps), torch.from_numpy(y_gen_np))
             y_gen = torch.from_numpy(y_gen_np)
-        net.train()
         total = 0.0
+        views = self._round_views(X_in, batches, c, rng)  # no other draw happens during the steps
+        params = list(net.parameters())
         for step, idx in enumerate(batches):
-            xb = torch.from_numpy(self._views(X_in[idx], c, rng))
-            z = net.phi(xb)
+            z = net.phi(torch.from_numpy(views[step]))
             pred = net.h(z).squeeze(-1)
             loss = torch.mean((pred - y[idx]) ** 2)
             total += float(loss.detach())
@@ -410,11 +476,12 @@ class FedMDH(Algorithm):
                 )
             c.optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if self.max_grad_norm is not None:
+                _clip_grad_norm_(params, self.max_grad_norm)
             c.optimizer.step()
 
         payload: Payload = _prefixed(net.h, "h") if self.per_institution else {
             **_prefixed(net.phi, "phi"), **_prefixed(net.h, "h")}
-        net.eval()
         with torch.no_grad():
             latent = net.phi(X)
             preds = net.h(latent).squeeze(-1)

@@ -30,6 +30,31 @@ def psd_sqrt(a: np.ndarray) -> np.ndarray:
     return (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
 
 
+#: the last anchor's eigendecomposition, keyed by the bytes of the symmetrised matrix: in a
+#: simulated round every institution takes the square root of the same anchor, and the next
+#: aggregation's first fixed-point step starts from it (one ``eigh`` for all of them)
+_LAST_EIGH: dict[tuple[tuple[int, ...], bytes], tuple[np.ndarray, np.ndarray]] = {}
+
+
+def _eigh_remembered(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``np.linalg.eigh(_sym(a))``, remembered for the last matrix (the same bits; do not modify)."""
+    m = _sym(np.asarray(a, dtype=np.float64))
+    key = (m.shape, m.tobytes())
+    hit = _LAST_EIGH.get(key)
+    if hit is None:
+        hit = np.linalg.eigh(m)
+        _LAST_EIGH.clear()
+        _LAST_EIGH[key] = hit
+    return hit
+
+
+def anchor_sqrt(a: np.ndarray) -> np.ndarray:
+    """:func:`psd_sqrt` of an anchor covariance (the same bits), its eigendecomposition remembered
+    for the other institutions of the round and for :func:`barycenter` started from it."""
+    w, v = _eigh_remembered(a)
+    return (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
+
+
 def w2_squared(m0: np.ndarray, s0: np.ndarray, m1: np.ndarray, s1: np.ndarray) -> float:
     """``W2^2(N(m0,S0), N(m1,S1)) = ||m0-m1||^2 + Tr(S0 + S1 - 2 (S1^1/2 S0 S1^1/2)^1/2)``."""
     m0, m1 = np.asarray(m0, np.float64), np.asarray(m1, np.float64)
@@ -64,14 +89,23 @@ def batch_gaussian(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return mean, cov
 
 
+def _psd_sqrts(mats: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """:func:`psd_sqrt` of each matrix, from one stacked eigendecomposition (LAPACK runs on each
+    matrix as it would alone, so the bits are those of separate calls)."""
+    a = np.stack([_sym(np.asarray(m, dtype=np.float64)) for m in mats])
+    w, v = np.linalg.eigh(a)
+    return [(v[i] * np.sqrt(np.clip(w[i], 0.0, None))) @ v[i].T for i in range(len(a))]
+
+
 def _eig_pow(a: np.ndarray, power: float, floor: float) -> np.ndarray:
     w, v = np.linalg.eigh(_sym(a))
     return (v * np.clip(w, floor, None) ** power) @ v.T
 
 
-def _eig_pows(a: np.ndarray, floor: float) -> tuple[np.ndarray, np.ndarray]:
-    """``(a^1/2, a^-1/2)`` from one eigendecomposition (the same bits as two :func:`_eig_pow` calls)."""
-    w, v = np.linalg.eigh(_sym(a))
+def _eig_pows(a: np.ndarray, floor: float, remembered: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """``(a^1/2, a^-1/2)`` from one eigendecomposition (the same bits as two :func:`_eig_pow` calls);
+    ``remembered``: through :func:`_eigh_remembered`."""
+    w, v = _eigh_remembered(a) if remembered else np.linalg.eigh(_sym(a))
     w = np.clip(w, floor, None)
     return (v * w**0.5) @ v.T, (v * w**-0.5) @ v.T
 
@@ -102,9 +136,11 @@ def barycenter(
     scale = max(float(np.mean([np.trace(c) for c in cs])) / cs[0].shape[0], 1e-300)
     floor = 1e-12 * scale
     S = _sym(np.asarray(init, np.float64)) if init is not None else np.sum([wi * c for wi, c in zip(w, cs)], axis=0)
-    for _ in range(max_iter):
-        r, r_inv = _eig_pows(S, floor)
-        T = np.sum([wi * psd_sqrt(r @ c @ r) for wi, c in zip(w, cs)], axis=0)
+    for it in range(max_iter):
+        # the first step from a previous anchor: its eigendecomposition is the one the institutions
+        # took its square root from (:func:`anchor_sqrt`)
+        r, r_inv = _eig_pows(S, floor, remembered=it == 0 and init is not None)
+        T = np.sum([wi * root for wi, root in zip(w, _psd_sqrts([r @ c @ r for c in cs]))], axis=0)
         S_new = _sym(r_inv @ T @ T @ r_inv)
         change = np.linalg.norm(S_new - S) / max(np.linalg.norm(S), 1e-300)
         S = S_new

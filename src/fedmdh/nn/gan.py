@@ -56,13 +56,16 @@ def first_adam_step(params, lr: float, weight_decay: float = 0.0, eps: float = 1
     machinery (a third of the cost of a GAN step on these small networks).
     """
     with torch.no_grad():
-        for p in params:
-            g = p.grad
-            if g is None:
-                continue
-            if weight_decay:
-                g = g.add(p, alpha=weight_decay)
-            p.addcdiv_(g, g.abs().add_(eps), value=-lr)
+        ps = [p for p in params if p.grad is not None]
+        if not ps:
+            return
+        grads = [p.grad for p in ps]
+        # the same elementwise operations as a loop over the tensors, in a few calls (torch._foreach_*)
+        if weight_decay:
+            grads = torch._foreach_add(grads, ps, alpha=weight_decay)
+        denom = torch._foreach_abs(grads)
+        torch._foreach_add_(denom, eps)
+        torch._foreach_addcdiv_(ps, grads, denom, value=-lr)
 
 
 def lsgan_step(
