@@ -221,3 +221,16 @@ def test_default_fedmdh_trains_where_unclipped_sgd_diverged(tmp_path):
     assert algo.max_grad_norm is not None
     res = simulate(fed, algo, rounds=12, seed=2)
     assert len(res.history) == 12 and all(np.isfinite(h.train_loss) and h.train_loss < 10 for h in res.history)
+
+
+def test_a_config_file_switches_the_gradient_clip_off_with_false(tmp_path):
+    from fedmdh.config import ExperimentConfig, read_toml
+
+    cfg_file = tmp_path / "c.toml"
+    cfg_file.write_text('target = "y"\ninstitutions = ["a.csv", "b.csv"]\ntest = "t.csv"\nalgorithms = ["fedmdh"]\n'
+                        '[algorithm.fedmdh]\nmax_grad_norm = false\n')
+    cfg = ExperimentConfig(**read_toml(cfg_file))
+    assert cfg.build_algorithm("fedmdh").max_grad_norm is None
+    assert ExperimentConfig(("a", "b"), "t", "y", algorithms=("fedmdh",)).build_algorithm("fedmdh").max_grad_norm == 2.0
+    cfg.write_toml(tmp_path / "again.toml")  # and it round-trips
+    assert ExperimentConfig(**read_toml(tmp_path / "again.toml")).build_algorithm("fedmdh").max_grad_norm is None

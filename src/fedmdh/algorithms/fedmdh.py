@@ -207,7 +207,8 @@ class FedMDH(Algorithm):
         GPD-CGAN: discriminator/generator steps per round and their Adam settings, hidden width.
     max_grad_norm:
         Clip the gradient of ``h . phi`` to this L2 norm before every local step
-        (``torch.nn.utils.clip_grad_norm_``; ``None``: no clipping). With SGD at lr 0.2 a small
+        (``torch.nn.utils.clip_grad_norm_``; ``None`` or ``False``, i.e. ``max_grad_norm = false``
+        under ``[algorithm.fedmdh]`` in a config file: no clipping). With SGD at lr 0.2 a small
         institution whose whole training set is one minibatch, or one with hundreds of columns,
         can start a round at the edge of stability: the first step enlarges the latent codes, the
         next gradients grow tenfold a step and the round ends in NaN. A bounded step cannot run
@@ -239,7 +240,9 @@ class FedMDH(Algorithm):
         max_grad_norm: float | None = None,
     ) -> None:
         super().__init__(training)
-        if max_grad_norm is not None and not max_grad_norm > 0:
+        if max_grad_norm is False:  # TOML has no null: false switches the clip off
+            max_grad_norm = None
+        if max_grad_norm is not None and (isinstance(max_grad_norm, bool) or not max_grad_norm > 0):
             raise ValueError(f"max_grad_norm must be > 0, got {max_grad_norm}.")
         for nm, v in (("mask_prob", mask_prob),):
             if not 0.0 <= v <= 1.0:
