@@ -83,10 +83,6 @@ def check_dp_covered(algorithm: str) -> None:
                      "clip bounds.")
 
 
-def _flat(payload: Payload, keys: Sequence[str]) -> np.ndarray:
-    return np.concatenate([np.asarray(payload[k], dtype=np.float64).ravel() for k in keys])
-
-
 def dp_contribution(algorithm: Algorithm, server_state: Payload, update: Update, settings: DPSettings,
                     n_max: float, n_parties: int, rng: np.random.Generator) -> np.ndarray:
     """Institution ``update.institution``'s noised contribution (the float64 vector it encrypts or
@@ -95,19 +91,19 @@ def dp_contribution(algorithm: Algorithm, server_state: Payload, update: Update,
     ``n_max``: the largest institution's public sample count; ``n_parties``: how many institutions
     share the noise; ``rng``: a generator nobody else can reproduce (a node draws it from the OS,
     :func:`private_rng`)."""
-    from fedmdh.secure.aggregation import layout
+    from fedmdh.secure.aggregation import contribution
 
     check_dp_covered(algorithm.name)
     if n_parties < 1 or not n_max >= update.num_examples:
         raise ValueError(f"n_max ({n_max}) must be at least this institution's count ({update.num_examples}) "
                          f"and n_parties ({n_parties}) at least 1.")
-    keys = [k for k, _, _ in layout(update.payload)]
+    keys = sorted(update.payload)
     missing = [k for k in keys if k not in server_state]
     if missing:
         raise ValueError(f"the server state lacks {missing[0]!r} of the update.")
     n = float(update.num_examples)
-    reference = n * _flat(server_state, keys)
-    change = n * _flat(update.payload, keys) - reference
+    reference = contribution(Update(update.institution, {k: server_state[k] for k in keys}, update.num_examples))
+    change = contribution(update) - reference
     norm = float(np.linalg.norm(change))
     bound = n * settings.clip
     if np.isfinite(norm) and norm > bound:  # a diverged update (nan) is caught by the caller's checks
