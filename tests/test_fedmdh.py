@@ -234,3 +234,26 @@ def test_a_config_file_switches_the_gradient_clip_off_with_false(tmp_path):
     assert ExperimentConfig(("a", "b"), "t", "y", algorithms=("fedmdh",)).build_algorithm("fedmdh").max_grad_norm == 2.0
     cfg.write_toml(tmp_path / "again.toml")  # and it round-trips
     assert ExperimentConfig(**read_toml(tmp_path / "again.toml")).build_algorithm("fedmdh").max_grad_norm is None
+
+
+def test_fast_sgd_step_gives_the_same_bits_as_torch_optim(perovskite_fed, monkeypatch):
+    """The local steps' plain-SGD update in one foreach call (and the cached mode switches) change
+    no bit of what a round sends, against torch.optim.SGD's own step."""
+    import fedmdh.algorithms.fedmdh as fm
+
+    _, _, _, fast = _one_update(perovskite_fed)
+    monkeypatch.setattr(fm, "_plain_sgd_lr", lambda opt: None)
+    _, _, _, slow = _one_update(perovskite_fed)
+    assert fast.payload.keys() == slow.payload.keys()
+    for k in fast.payload:
+        assert np.asarray(fast.payload[k]).tobytes() == np.asarray(slow.payload[k]).tobytes(), k
+    monkeypatch.undo()
+    net = torch.nn.Linear(2, 1)
+    assert fm._plain_sgd_lr(torch.optim.SGD(net.parameters(), lr=0.2)) == 0.2
+    for kw in ({"momentum": 0.9}, {"weight_decay": 1e-4}):
+        assert fm._plain_sgd_lr(torch.optim.SGD(net.parameters(), lr=0.2, **kw)) is None
+    assert fm._plain_sgd_lr(torch.optim.Adam(net.parameters(), lr=0.2)) is None
+    gen = fm.ConditionalGenerator(4, 4, 8)
+    for mode in (False, True, False):
+        fm._set_training(gen, mode)
+        assert all(m.training is mode for m in gen.modules())

@@ -134,6 +134,40 @@ def _clip_grad_norm_(params: Sequence[torch.Tensor], max_norm: float) -> None:
         torch._foreach_mul_(grads, coef)
 
 
+def _plain_sgd_lr(opt: torch.optim.Optimizer) -> float | None:
+    """The learning rate of ``opt`` if it is plain SGD (one group; no momentum, weight decay,
+    dampening, Nesterov or maximize), else ``None``. Its step is then ``p -= lr * grad``, which
+    :func:`_sgd_step` takes in one call (``torch.optim.SGD`` on CPU tensors loops over them with
+    ``p.add_(grad, alpha=-lr)``: the same operation, the same bits)."""
+    if type(opt) is not torch.optim.SGD or len(opt.param_groups) != 1:
+        return None
+    g = opt.param_groups[0]
+    if g["momentum"] or g["weight_decay"] or g["nesterov"] or g["maximize"] or g["dampening"]:
+        return None
+    lr = g["lr"]
+    return float(lr) if isinstance(lr, (int, float)) else None
+
+
+def _sgd_step(params: Sequence[torch.Tensor], lr: float) -> None:
+    with torch.no_grad():
+        ps = [p for p in params if p.grad is not None]
+        if ps:
+            torch._foreach_add_(ps, [p.grad for p in ps], alpha=-lr)
+
+
+def _set_training(module: nn.Module, mode: bool) -> None:
+    """``module.train(mode)`` over its submodules listed once (no recursion a call), and only when
+    the mode changes."""
+    if module.training is mode:
+        return
+    mods = module.__dict__.get("_fedmdh_modules")
+    if mods is None:
+        mods = list(module.modules())
+        module.__dict__["_fedmdh_modules"] = mods
+    for m in mods:
+        m.training = mode
+
+
 class LatentRegressor(nn.Module):
     """``h(phi(x))``: encoder into the latent space and a linear predictor."""
 
@@ -452,13 +486,14 @@ class FedMDH(Algorithm):
         if gan_ready and self.gen_weight > 0:
             # the round's generated (latent, y~) pairs, drawn in one pass of the global generator
             y_gen_np = cond_labels(b * steps).astype(np.float32)
-            c.gen.eval()
+            _set_training(c.gen, False)
             with torch.no_grad():
                 z_gen = c.gen(anchor_noise(b * steps), torch.from_numpy(y_gen_np))
             y_gen = torch.from_numpy(y_gen_np)
         total = 0.0
         views = self._round_views(X_in, batches, c, rng)  # no other draw happens during the steps
         params = list(net.parameters())
+        sgd_lr = _plain_sgd_lr(c.optimizer)
         for step, idx in enumerate(batches):
             z = net.phi(torch.from_numpy(views[step]))
             pred = net.h(z).squeeze(-1)
@@ -477,11 +512,15 @@ class FedMDH(Algorithm):
                 loss = loss + self.kl_weight * gaussian_kl(
                     torch.tensor(mu_g), torch.tensor(max(var_g, 1e-6)), pred.mean(), pred.var() + 1e-6
                 )
-            c.optimizer.zero_grad(set_to_none=True)
+            for p in params:  # zero_grad(set_to_none=True)
+                p.grad = None
             loss.backward()
             if self.max_grad_norm is not None:
                 _clip_grad_norm_(params, self.max_grad_norm)
-            c.optimizer.step()
+            if sgd_lr is not None:
+                _sgd_step(params, sgd_lr)
+            else:
+                c.optimizer.step()
 
         payload: Payload = _prefixed(net.h, "h") if self.per_institution else {
             **_prefixed(net.phi, "phi"), **_prefixed(net.h, "h")}
@@ -509,8 +548,8 @@ class FedMDH(Algorithm):
             return
         c.g_opt.state.clear()
         c.d_opt.state.clear()
-        c.gen.train()
-        c.disc.train()
+        _set_training(c.gen, True)
+        _set_training(c.disc, True)
         # one step a round from cleared moments is Adam's first step: computed in closed form
         first = (c.gen, self.gan_lr, self.gan_weight_decay) if self.gan_steps == 1 else None
         for _ in range(self.gan_steps):
