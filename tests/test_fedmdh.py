@@ -257,3 +257,28 @@ def test_fast_sgd_step_gives_the_same_bits_as_torch_optim(perovskite_fed, monkey
     for mode in (False, True, False):
         fm._set_training(gen, mode)
         assert all(m.training is mode for m in gen.modules())
+
+
+def test_eval_average_is_the_moving_average_of_the_aggregates_and_what_institutions_keep(perovskite_fed):
+    """avg_1 = w_1 and avg_t = beta avg_{t-1} + (1 - beta) w_t for every shared weight; training
+    continues from the plain aggregate w_t, and every institution's model is the average."""
+    beta = 0.75
+    algo = make_algorithm("fedmdh", eval_average=beta)
+    seen: list = []
+    res = simulate(perovskite_fed, algo, 4, seed=0, round_hook=lambda rnd, ups, agg: (seen.append(agg), agg)[1])
+    assert len(seen) == 4
+    w = [np.asarray(s["phi.0.weight"], np.float64) for s in seen]
+    expect = w[0]
+    for t in range(1, 4):
+        expect = beta * expect + (1 - beta) * w[t]
+        got = np.asarray(seen[t]["avg.phi.0.weight"], np.float64)
+        np.testing.assert_allclose(got, expect, rtol=1e-5, atol=1e-6)
+        assert not np.allclose(got, w[t])  # the average lags the aggregate
+    server = seen[-1]
+    kept = algo.personal_params(server, None)
+    assert sorted(kept) == sorted(k for k in server if k.startswith(("phi.", "h.")))
+    np.testing.assert_array_equal(kept["h.weight"], server["avg.h.weight"])
+    assert set(res.models) == {d.name for d in perovskite_fed.institutions}
+    with pytest.raises(ValueError, match="eval_average"):
+        make_algorithm("fedmdh", eval_average=1.0)
+

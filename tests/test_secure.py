@@ -152,7 +152,7 @@ def _fedmdh_rounds(fed, algo, rounds: int):
 
 FEDMDH_VARIANTS = [("fedmdh", {}), ("fedmdh", {"holder_average": True}),
                    ("fedmdh", {"mapping": "per-institution"}), ("fedmdh-no-gfam", {}), ("fedmdh-no-cgan", {}),
-                   ("fedmdh-no-rkd", {})]
+                   ("fedmdh-no-rkd", {}), ("fedmdh", {"eval_average": 0.9})]
 
 
 @pytest.mark.parametrize(("name", "kw"), FEDMDH_VARIANTS)

@@ -168,6 +168,22 @@ def _set_training(module: nn.Module, mode: bool) -> None:
         m.training = mode
 
 
+def track_average(old: Payload, new: Payload) -> Payload:
+    """With ``eval_average`` (beta) in the server state, add to ``new`` the exponential moving
+    average of the shared model over rounds, ``avg.k = beta avg.k + (1 - beta) k`` for every ``phi.``
+    and ``h.`` entry (float64, from the first aggregate): the model the institutions evaluate and
+    keep, while training continues from the plain aggregate. Deterministic, so any peer recomputes it."""
+    if "eval_average" not in old:
+        return new
+    beta = float(np.asarray(old["eval_average"])[0])
+    for k in [k for k in new if k.startswith(("phi.", "h."))]:
+        cur = np.asarray(new[k])
+        prev = old.get(f"avg.{k}")
+        avg = cur.astype(np.float64) if prev is None else beta * np.asarray(prev, np.float64) + (1 - beta) * cur
+        new[f"avg.{k}"] = avg.astype(cur.dtype)
+    return new
+
+
 class LatentRegressor(nn.Module):
     """``h(phi(x))``: encoder into the latent space and a linear predictor."""
 
@@ -247,6 +263,14 @@ class FedMDH(Algorithm):
         can start a round at the edge of stability: the first step enlarges the latent codes, the
         next gradients grow tenfold a step and the round ends in NaN. A bounded step cannot run
         away like that. ``fedmdh.defaults`` sets 2.0 (chosen on validation, docs/tuning.md).
+    eval_average:
+        ``beta`` of an exponential moving average over rounds of the shared ``phi`` and ``h``
+        (:func:`track_average`, part of the aggregate, so every peer computes the same one): the
+        model each institution evaluates, selects its round on and keeps. Local training always
+        starts from the round's plain aggregate, so training is unchanged. ``0``: no average (the
+        institutions keep the aggregate itself). With SGD at lr 0.2 consecutive aggregates scatter
+        around a minimum; their average sits nearer it. Union reading only: the per-institution
+        reading ignores it (a private encoder has no aggregates to average).
     """
 
     name = "fedmdh"
@@ -272,6 +296,7 @@ class FedMDH(Algorithm):
         gan_weight_decay: float = 1e-2,
         gan_hidden: int = 128,
         max_grad_norm: float | None = None,
+        eval_average: float = 0.0,
     ) -> None:
         super().__init__(training)
         if max_grad_norm is False:  # TOML has no null: false switches the clip off
@@ -312,6 +337,9 @@ class FedMDH(Algorithm):
         self.gan_weight_decay = float(gan_weight_decay)
         self.gan_hidden = int(gan_hidden)
         self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
+        if not 0.0 <= float(eval_average) < 1.0:
+            raise ValueError(f"eval_average must be in [0, 1), got {eval_average}.")
+        self.eval_average = float(eval_average)
         self._evaluator: Evaluator | None = None
         self._shared: tuple[Payload, Params] | None = None
 
@@ -324,6 +352,7 @@ class FedMDH(Algorithm):
             kl_weight=self.kl_weight, align_steps=self.align_steps,
             barycenter_iters=self.barycenter_iters, gan_steps=self.gan_steps, gan_lr=self.gan_lr,
             gan_weight_decay=self.gan_weight_decay, gan_hidden=self.gan_hidden, max_grad_norm=self.max_grad_norm,
+            eval_average=self.eval_average,
         )
         return d
 
@@ -366,6 +395,8 @@ class FedMDH(Algorithm):
             state["anchor_ready"] = np.zeros(1)
         # the pooled label distribution in standardised units is N(0, 1) by construction
         state["pred_dist"] = np.array([0.0, 1.0])
+        if self.eval_average > 0 and not self.per_institution:
+            state["eval_average"] = np.array([self.eval_average])
         return state
 
     def init_client(self, spec: FederationSpec, data: InstitutionData, seed: int) -> FedMDHClient:
@@ -588,7 +619,7 @@ class FedMDH(Algorithm):
                 [u.payload["pred_stats"][0] for u in ups], [u.payload["pred_stats"][1] for u in ups], weights
             )
             new["pred_dist"] = np.array([mu, var])
-        return new
+        return track_average(server_state, new)
 
     @staticmethod
     def _holder_average(server_state: Payload, ups: Sequence[Update]) -> np.ndarray:
@@ -641,7 +672,9 @@ class FedMDH(Algorithm):
         # the institution's model: the shared encoder and predictor, fed its own columns; one dict
         # per aggregate (every institution's), so an evaluation loads it once
         if self._shared is None or self._shared[0] is not server_state:
-            self._shared = (server_state, {k: v for k, v in server_state.items() if k.startswith(("phi.", "h."))})
+            avg = "avg.h.weight" in server_state
+            self._shared = (server_state, {k[4:] if avg else k: v for k, v in server_state.items()
+                                           if k.startswith(("avg.phi.", "avg.h.") if avg else ("phi.", "h."))})
         return self._shared[1]
 
     def predict(self, params: Mapping[str, np.ndarray], X: np.ndarray) -> np.ndarray:

@@ -155,6 +155,7 @@ def _fedmdh_contribution(update: Update, server_state: Payload | None = None) ->
 
 def _fedmdh_from_sum(server_state: Payload, first: Update, total: np.ndarray, count: float) -> Payload:
     """FedMDH's next server state from the decrypted sum of :func:`_fedmdh_contribution`."""
+    from fedmdh.algorithms.fedmdh import track_average
     from fedmdh.algorithms.gaussian import barycenter_step
 
     p = first.payload
@@ -189,7 +190,7 @@ def _fedmdh_from_sum(server_state: Payload, first: Update, total: np.ndarray, co
         new["pred_dist"] = np.array([mu, max(float(b / count - mu * mu), 0.0)])  # gaussian.mixture_moments
     if offset != total.size:
         raise ValueError(f"a secure sum of {total.size} values does not fit FedMDH's {offset}.")
-    return new
+    return track_average(server_state, new)  # FedMDH.aggregate's last step
 
 
 #: per covered algorithm: (what an institution encrypts, from its update and the current server
