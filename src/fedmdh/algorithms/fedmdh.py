@@ -58,7 +58,9 @@ gradient never reaches a column it lacks, so the plain average only shrinks the 
 on their private columns by their share of the rows (to 4 % for a 65-row institution beside
 1,600 others).
 
-``phi`` (union reading) and ``h`` are averaged by sample count every round. What leaves an institution is only
+``phi`` (union reading) and ``h`` are averaged by sample count every round; with ``eval_average``
+(default 0.9 in ``fedmdh.defaults``) the institutions evaluate and keep a moving average of those
+aggregates over rounds, while training continues from the aggregate itself. What leaves an institution is only
 model/generator/discriminator parameters, anchor statistics, prediction-distribution summaries
 and the sample count. Each component can be switched off (``gfam``, ``cgan``, ``rkd``); its
 statistics and parameters are then neither computed nor sent.
@@ -171,8 +173,9 @@ def _set_training(module: nn.Module, mode: bool) -> None:
 def track_average(old: Payload, new: Payload) -> Payload:
     """With ``eval_average`` (beta) in the server state, add to ``new`` the exponential moving
     average of the shared model over rounds, ``avg.k = beta avg.k + (1 - beta) k`` for every ``phi.``
-    and ``h.`` entry (float64, from the first aggregate): the model the institutions evaluate and
-    keep, while training continues from the plain aggregate. Deterministic, so any peer recomputes it."""
+    and ``h.`` entry (computed in float64, stored in the entry's dtype; ``avg.k`` starts at the first
+    aggregate): the model the institutions evaluate and keep, while training continues from the
+    plain aggregate. Deterministic, so any peer recomputes it."""
     if "eval_average" not in old:
         return new
     beta = float(np.asarray(old["eval_average"])[0])
