@@ -236,6 +236,21 @@ def test_a_config_file_switches_the_gradient_clip_off_with_false(tmp_path):
     assert ExperimentConfig(**read_toml(tmp_path / "again.toml")).build_algorithm("fedmdh").max_grad_norm is None
 
 
+
+def test_a_config_file_switches_the_moving_average_off_with_zero(tmp_path, perovskite_fed):
+    from fedmdh.algorithms.base import FederationSpec
+    from fedmdh.config import ExperimentConfig, read_toml
+
+    cfg_file = tmp_path / "c.toml"
+    cfg_file.write_text('target = "y"\ninstitutions = ["a.csv", "b.csv"]\ntest = "t.csv"\nalgorithms = ["fedmdh"]\n'
+                        '[algorithm.fedmdh]\neval_average = 0\n')
+    off = ExperimentConfig(**read_toml(cfg_file)).build_algorithm("fedmdh")
+    on = ExperimentConfig(("a", "b"), "t", "y", algorithms=("fedmdh",)).build_algorithm("fedmdh")
+    assert (off.eval_average, on.eval_average) == (0.0, 0.9)
+    spec = FederationSpec.from_federation(perovskite_fed)
+    assert "eval_average" not in off.init(spec, 0) and "eval_average" in on.init(spec, 0)
+
+
 def test_fast_sgd_step_gives_the_same_bits_as_torch_optim(perovskite_fed, monkeypatch):
     """The local steps' plain-SGD update in one foreach call (and the cached mode switches) change
     no bit of what a round sends, against torch.optim.SGD's own step."""
