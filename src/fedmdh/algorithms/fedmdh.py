@@ -675,9 +675,10 @@ class FedMDH(Algorithm):
         # the institution's model: the shared encoder and predictor, fed its own columns; one dict
         # per aggregate (every institution's), so an evaluation loads it once
         if self._shared is None or self._shared[0] is not server_state:
-            avg = "avg.h.weight" in server_state
-            self._shared = (server_state, {k[4:] if avg else k: v for k, v in server_state.items()
-                                           if k.startswith(("avg.phi.", "avg.h.") if avg else ("phi.", "h."))})
+            # with eval_average, the moving average (track_average's "avg." entries) is the model kept
+            pre = "avg." if "avg.h.weight" in server_state else ""
+            self._shared = (server_state, {k[len(pre):]: v for k, v in server_state.items()
+                                           if k.startswith((f"{pre}phi.", f"{pre}h."))})
         return self._shared[1]
 
     def predict(self, params: Mapping[str, np.ndarray], X: np.ndarray) -> np.ndarray:
