@@ -46,8 +46,32 @@ def test_bit_identical_under_a_seed(perovskite_fed, name):
     )
 
 
+def _rows_inside(flat: np.ndarray, rows: np.ndarray) -> int:
+    """How many windows of ``flat`` (every offset) equal one of ``rows`` bit for bit (float32)."""
+    width = rows.shape[1]
+    if flat.size < width:
+        return 0
+    # only offsets whose first value starts some row can hold one: compare those windows whole
+    starts = np.flatnonzero(np.isin(flat[: flat.size - width + 1], rows[:, 0]))
+    if starts.size == 0:
+        return 0
+    wanted = {r.tobytes() for r in rows}
+    windows = np.lib.stride_tricks.sliding_window_view(flat, width)[starts]
+    return sum(w.tobytes() in wanted for w in windows)
+
+
+def test_rows_inside_finds_a_row_at_every_offset():
+    rows = np.arange(12, dtype=np.float32).reshape(3, 4) + 0.5
+    for offset in range(7):
+        flat = np.zeros(20, dtype=np.float32)
+        flat[offset:offset + 4] = rows[1]
+        assert _rows_inside(flat, rows) == 1
+    assert _rows_inside(np.zeros(20, dtype=np.float32), rows) == 0
+
+
 def test_no_raw_rows_in_outgoing_payloads(perovskite_fed, name):
-    """Capture every Update and check no payload array carries a training row or the label vector."""
+    """Capture every Update and check, at every offset of every payload array, that none carries a training
+    row, and that no payload holds most of an institution's label values (in any order)."""
     algo = make_algorithm(name)
     sent = []
     original = algo.client_update
@@ -60,21 +84,15 @@ def test_no_raw_rows_in_outgoing_payloads(perovskite_fed, name):
     algo.client_update = spy  # type: ignore[method-assign]
     simulate(perovskite_fed, algo, rounds=2, seed=0)
     assert sent
-    datasets = {d.name: d for d in perovskite_fed.institutions}
     for upd in sent:
-        for d in datasets.values():
-            rows = {r.tobytes() for r in d.X[:, d.feature_idx]}
-            y_sorted = np.sort(d.y)
-            for arr in upd.payload.values():
-                flat = np.asarray(arr, dtype=np.float32).ravel()
-                # no window of the payload equals a raw (standardised) feature row
-                width = d.feature_idx.size
-                if flat.size >= width:
-                    windows = np.lib.stride_tricks.sliding_window_view(flat, width)
-                    assert not any(w.tobytes() in rows for w in windows[:: max(1, width // 4)])
-                # no payload is the institution's label vector
-                if flat.size == d.y.size:
-                    assert not np.array_equal(np.sort(flat), y_sorted)
+        for d in perovskite_fed.institutions:
+            rows = np.ascontiguousarray(d.X[:, d.feature_idx], dtype=np.float32)
+            labels = np.unique(np.asarray(d.y, dtype=np.float32))
+            for key, arr in upd.payload.items():
+                flat = np.ascontiguousarray(np.asarray(arr, dtype=np.float32).ravel())
+                assert _rows_inside(flat, rows) == 0, (upd.institution, key, d.name)
+                # a label vector sent in any order would put every label value in the payload
+                assert np.isin(labels, flat).sum() < max(2, labels.size // 2), (upd.institution, key, d.name)
 
 
 def test_fedprox_with_mu_zero_is_fedavg(perovskite_fed):

@@ -11,7 +11,6 @@ import torch
 
 from fedmdh.algorithms import make_algorithm
 from fedmdh.algorithms.base import FederationSpec
-from fedmdh.algorithms.gaussian import mixture_moments
 from fedmdh.cli import main
 from fedmdh.config import ExperimentConfig
 from fedmdh.experiment.runner import run_experiment
@@ -77,6 +76,7 @@ def test_sent_statistics_are_the_institutions_own(perovskite_fed):
 
 
 def test_aggregate_pools_prediction_moments_and_anchor(perovskite_fed):
+    # Prepare: one round's updates of the three institutions
     algo = make_algorithm("fedmdh")
     spec = FederationSpec.from_federation(perovskite_fed)
     server = algo.init(spec, 0)
@@ -84,14 +84,31 @@ def test_aggregate_pools_prediction_moments_and_anchor(perovskite_fed):
     for d in perovskite_fed.institutions:
         upd, _ = algo.client_update(server, algo.init_client(spec, d, 0), d, rng_for(0, d.name), 1)
         ups.append(upd)
+    # Execute (in reverse arrival order)
     new = algo.aggregate(server, list(reversed(ups)), rng_for(0, "aggregate"), 1)
-    n = [u.num_examples for u in ups]
-    mu, var = mixture_moments([u.payload["pred_stats"][0] for u in ups], [u.payload["pred_stats"][1] for u in ups], n)
-    assert new["pred_dist"].tolist() == pytest.approx([mu, var])
-    np.testing.assert_allclose(new["anchor_mean"], sum(u.payload["anchor_mean"] * w for u, w in zip(ups, n)) / sum(n))
+    # Assert: the prediction distribution is the pooled mixture, written out in closed form
+    n = np.array([u.num_examples for u in ups], dtype=np.float64)
+    mus = np.array([u.payload["pred_stats"][0] for u in ups], dtype=np.float64)
+    variances = np.array([u.payload["pred_stats"][1] for u in ups], dtype=np.float64)
+    mu = (n[0] * mus[0] + n[1] * mus[1] + n[2] * mus[2]) / n.sum()
+    second = (n[0] * (variances[0] + mus[0] ** 2) + n[1] * (variances[1] + mus[1] ** 2)
+              + n[2] * (variances[2] + mus[2] ** 2)) / n.sum()
+    assert new["pred_dist"].tolist() == pytest.approx([mu, second - mu**2], rel=1e-12)
+    np.testing.assert_allclose(new["anchor_mean"], sum(u.payload["anchor_mean"] * w for u, w in zip(ups, n)) / n.sum())
     assert new["anchor_ready"][0] == 1.0
-    # the anchor covariance is the W2 barycenter: it is a fixed point (to the iterations done)
-    assert np.all(np.linalg.eigvalsh(new["anchor_cov"]) > -1e-8)
+    # the anchor covariance is the W2 barycenter: the fixed point S = sum_i w_i (S^1/2 S_i S^1/2)^1/2,
+    # checked with scipy's general square root (not the code's eigendecomposition)
+    from scipy.linalg import sqrtm
+
+    S = np.asarray(new["anchor_cov"], dtype=np.float64)
+    assert np.all(np.linalg.eigvalsh(S) > 0)
+    root = np.real(sqrtm(S))
+    rhs = sum(w / n.sum() * np.real(sqrtm(root @ np.asarray(u.payload["anchor_cov"], np.float64) @ root))
+              for u, w in zip(ups, n))
+    assert np.linalg.norm(rhs - S) <= 1e-5 * np.linalg.norm(S)
+    # and it is not the plain weighted mean of the covariances (the fixed point moved away from the start)
+    mean_cov = sum(w / n.sum() * np.asarray(u.payload["anchor_cov"], np.float64) for u, w in zip(ups, n))
+    assert np.linalg.norm(mean_cov - S) > 1e-3 * np.linalg.norm(S)
     # the same bits whatever the arrival order
     again = algo.aggregate(server, ups, rng_for(0, "aggregate"), 1)
     assert all(np.array_equal(again[k], new[k]) for k in new)

@@ -11,7 +11,7 @@ from hypothesis import given, strategies as st
 
 from fedmdh.errors import InputError
 from fedmdh.service.runner import EventHub, TaskRunner
-from fedmdh.service.runtime import SimulatorRuntime, TaskRuntime, TaskSpec, TaskStopped
+from fedmdh.service.runtime import SimulatorRuntime, TaskSpec, TaskStopped
 from fedmdh.service.store import TaskStore
 from fedmdh.service.submission import sanitise_filename
 
@@ -60,9 +60,36 @@ def wait(store: TaskStore, task_id: str, status: str, timeout: float = 10.0) -> 
         time.sleep(0.02)
 
 
-def test_simulator_implements_the_seam():
-    assert isinstance(SimulatorRuntime(), TaskRuntime) and isinstance(FakeRuntime(), TaskRuntime)
-    assert SimulatorRuntime.can_resume is False
+def test_the_simulator_runtime_keeps_the_seams_contract(perovskite, tmp_path):
+    """The contract of the module docstring, on the real split: progress after every round with JSON
+    records, the run folder in ``fedmdh run``'s layout, final_metrics.json returned, a stop honoured at the
+    next round boundary, and no resume."""
+    import json
+
+    rt = SimulatorRuntime()
+    task = TaskSpec(id="t", institutions=tuple(perovskite["institutions"]), test=perovskite["test"],
+                    target="e_form", algorithm="fedavg", rounds=3, seed=0, ledger="off")
+    calls: list[tuple[int, int, dict]] = []
+    final = rt.run(task, tmp_path / "run", lambda r, n, rec: calls.append((r, n, rec)), threading.Event())
+    assert [(r, n) for r, n, _ in calls] == [(1, 3), (2, 3), (3, 3)]
+    assert [json.loads(json.dumps(rec))["round"] for _, _, rec in calls] == [1, 2, 3]
+    assert final == json.loads((tmp_path / "run" / "final_metrics.json").read_text(encoding="utf-8"))
+    names = [Path(p).stem for p in perovskite["institutions"]]
+    assert sorted(p.name for p in (tmp_path / "run" / "models").iterdir()) == names
+    assert {"metrics.jsonl", "federation.json", "config.toml"} <= {p.name for p in (tmp_path / "run").iterdir()}
+
+    stop, seen = threading.Event(), []
+
+    def progress(r, n, rec):
+        seen.append(r)
+        stop.set()
+
+    with pytest.raises(TaskStopped) as info:
+        rt.run(task, tmp_path / "stopped", progress, stop)
+    assert info.value.after_round == 1 and seen == [1]
+    assert rt.can_resume is False
+    with pytest.raises(NotImplementedError):
+        rt.resume(task, tmp_path / "stopped", progress, stop)
 
 
 def test_runner_stores_rounds_ends_tasks_and_resumes_where_the_runtime_can(tmp_path):
