@@ -85,6 +85,12 @@ def client_rng(seed: int, rnd: int, name: str) -> np.random.Generator:
     return rng_for(seed, "round", rnd, name)
 
 
+def dp_noise_rng(seed: int, rnd: int, name: str) -> np.random.Generator:
+    """Institution ``name``'s generator of its DP noise share in round ``rnd`` in the simulator (seeded so a
+    run repeats; it protects nothing there: a deployed node draws its noise from the OS)."""
+    return rng_for(seed, "dp-noise", rnd, name)
+
+
 def aggregate_rng(seed: int, rnd: int) -> np.random.Generator:
     """The generator of round ``rnd``'s aggregation (the same at every peer)."""
     return rng_for(seed, "aggregate", rnd)

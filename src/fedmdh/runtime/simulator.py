@@ -34,6 +34,7 @@ from fedmdh.runtime.protocol import (
     Selection,
     aggregate_rng,
     client_rng,
+    dp_noise_rng,
     evaluate_round,
     initial_state,
     score_on_test,
@@ -268,7 +269,7 @@ def _simulate(
             if dp is not None:
                 from fedmdh.secure.dp import dp_aggregate
 
-                rngs = {name: np.random.default_rng([seed, r, i, 0x6470]) for i, name in enumerate(sorted(trainers))}
+                rngs = {name: dp_noise_rng(seed, r, name) for name in sorted(trainers)}
                 server = dp_aggregate(algorithm, server, updates, dp, rngs, secure)
             elif secure is None:
                 server = algorithm.aggregate(server, updates, aggregate_rng(seed, r), r)
