@@ -12,7 +12,7 @@ import hashlib
 import numpy as np
 import pytest
 
-from fedmdh.algorithms import make_algorithm
+from fedmdh.algorithms import ALGORITHMS, make_algorithm
 from fedmdh.algorithms.base import Update, weighted_average
 from fedmdh.errors import InputError
 from fedmdh.secure.aggregation import COVERED, NOT_COVERED, check_covered, secure_aggregate
@@ -52,14 +52,50 @@ def test_uncovered_algorithms_are_refused_in_one_line_naming_what_they_reveal(na
     # Assert
     msg = str(exc.value)
     assert "\n" not in msg
-    assert msg.startswith("--secure covers fedavg, fedprox, fedgan, fedmdh, fedmdh-no-gfam, fedmdh-no-cgan, "
-                          "fedmdh-no-rkd only;")
-    assert f"{name} would still reveal {NOT_COVERED[name]}" in msg
+    assert msg.startswith("--secure covers fedavg, fedprox, fedmdh, fedmdh-no-gfam, fedmdh-no-cgan, fedmdh-no-rkd, "
+                          "fedgan only;")
+    assert f"{name} would still reveal {ALGORITHMS[name].secure_reveals}" in msg
 
 
 @pytest.mark.parametrize("name", COVERED)
 def test_covered_algorithms_pass_the_check(name):
     check_covered(name)
+    check_covered(make_algorithm(name))
+
+
+def test_an_algorithm_declares_its_own_secure_rule_and_the_secure_path_follows_it():
+    """No table elsewhere: an algorithm outside the registry that declares a rule from sums is covered, and
+    secure_aggregate computes its aggregate from exactly the sum of its contributions."""
+    from fedmdh.algorithms.fedavg import FedAvg
+
+    class Doubling(FedAvg):
+        name = "doubling"
+
+        def secure_contribution(self, update, server_state):
+            return 2.0 * super().secure_contribution(update, server_state)
+
+        def aggregate_from_sum(self, server_state, template, total, count):
+            return super().aggregate_from_sum(server_state, template, total / 2.0, count)
+
+    class Secretive(FedAvg):
+        name = "secretive"
+        secure_reveals = "its secret"
+
+    # Prepare: three institutions with counts 1, 2, 3 and one weight each
+    ups = [Update(f"i{k}", {"w": np.array([float(k)])}, k) for k in (1, 2, 3)]
+    seen = []
+
+    def clear_sum(vectors):
+        seen.append({k: v.copy() for k, v in vectors.items()})
+        return np.sum([vectors[k] for k in sorted(vectors)], axis=0)
+
+    # Execute
+    out = secure_aggregate(Doubling(), {}, ups, clear_sum)
+    # Assert: contributions 2 n_i w_i, the mean (1*1 + 2*2 + 3*3) / 6
+    assert {k: v.tolist() for k, v in seen[0].items()} == {"i1": [2.0], "i2": [8.0], "i3": [18.0]}
+    assert out["w"].tolist() == [(1 * 1 + 2 * 2 + 3 * 3) / 6]
+    with pytest.raises(InputError, match="secretive would still reveal its secret"):
+        secure_aggregate(Secretive(), {}, ups, clear_sum)
 
 
 def test_simulate_refuses_an_uncovered_algorithm_before_training(perovskite_fed):

@@ -152,6 +152,13 @@ class Algorithm(ABC):
     federated: ClassVar[bool] = True
     #: ``True`` for the pooled reference: the simulator trains it on all rows in one place.
     centralized: ClassVar[bool] = False
+    #: Under ``--secure``: what the aggregator would still see in the clear, or ``None`` where the
+    #: aggregate is a function of sums over institutions (:meth:`secure_contribution` and
+    #: :meth:`aggregate_from_sum` are implemented; :mod:`fedmdh.algorithms.sums`).
+    secure_reveals: ClassVar[str | None] = "its individual updates"
+    #: Its released sums are sample-weighted parameters ``n_i w_i`` only, so differential privacy on
+    #: them (:mod:`fedmdh.secure.dp`: each change clipped, Gaussian noise added) bounds what they reveal.
+    dp_applies: ClassVar[bool] = False
 
     def __init__(self, training: LocalTraining | None = None) -> None:
         self.training = training or LocalTraining()
@@ -191,6 +198,18 @@ class Algorithm(ABC):
         from fedmdh.algorithms.state import load_state_arrays
 
         return load_state_arrays(client_state, arrays)
+
+    def secure_contribution(self, update: Update, server_state: Payload) -> np.ndarray:
+        """The float64 vector institution ``update.institution`` contributes to the round's sum (its
+        own computation: in a deployment, on its node); ``server_state``: the round's start, which
+        every institution holds. Only where :attr:`secure_reveals` is ``None``."""
+        raise NotImplementedError(f"{self.name} has no aggregate from sums: it would reveal {self.secure_reveals}.")
+
+    def aggregate_from_sum(self, server_state: Payload, template: Update, total: np.ndarray, count: float) -> Payload:
+        """The next server state from ``total``, the sum of every institution's
+        :meth:`secure_contribution`, and the public ``count = sum_i n_i``; ``template``: any one update
+        of the round (its layout only). Equal to :meth:`aggregate` up to the sum's rounding."""
+        raise NotImplementedError(f"{self.name} has no aggregate from sums: it would reveal {self.secure_reveals}.")
 
     @abstractmethod
     def personal_params(self, server_state: Payload, client_state: Any) -> Params: ...

@@ -27,6 +27,7 @@ from fedmdh.algorithms.base import (
     weighted_average,
 )
 from fedmdh.algorithms.mlp_common import MLPAlgorithm, MLPClient
+from fedmdh.algorithms.sums import contribution, mean_from_sum
 from fedmdh.data.federation import InstitutionData
 from fedmdh.nn.mlp import get_params, set_params, train_steps
 
@@ -52,6 +53,8 @@ class FedAvg(MLPAlgorithm):
     """
 
     name = "fedavg"
+    secure_reveals = None  # the new weights are sum_i n_i w_i / sum_i n_i; the counts are public
+    dp_applies = True
 
     def __init__(self, training: LocalTraining | None = None, proximal_mu: float = 0.0) -> None:
         super().__init__(training)
@@ -95,6 +98,12 @@ class FedAvg(MLPAlgorithm):
     ) -> Payload:
         ups = ordered(updates)
         return weighted_average([(u.payload, u.num_examples) for u in ups])
+
+    def secure_contribution(self, update: Update, server_state: Payload) -> np.ndarray:
+        return contribution(update)
+
+    def aggregate_from_sum(self, server_state: Payload, template: Update, total: np.ndarray, count: float) -> Payload:
+        return mean_from_sum(template.payload, total, count)
 
     def personal_params(self, server_state: Payload, client_state: MLPClient) -> Params:
         # the global weights themselves: states are never mutated in place, so no copy is needed

@@ -38,6 +38,7 @@ from fedmdh.algorithms.base import FederationSpec, LocalTraining, Params, Payloa
 from fedmdh.nn.mlp import load_prefixed as _load, prefixed_params as _prefixed
 from fedmdh.algorithms.gaussian import mixture_moments
 from fedmdh.algorithms.mlp_common import MLPAlgorithm
+from fedmdh.algorithms.sums import contribution, mean_from_sum, moment_sums, moments_from_sums
 from fedmdh.algorithms.seeded import own_mask, seeded
 from fedmdh.data.federation import InstitutionData
 from fedmdh.nn.gan import ConditionalDiscriminator, ConditionalGenerator, lsgan_step
@@ -79,6 +80,9 @@ class FedGAN(MLPAlgorithm):
     """
 
     name = "fedgan"
+    # the regressor, generator and discriminator are sample-weighted means and the label distribution's
+    # mixture moments follow from sum_i n_i mu_i and sum_i n_i (var_i + mu_i^2)
+    secure_reveals = None
 
     def __init__(
         self,
@@ -223,6 +227,18 @@ class FedGAN(MLPAlgorithm):
             [u.num_examples for u in ups],
         )
         new["label_dist"] = np.array([mu, var])
+        return new
+
+    def secure_contribution(self, update: Update, server_state: Payload) -> np.ndarray:
+        keys = sorted(k for k in update.payload if k.startswith(_SHARED))
+        mu, var = (float(v) for v in np.asarray(update.payload["label_stats"], dtype=np.float64)[:2])
+        return np.concatenate([contribution(update, keys), moment_sums(float(update.num_examples), mu, var)])
+
+    def aggregate_from_sum(self, server_state: Payload, template: Update, total: np.ndarray, count: float) -> Payload:
+        keys = sorted(k for k in template.payload if k.startswith(_SHARED))
+        new: Payload = dict(server_state)
+        new.update(mean_from_sum({k: template.payload[k] for k in keys}, total[:-2], count))
+        new["label_dist"] = moments_from_sums(total[-2:], count)
         return new
 
     # -- prediction -----------------------------------------------------------------------------

@@ -92,6 +92,7 @@ class FedGen(Algorithm):
     """
 
     name = "fedgen"
+    secure_reveals = "each institution's predictor head (the server trains its generator on the individual heads)"
 
     def __init__(
         self,

@@ -131,6 +131,7 @@ class FedKD(MLPAlgorithm):
     """
 
     name = "fedkd"
+    secure_reveals = "each institution's SVD factors of its update (an SVD needs the individual matrix)"
 
     def __init__(
         self,

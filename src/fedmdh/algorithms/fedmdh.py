@@ -86,8 +86,18 @@ from fedmdh.algorithms.base import (
     ordered,
     weighted_average,
 )
-from fedmdh.algorithms.gaussian import anchor_sqrt, barycenter, batch_gaussian, gaussian_kl, mixture_moments, w2_squared_torch
+from fedmdh.algorithms.gaussian import (
+    anchor_sqrt,
+    barycenter,
+    barycenter_step,
+    barycenter_term,
+    batch_gaussian,
+    gaussian_kl,
+    mixture_moments,
+    w2_squared_torch,
+)
 from fedmdh.algorithms.seeded import seeded
+from fedmdh.algorithms.sums import SumReader, cast, moment_sums, moments_from_sums
 from fedmdh.data.federation import InstitutionData
 from fedmdh.nn.gan import ConditionalDiscriminator, ConditionalGenerator, lsgan_step
 from fedmdh.nn.mlp import Evaluator, dense_stack, make_optimizer
@@ -168,6 +178,10 @@ def _set_training(module: nn.Module, mode: bool) -> None:
         module.__dict__["_fedmdh_modules"] = mods
     for m in mods:
         m.training = mode
+
+
+#: the shared networks' entries: averaged every round (the regressor, generator and discriminator)
+_SHARED_PREFIXES = ("phi.", "h.", "G.", "D.")
 
 
 def track_average(old: Payload, new: Payload) -> Payload:
@@ -277,6 +291,8 @@ class FedMDH(Algorithm):
     """
 
     name = "fedmdh"
+    # every shared network and statistic is a sum over institutions (see secure_contribution)
+    secure_reveals = None
 
     def __init__(
         self,
@@ -603,8 +619,7 @@ class FedMDH(Algorithm):
         ups = ordered(updates)
         weights = [u.num_examples for u in ups]
         new: Payload = dict(server_state)
-        prefixes = ("phi.", "h.", "G.", "D.")
-        keys = [k for k in ups[0].payload if k.startswith(prefixes)]
+        keys = [k for k in ups[0].payload if k.startswith(_SHARED_PREFIXES)]
         new.update(weighted_average([({k: u.payload[k] for k in keys}, u.num_examples) for u in ups]))
         if self.holder_average and "phi.0.weight" in new:
             new["phi.0.weight"] = self._holder_average(server_state, ups)
@@ -637,6 +652,67 @@ class FedMDH(Algorithm):
             total += held * u.num_examples
         out = np.where(total > 0, acc / np.maximum(total, 1e-300), np.asarray(ref, dtype=np.float64))
         return out.astype(ref.dtype)
+
+    @staticmethod
+    def _holders(update: Update, server_state: Payload | None) -> np.ndarray | None:
+        """The institution's public holder mask when the first layer is holder-averaged, else None."""
+        key = f"holders.{update.institution}"
+        if server_state is None or key not in server_state or "phi.0.weight" not in update.payload:
+            return None
+        return np.asarray(server_state[key], dtype=np.float64)
+
+    def secure_contribution(self, update: Update, server_state: Payload) -> np.ndarray:
+        """What the payload's keys say it shares, as sums. In order: ``n_i w_i`` for every shared
+        network entry (``phi.``, ``h.``, ``G.``, ``D.``, by key; holder-averaged: ``phi.0.weight``
+        column ``j`` times ``n_i held_ij``, then ``n_i held_i``); the anchor's ``n_i m_i`` and
+        covariance term ``n_i (r S_i r)^1/2`` with ``r = S^1/2`` of the public anchor ``S`` of the
+        server state (the identity before the first round's: then the term is ``n_i S_i^1/2`` and the
+        step gives ``(sum_i w_i S_i^1/2)^2``): one fixed-point step of the W2 barycenter from ``S``
+        (:func:`~fedmdh.algorithms.gaussian.barycenter_term`); RKD's ``n_i mu_i`` and
+        ``n_i (var_i + mu_i^2)``."""
+        p, n = update.payload, float(update.num_examples)
+        held = self._holders(update, server_state)
+        parts = []
+        for key in sorted(k for k in p if k.startswith(_SHARED_PREFIXES)):
+            w = np.asarray(p[key], dtype=np.float64)
+            parts.append((w * (held * n) if held is not None and key == "phi.0.weight" else w * n).ravel())
+        if held is not None:
+            parts.append(held * n)
+        if "anchor_mean" in p:
+            parts.append(np.asarray(p["anchor_mean"], dtype=np.float64) * n)
+            cov = np.asarray(p["anchor_cov"], dtype=np.float64)
+            parts.append(barycenter_term(server_state["anchor_cov"], cov).ravel() * n)
+        if "pred_stats" in p:
+            mu, var = (float(v) for v in np.asarray(p["pred_stats"], dtype=np.float64)[:2])
+            parts.append(moment_sums(n, mu, var))
+        return np.concatenate(parts)
+
+    def aggregate_from_sum(self, server_state: Payload, template: Update, total: np.ndarray, count: float) -> Payload:
+        """The next server state from the sum of :meth:`secure_contribution`: :meth:`aggregate` with one
+        barycenter step a round."""
+        p = template.payload
+        new: Payload = dict(server_state)
+        sums = SumReader(total, "FedMDH")
+        held = self._holders(template, server_state)
+        keys = sorted(k for k in p if k.startswith(_SHARED_PREFIXES))
+        summed = {k: sums.take(int(np.size(p[k]))).reshape(np.shape(p[k])) for k in keys}
+        for k in keys:
+            new[k] = cast(summed[k] / count, np.asarray(p[k]).dtype)
+        if held is not None:  # _holder_average: a column nobody holds keeps its weights
+            weight = sums.take(held.size)
+            ref = np.asarray(server_state["phi.0.weight"])
+            mean = np.where(weight > 0, summed["phi.0.weight"] / np.maximum(weight, 1e-300), ref.astype(np.float64))
+            new["phi.0.weight"] = mean.astype(ref.dtype)
+        if "anchor_mean" in p:
+            k = int(np.size(p["anchor_mean"]))
+            new["anchor_mean"] = sums.take(k) / count
+            term = sums.take(k * k).reshape(k, k) / count
+            new["anchor_cov"] = barycenter_step(server_state["anchor_cov"], term)
+            new["anchor_ready"] = np.ones(1)
+        if "pred_stats" in p:
+            new["pred_dist"] = moments_from_sums(sums.take(2), count)
+        sums.done()
+        return track_average(server_state, new)  # aggregate's last step
 
     def onchain_vectors(self, update: Update) -> dict[str, np.ndarray]:
         """Small vectors a ledger contract can aggregate itself: anchor mean and prediction moments."""

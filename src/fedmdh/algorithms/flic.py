@@ -93,6 +93,7 @@ class FLIC(Algorithm):
     """
 
     name = "flic"
+    secure_reveals = "each institution's embedded latent samples (the Wasserstein barycenter needs individual inputs)"
 
     def __init__(
         self,

@@ -105,10 +105,20 @@ class LocalGuard(Algorithm):
     ) -> Payload:
         return self.inner.aggregate(server_state, updates, rng, rnd)
 
-    def onchain_vectors(self, update: Update) -> dict[str, np.ndarray]:
-        from fedmdh.ledger.codec import onchain_vectors
+    # what the wrapped algorithm sends, it sends as itself (class attributes are not read through)
+    @property
+    def secure_reveals(self) -> str | None:  # type: ignore[override]
+        return self.inner.secure_reveals
 
-        return onchain_vectors(self.inner, update)
+    @property
+    def dp_applies(self) -> bool:  # type: ignore[override]
+        return self.inner.dp_applies
+
+    def secure_contribution(self, update: Update, server_state: Payload) -> np.ndarray:
+        return self.inner.secure_contribution(update, server_state)
+
+    def aggregate_from_sum(self, server_state: Payload, template: Update, total: np.ndarray, count: float) -> Payload:
+        return self.inner.aggregate_from_sum(server_state, template, total, count)
 
     def client_arrays(self, client_state: GuardClient) -> Payload:
         return {**{f"inner/{k}": v for k, v in self.inner.client_arrays(client_state.inner).items()},

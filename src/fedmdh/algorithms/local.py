@@ -21,6 +21,7 @@ class Local(MLPAlgorithm):
     """
 
     name = "local"
+    secure_reveals = "nothing, it never communicates, so there is nothing to protect"
     federated = False
 
     def init(self, spec: FederationSpec, seed: int) -> Payload:

@@ -16,5 +16,6 @@ class Pooled(Local):
     """Centralised training on the union of the institutions' rows (a reference)."""
 
     name = "pooled"
+    secure_reveals = "all rows: it is the non-federated reference"
     federated = False
     centralized = True

@@ -2,8 +2,8 @@
 
 - :mod:`fedmdh.secure.threshold`: joint keys, encryption, deterministic homomorphic sums, joint
   decryption (:class:`~fedmdh.secure.threshold.ThresholdGroup` for the in-process runtime).
-- :mod:`fedmdh.secure.aggregation`: which algorithms are covered (FedAvg, FedProx, FedGAN) and how their
-  aggregate is computed from a secure sum; the refusal message for the others.
+- :mod:`fedmdh.secure.aggregation`: a round's aggregate through a secure sum, for the algorithms that
+  declare a rule from sums (``Algorithm.secure_reveals is None``); the refusal message for the others.
 - :mod:`fedmdh.secure.backend`: where OpenFHE runs (this interpreter, or ``$FEDMDH_OPENFHE_PYTHON``).
 
 See ``docs/security.md`` for the threat model and what is and is not covered.

@@ -41,16 +41,19 @@ from typing import Any
 
 import numpy as np
 
+from fedmdh.algorithms import ALGORITHMS
 from fedmdh.algorithms.base import Algorithm, Payload, Update, ordered
+from fedmdh.algorithms.sums import contribution
 from fedmdh.errors import InputError
+from fedmdh.secure.aggregation import secure_from_sum
 
-#: Algorithms whose released sums can be noised (their contribution is ``n_i w_i``).
-DP_COVERED = ("fedavg", "fedprox")
+#: Algorithms whose released sums can be noised (their contribution is ``n_i w_i``), as they declare it.
+DP_COVERED = tuple(name for name, cls in ALGORITHMS.items() if cls.dp_applies)
 #: Beyond this Gaussian-DP mu (epsilon above about mu^2 / 2 = 500,000) the budget is reported as
 #: infinite: no guarantee worth a number (and the profile's float64 evaluation breaks down).
 MU_NO_GUARANTEE = 1000.0
 #: References that release nothing (``local``) may run beside a noised task.
-DP_RELEASES_NOTHING = ("local",)
+DP_RELEASES_NOTHING = tuple(name for name, cls in ALGORITHMS.items() if not cls.federated and not cls.centralized)
 
 
 @dataclass(frozen=True)
@@ -74,12 +77,19 @@ class DPSettings:
         return {"noise_multiplier": float(self.noise_multiplier), "clip": float(self.clip), "delta": float(self.delta)}
 
 
-def check_dp_covered(algorithm: str) -> None:
-    """Refuse, in one line, an algorithm whose releases :mod:`fedmdh.secure.dp` cannot noise."""
-    if algorithm in DP_COVERED or algorithm in DP_RELEASES_NOTHING:
+def check_dp_covered(algorithm: str | Algorithm) -> None:
+    """Refuse, in one line, an algorithm (an instance, or a registered name) whose releases
+    :mod:`fedmdh.secure.dp` cannot noise."""
+    if isinstance(algorithm, str):
+        cls = ALGORITHMS.get(algorithm)
+        name, applies, silent = algorithm, cls is not None and cls.dp_applies, algorithm in DP_RELEASES_NOTHING
+    else:
+        name, applies = algorithm.name, algorithm.dp_applies
+        silent = not algorithm.federated and not algorithm.centralized
+    if applies or silent:
         return
     raise InputError(f"differential privacy covers {', '.join(DP_COVERED)} (their released sums are "
-                     f"sample-weighted parameters); {algorithm} also releases moments or inputs no parameter "
+                     f"sample-weighted parameters); {name} also releases moments or inputs no parameter "
                      "clip bounds.")
 
 
@@ -91,9 +101,7 @@ def dp_contribution(algorithm: Algorithm, server_state: Payload, update: Update,
     ``n_max``: the largest institution's public sample count; ``n_parties``: how many institutions
     share the noise; ``rng``: a generator nobody else can reproduce (a node draws it from the OS,
     :func:`private_rng`)."""
-    from fedmdh.secure.aggregation import contribution
-
-    check_dp_covered(algorithm.name)
+    check_dp_covered(algorithm)
     if n_parties < 1 or not n_max >= update.num_examples:
         raise ValueError(f"n_max ({n_max}) must be at least this institution's count ({update.num_examples}) "
                          f"and n_parties ({n_parties}) at least 1.")
@@ -128,8 +136,6 @@ def dp_aggregate(algorithm: Algorithm, server_state: Payload, updates: Sequence[
     """``algorithm``'s aggregate from the institutions' noised contributions, summed through
     ``secure_sum`` (threshold encryption) or, without one, in float64 in name order (the in-process
     study path: the contributions are seen in the clear)."""
-    from fedmdh.secure.aggregation import secure_from_sum
-
     ups = ordered(updates)
     n_max = max(float(u.num_examples) for u in ups)
     vectors = {u.institution: dp_contribution(algorithm, server_state, u, settings, n_max, len(ups),
