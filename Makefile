@@ -28,7 +28,7 @@ PYTHON_FHE ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.10*/bin/python3.1
 # Debian's chromium for the task service's browser tests (Playwright drives /usr/bin/chromium; no browser download)
 CHROMIUM ?= /usr/bin/chromium
 
-.PHONY: install anvil chromium openfhe demo test bench clean
+.PHONY: install anvil chromium openfhe demo test test-fast bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -70,6 +70,10 @@ test: install chromium openfhe $(if $(FEDMDH_ANVIL),,anvil)
 	FEDMDH_OPENFHE_PYTHON="$(or $(FEDMDH_OPENFHE_PYTHON),$(wildcard $(CURDIR)/$(FHE_VENV)/bin/python))" \
 	FEDMDH_ANVIL="$(or $(FEDMDH_ANVIL),$$(ls $(TOOLS)/node_modules/@foundry-rs/anvil-*/bin/anvil | head -n 1))" \
 		$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# the fast tier: no deployment, OpenFHE, browser or anvil test and none that trains for minutes (tests/conftest.py TIERS)
+test-fast: install
+	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
 bench: install
 	$(BIN)/python benchmarks/simulator_overhead.py

@@ -80,3 +80,38 @@ def no_chain_process_left_behind(request):
     yield
     left = [p for p in _chain_processes() if p not in before]
     assert not left, f"{request.node.nodeid} left chain processes running: {left}"
+
+
+# -- tiers -----------------------------------------------------------------------------------------
+#: The slow tiers by test module (markers registered in pyproject.toml). ``make test-fast`` (``pytest -m
+#: "not slow"``) leaves every one of them out; ``make test`` and CI run everything.
+#:
+#: - ``deploy``: real processes (SuperLink, SuperNodes, nodes, a chain);
+#: - ``openfhe``: threshold CKKS through OpenFHE's interpreter;
+#: - ``browser``: Playwright driving Debian's chromium against a real service;
+#: - ``chain``: a real anvil node;
+#: - ``slow``: every test of the above, and the modules whose tests train for minutes.
+TIERS: dict[str, tuple[str, ...]] = {
+    "test_deploy": ("deploy",),
+    "test_deploy_cli": ("deploy",),
+    "test_failover": ("deploy",),
+    "test_secure_deploy": ("deploy", "openfhe"),
+    "test_secure": ("openfhe",),
+    "test_service_browser": ("browser",),
+    "test_ledger_anvil": ("chain",),
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        module = item.path.stem if hasattr(item, "path") else ""
+        tiers = TIERS.get(module, ())
+        for tier in tiers:
+            item.add_marker(getattr(pytest.mark, tier))
+        if tiers or module in SLOW_MODULES or item.nodeid in SLOW_TESTS:
+            item.add_marker(pytest.mark.slow)
+
+
+#: modules and single tests that take minutes without any of the tiers' services (from ``--durations``)
+SLOW_MODULES: frozenset[str] = frozenset()
+SLOW_TESTS: frozenset[str] = frozenset()
