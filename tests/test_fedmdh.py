@@ -61,7 +61,7 @@ def test_sent_statistics_are_the_institutions_own(perovskite_fed):
     algo, spec, server, upd = _one_update(perovskite_fed)
     d = perovskite_fed.institutions[0]
     params = {k: v for k, v in upd.payload.items() if k.startswith(MODEL_KEYS)}
-    from fedmdh.algorithms.fedmdh import LatentRegressor
+    from fedmdh.nn.latent import LatentRegressor
     from fedmdh.nn.mlp import load_prefixed as _load
 
     net = LatentRegressor(spec.n_features, algo.training.hidden)
@@ -274,20 +274,20 @@ def test_fast_sgd_step_gives_the_same_bits_as_torch_optim(perovskite_fed, monkey
     import fedmdh.algorithms.fedmdh as fm
 
     _, _, _, fast = _one_update(perovskite_fed)
-    monkeypatch.setattr(fm, "_plain_sgd_lr", lambda opt: None)
+    monkeypatch.setattr(fm, "plain_sgd_lr", lambda opt: None)
     _, _, _, slow = _one_update(perovskite_fed)
     assert fast.payload.keys() == slow.payload.keys()
     for k in fast.payload:
         assert np.asarray(fast.payload[k]).tobytes() == np.asarray(slow.payload[k]).tobytes(), k
     monkeypatch.undo()
     net = torch.nn.Linear(2, 1)
-    assert fm._plain_sgd_lr(torch.optim.SGD(net.parameters(), lr=0.2)) == 0.2
+    assert fm.plain_sgd_lr(torch.optim.SGD(net.parameters(), lr=0.2)) == 0.2
     for kw in ({"momentum": 0.9}, {"weight_decay": 1e-4}):
-        assert fm._plain_sgd_lr(torch.optim.SGD(net.parameters(), lr=0.2, **kw)) is None
-    assert fm._plain_sgd_lr(torch.optim.Adam(net.parameters(), lr=0.2)) is None
+        assert fm.plain_sgd_lr(torch.optim.SGD(net.parameters(), lr=0.2, **kw)) is None
+    assert fm.plain_sgd_lr(torch.optim.Adam(net.parameters(), lr=0.2)) is None
     gen = fm.ConditionalGenerator(4, 4, 8)
     for mode in (False, True, False):
-        fm._set_training(gen, mode)
+        fm.set_training(gen, mode)
         assert all(m.training is mode for m in gen.modules())
 
 

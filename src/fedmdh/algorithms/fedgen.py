@@ -9,7 +9,7 @@ into every client. The model itself (feature extractor + head) is averaged as in
 
 **Regression / heterogeneous-feature adaptation.**
 
-- The model is the shared network ``h(phi(x))`` of :class:`~fedmdh.algorithms.fedmdh.LatentRegressor`
+- The model is the shared network ``h(phi(x))`` of :class:`~fedmdh.nn.latent.LatentRegressor`
   (``phi`` the hidden layers over the union feature space, ``h`` a linear head), averaged by
   sample count.
 - The condition is continuous: ``G`` is :class:`~fedmdh.nn.gan.ConditionalGenerator` with a
@@ -47,7 +47,7 @@ from fedmdh.algorithms.base import (
     ordered,
     weighted_average,
 )
-from fedmdh.algorithms.fedmdh import LatentRegressor
+from fedmdh.nn.latent import LatentRegressor
 from fedmdh.nn.mlp import load_prefixed as _load, prefixed_params as _prefixed
 from fedmdh.algorithms.gaussian import mixture_moments
 from fedmdh.algorithms.seeded import seeded

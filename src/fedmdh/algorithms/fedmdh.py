@@ -74,7 +74,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
 from fedmdh.algorithms.base import (
     Algorithm,
@@ -87,6 +86,7 @@ from fedmdh.algorithms.base import (
     weighted_average,
 )
 from fedmdh.algorithms.gaussian import (
+    JITTER,
     anchor_sqrt,
     barycenter,
     barycenter_step,
@@ -100,9 +100,17 @@ from fedmdh.algorithms.seeded import seeded
 from fedmdh.algorithms.sums import SumReader, cast, moment_sums, moments_from_sums
 from fedmdh.data.federation import InstitutionData
 from fedmdh.nn.gan import ConditionalDiscriminator, ConditionalGenerator, lsgan_step
-from fedmdh.nn.mlp import Evaluator, dense_stack, make_optimizer
+from fedmdh.nn.fast import (
+    clip_grad_norm_,
+    load_state,
+    plain_sgd_lr,
+    prefixed_state,
+    set_training,
+    sgd_step,
+)
+from fedmdh.nn.latent import LatentRegressor
+from fedmdh.nn.mlp import Evaluator, make_optimizer
 
-JITTER = 1e-6
 MAPPINGS = ("union", "per-institution")
 
 
@@ -110,74 +118,6 @@ def _anchor_sqrt(cov: np.ndarray) -> np.ndarray:
     """``psd_sqrt(cov)`` (the same bits), its eigendecomposition remembered for the last anchor:
     every institution of a simulated round needs the same one, and so does the next aggregation."""
     return anchor_sqrt(cov)
-
-
-def _state(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
-    """The module's state-dict entries (parameters and buffers themselves), listed once per module:
-    loading and sending them every round then skips rebuilding the state dict."""
-    hit = module.__dict__.get("_fedmdh_state")
-    if hit is None:
-        hit = list(module.state_dict(keep_vars=True).items())
-        module.__dict__["_fedmdh_state"] = hit
-    return hit
-
-
-def _prefixed(module: nn.Module, prefix: str) -> Payload:
-    """``fedmdh.nn.mlp.prefixed_params`` (the same arrays) from the cached entries."""
-    return {f"{prefix}.{k}": v.detach().cpu().numpy().copy() for k, v in _state(module)}
-
-
-def _load(module: nn.Module, params: Mapping[str, np.ndarray], prefix: str) -> None:
-    """``fedmdh.nn.mlp.load_prefixed`` (the same copies) into the cached entries."""
-    with torch.no_grad():
-        for k, v in _state(module):
-            v.copy_(torch.from_numpy(np.asarray(params[f"{prefix}.{k}"])).to(v.dtype))
-
-
-def _clip_grad_norm_(params: Sequence[torch.Tensor], max_norm: float) -> None:
-    """``torch.nn.utils.clip_grad_norm_(params, max_norm)`` (for finite gradients the same bits: the
-    same total norm and factor; a factor of 1 multiplies nothing), in fewer calls."""
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return
-    total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2.0)), 2.0)
-    coef = max_norm / (total + 1e-6)
-    if coef < 1.0:
-        torch._foreach_mul_(grads, coef)
-
-
-def _plain_sgd_lr(opt: torch.optim.Optimizer) -> float | None:
-    """The learning rate of ``opt`` if it is plain SGD (one group; no momentum, weight decay,
-    dampening, Nesterov or maximize), else ``None``. Its step is then ``p -= lr * grad``, which
-    :func:`_sgd_step` takes in one call (``torch.optim.SGD`` on CPU tensors loops over them with
-    ``p.add_(grad, alpha=-lr)``: the same operation, the same bits)."""
-    if type(opt) is not torch.optim.SGD or len(opt.param_groups) != 1:
-        return None
-    g = opt.param_groups[0]
-    if g["momentum"] or g["weight_decay"] or g["nesterov"] or g["maximize"] or g["dampening"]:
-        return None
-    lr = g["lr"]
-    return float(lr) if isinstance(lr, (int, float)) else None
-
-
-def _sgd_step(params: Sequence[torch.Tensor], lr: float) -> None:
-    with torch.no_grad():
-        ps = [p for p in params if p.grad is not None]
-        if ps:
-            torch._foreach_add_(ps, [p.grad for p in ps], alpha=-lr)
-
-
-def _set_training(module: nn.Module, mode: bool) -> None:
-    """``module.train(mode)`` over its submodules listed once (no recursion a call), and only when
-    the mode changes."""
-    if module.training is mode:
-        return
-    mods = module.__dict__.get("_fedmdh_modules")
-    if mods is None:
-        mods = list(module.modules())
-        module.__dict__["_fedmdh_modules"] = mods
-    for m in mods:
-        m.training = mode
 
 
 #: the shared networks' entries: averaged every round (the regressor, generator and discriminator)
@@ -199,23 +139,6 @@ def track_average(old: Payload, new: Payload) -> Payload:
         avg = cur.astype(np.float64) if prev is None else beta * np.asarray(prev, np.float64) + (1 - beta) * cur
         new[f"avg.{k}"] = avg.astype(cur.dtype)
     return new
-
-
-class LatentRegressor(nn.Module):
-    """``h(phi(x))``: encoder into the latent space and a linear predictor."""
-
-    def __init__(self, d_in: int, hidden: Sequence[int]) -> None:
-        super().__init__()
-        layers, prev = dense_stack(d_in, hidden, lambda: nn.LeakyReLU(0.2))
-        self.phi = nn.Sequential(*layers)
-        self.h = nn.Linear(prev, 1)
-
-    @property
-    def latent_dim(self) -> int:
-        return self.h.in_features
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.h(self.phi(x)).squeeze(-1)
 
 
 @dataclass
@@ -394,8 +317,8 @@ class FedMDH(Algorithm):
 
     def init(self, spec: FederationSpec, seed: int) -> Payload:
         net = self._net(spec.n_features, seed)
-        state: Payload = _prefixed(net.h, "h") if self.per_institution else {
-            **_prefixed(net.phi, "phi"), **_prefixed(net.h, "h")}
+        state: Payload = prefixed_state(net.h, "h") if self.per_institution else {
+            **prefixed_state(net.phi, "phi"), **prefixed_state(net.h, "h")}
         k = net.latent_dim
         if self.holder_average and not self.per_institution:
             # which institution holds which column: public (the setup's layout)
@@ -405,8 +328,8 @@ class FedMDH(Algorithm):
                 state[f"holders.{nm}"] = held
         if self.cgan:
             gen, disc = self._gan(k, seed)
-            state.update(_prefixed(gen, "G"))
-            state.update(_prefixed(disc, "D"))
+            state.update(prefixed_state(gen, "G"))
+            state.update(prefixed_state(disc, "D"))
         if self.gfam:
             # no anchor before the first round's statistics: alignment starts in round 2
             state["anchor_mean"] = np.zeros(k)
@@ -487,8 +410,8 @@ class FedMDH(Algorithm):
         c = client_state
         net = c.net
         if not self.per_institution:
-            _load(net.phi, server_state, "phi")
-        _load(net.h, server_state, "h")
+            load_state(net.phi, server_state, "phi")
+        load_state(net.h, server_state, "h")
         X_in = np.ascontiguousarray(data.X[:, c.own_idx]) if self.per_institution else data.X
         c.optimizer.state.clear()
         k = net.latent_dim
@@ -505,8 +428,8 @@ class FedMDH(Algorithm):
             a_mean, a_sqrt = np.zeros(k), np.eye(k)
         gan_ready = self.cgan and float(server_state.get("anchor_ready", np.ones(1))[0]) > 0
         if self.cgan:
-            _load(c.gen, server_state, "G")
-            _load(c.disc, server_state, "D")
+            load_state(c.gen, server_state, "G")
+            load_state(c.disc, server_state, "D")
 
         X = torch.from_numpy(X_in)
         y = torch.from_numpy(data.y)
@@ -536,14 +459,14 @@ class FedMDH(Algorithm):
         if gan_ready and self.gen_weight > 0:
             # the round's generated (latent, y~) pairs, drawn in one pass of the global generator
             y_gen_np = cond_labels(b * steps).astype(np.float32)
-            _set_training(c.gen, False)
+            set_training(c.gen, False)
             with torch.no_grad():
                 z_gen = c.gen(anchor_noise(b * steps), torch.from_numpy(y_gen_np))
             y_gen = torch.from_numpy(y_gen_np)
         total = 0.0
         views = self._round_views(X_in, batches, c, rng)  # no other draw happens during the steps
         params = list(net.parameters())
-        sgd_lr = _plain_sgd_lr(c.optimizer)
+        sgd_lr = plain_sgd_lr(c.optimizer)
         for step, idx in enumerate(batches):
             z = net.phi(torch.from_numpy(views[step]))
             pred = net.h(z).squeeze(-1)
@@ -566,21 +489,21 @@ class FedMDH(Algorithm):
                 p.grad = None
             loss.backward()
             if self.max_grad_norm is not None:
-                _clip_grad_norm_(params, self.max_grad_norm)
+                clip_grad_norm_(params, self.max_grad_norm)
             if sgd_lr is not None:
-                _sgd_step(params, sgd_lr)
+                sgd_step(params, sgd_lr)
             else:
                 c.optimizer.step()
 
-        payload: Payload = _prefixed(net.h, "h") if self.per_institution else {
-            **_prefixed(net.phi, "phi"), **_prefixed(net.h, "h")}
+        payload: Payload = prefixed_state(net.h, "h") if self.per_institution else {
+            **prefixed_state(net.phi, "phi"), **prefixed_state(net.h, "h")}
         with torch.no_grad():
             latent = net.phi(X)
             preds = net.h(latent).squeeze(-1)
         if self.cgan:
             self._train_gan(c, latent, y, cond_labels, anchor_noise, rng)
-            payload.update(_prefixed(c.gen, "G"))
-            payload.update(_prefixed(c.disc, "D"))
+            payload.update(prefixed_state(c.gen, "G"))
+            payload.update(prefixed_state(c.disc, "D"))
         if self.gfam:
             zl = latent.double().numpy()
             payload["anchor_mean"] = zl.mean(axis=0)
@@ -598,8 +521,8 @@ class FedMDH(Algorithm):
             return
         c.g_opt.state.clear()
         c.d_opt.state.clear()
-        _set_training(c.gen, True)
-        _set_training(c.disc, True)
+        set_training(c.gen, True)
+        set_training(c.disc, True)
         # one step a round from cleared moments is Adam's first step: computed in closed form
         first = (c.gen, self.gan_lr, self.gan_weight_decay) if self.gan_steps == 1 else None
         for _ in range(self.gan_steps):
@@ -731,21 +654,21 @@ class FedMDH(Algorithm):
         masks and column indices follow from the setup (:meth:`init_client`)."""
         if not self.per_institution:
             return {}
-        return _prefixed(client_state.net.phi, "net.phi")
+        return prefixed_state(client_state.net.phi, "net.phi")
 
     def load_client(self, client_state: FedMDHClient, arrays: Mapping[str, np.ndarray]) -> FedMDHClient:
         if self.per_institution:
             missing = [k for k in client_state.net.phi.state_dict() if f"net.phi.{k}" not in arrays]
             if missing:
                 raise ValueError(f"client state lacks net.phi.{missing[0]}.")
-            _load(client_state.net.phi, arrays, "net.phi")
+            load_state(client_state.net.phi, arrays, "net.phi")
         return client_state
 
     # -- prediction -----------------------------------------------------------------------------
     def personal_params(self, server_state: Payload, client_state: FedMDHClient) -> Params:
         if self.per_institution:
             # its own encoder (copied: it keeps training) over its own columns, the shared predictor
-            return {**_prefixed(client_state.net.phi, "phi"),
+            return {**prefixed_state(client_state.net.phi, "phi"),
                     **{k: v for k, v in server_state.items() if k.startswith("h.")},
                     "input_idx": np.array(client_state.own_idx, dtype=np.int64)}
         # the institution's model: the shared encoder and predictor, fed its own columns; one dict

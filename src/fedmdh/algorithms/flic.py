@@ -46,7 +46,7 @@ from fedmdh.algorithms.base import (
     ordered,
     weighted_average,
 )
-from fedmdh.algorithms.fedmdh import JITTER
+from fedmdh.algorithms.gaussian import JITTER
 from fedmdh.algorithms.gaussian import barycenter, batch_gaussian, psd_sqrt, w2_squared_torch
 from fedmdh.algorithms.seeded import seeded
 from fedmdh.data.federation import InstitutionData

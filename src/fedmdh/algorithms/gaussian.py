@@ -20,6 +20,9 @@ import torch
 from scipy import linalg
 
 
+#: added to the diagonal of an institution's latent covariance before it is sent (keeps it positive definite)
+JITTER = 1e-6
+
 def _sym(a: np.ndarray) -> np.ndarray:
     return 0.5 * (a + a.T)
 

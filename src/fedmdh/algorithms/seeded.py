@@ -11,7 +11,6 @@ from collections.abc import Callable
 from typing import TypeVar
 
 import numpy as np
-import torch
 
 from fedmdh.algorithms.base import FederationSpec
 from fedmdh.nn.mlp import seeded_build
