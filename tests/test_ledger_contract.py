@@ -167,6 +167,39 @@ def test_only_the_hash_a_quorum_attested_can_be_archived(task):
     assert task.c.functions.archived_locator().call() == "file:///models"
 
 
+def test_the_archive_names_who_attested_and_who_is_missing_and_only_a_missing_one_adds_its_model_late(task):
+    # Prepare: finish the task; two of three attest the manifest, the third is down
+    for r in (1, 2):
+        task.commit_all(r)
+        task.attest_all(r, [H[5]] * 3)
+    task.tx(task.members[0], "attest_model", H[7])
+    task.tx(task.members[1], "attest_model", H[7])
+    gone = task.members[2]
+    with pytest.raises(LedgerRevert, match="not archived yet"):
+        task.tx(gone, "attest_late", H[6])
+
+    # Execute: the archive goes ahead with the quorum
+    sent = task.tx(task.submitter, "archive", H[7], "file:///models", gas=GAS["archive"] + 30_000 * 3)
+
+    # Assert: on chain, who attested and who is missing
+    events = dict(decode_logs(sent.receipt["logs"]))
+    assert events["ArchiveAttendance"]["attested"] == [task.members[0].address.lower(), task.members[1].address.lower()]
+    assert events["ArchiveAttendance"]["missing"] == [gone.address.lower()]
+    assert task.c.functions.archive_missing(gone.address).call()
+    assert not task.c.functions.archive_missing(task.members[0].address).call()
+    # the archive is closed to ordinary votes; only the missing institution adds its model, once
+    with pytest.raises(LedgerRevert, match="archived already"):
+        task.tx(gone, "attest_model", H[7])
+    for who in (task.members[0], task.outsider, task.submitter):
+        with pytest.raises(LedgerRevert, match="not a participant the archive names missing"):
+            task.tx(who, "attest_late", H[6])
+    late = task.tx(gone, "attest_late", H[6])
+    assert dict(decode_logs(late.receipt["logs"]))["LateModel"] == {"participant": gone.address, "model_hash": "0x" + H[6].hex()}
+    assert task.c.functions.late_model(gone.address).call() == H[6]
+    with pytest.raises(LedgerRevert, match="added its model already"):
+        task.tx(gone, "attest_late", H[5])
+
+
 def test_a_replayed_transaction_is_rejected(task):
     # Prepare
     sent = task.tx(task.members[0], "commit", 1, H[1], 10, [1, 2])

@@ -15,7 +15,10 @@
         hash (close_round). A participant may commit round r + 1 once round r's commitments have
         closed (training goes on while round r is attested). A round below its quorum stays open:
         it can still finish when the missing participants come back. After the last round, the
-        participants attest the final model's hash and the submitter archives it (hash + locator).
+        participants attest the final model's hash and the submitter archives it (hash + locator)
+        once a quorum attested it; the archive names who attested it and who is missing (did not
+        attest). A missing participant, when it is back, adds the hash of its own model
+        (attest_late), once.
 """
 
 MAX_PARTICIPANTS: constant(uint256) = 32
@@ -83,6 +86,14 @@ event Archived:
     model_hash: bytes32
     locator: String[256]
 
+event ArchiveAttendance:
+    attested: DynArray[address, MAX_PARTICIPANTS]
+    missing: DynArray[address, MAX_PARTICIPANTS]
+
+event LateModel:
+    participant: indexed(address)
+    model_hash: bytes32
+
 submitter: public(address)
 target: public(String[64])
 algorithm: public(String[64])
@@ -124,6 +135,8 @@ model_vote: public(HashMap[address, bytes32])
 model_votes: public(HashMap[bytes32, uint256])
 archived_hash: public(bytes32)
 archived_locator: public(String[256])
+archive_missing: public(HashMap[address, bool])  # a participant that had not attested the archived hash
+late_model: public(HashMap[address, bytes32])  # the model hash a missing participant added after the archive
 
 
 @deploy
@@ -333,6 +346,7 @@ def _close(round: uint256, late: bool):
 def attest_model(model_hash: bytes32):
     assert self.registered[msg.sender], "attest_model: sender is not a registered participant"
     assert self.ended and not self.failed, "attest_model: the task has not ended with every round finalized"
+    assert self.archived_hash == empty(bytes32), "attest_model: the models are archived already (a missing participant adds its model with attest_late)"
     assert self.model_vote[msg.sender] == empty(bytes32), "attest_model: sender already attested a model"
     assert model_hash != empty(bytes32), "attest_model: model_hash is zero"
     self.model_vote[msg.sender] = model_hash
@@ -347,7 +361,30 @@ def archive(model_hash: bytes32, locator: String[256]):
     assert self.model_votes[model_hash] >= self.quorum, "archive: model hash is not the one a quorum attested"
     self.archived_hash = model_hash
     self.archived_locator = locator
+    attested: DynArray[address, MAX_PARTICIPANTS] = []
+    missing: DynArray[address, MAX_PARTICIPANTS] = []
+    for p: address in self.participants:
+        v: bytes32 = self.model_vote[p]
+        if v == model_hash:
+            attested.append(p)
+        elif v == empty(bytes32):
+            missing.append(p)
+            self.archive_missing[p] = True
     log Archived(model_hash=model_hash, locator=locator)
+    log ArchiveAttendance(attested=attested, missing=missing)
+
+
+@external
+def attest_late(model_hash: bytes32):
+    """
+    @notice A participant the archive names missing adds the hash of its own model, once, after the archive.
+    """
+    assert self.archived_hash != empty(bytes32), "attest_late: the task's models are not archived yet"
+    assert self.archive_missing[msg.sender], "attest_late: sender is not a participant the archive names missing"
+    assert self.late_model[msg.sender] == empty(bytes32), "attest_late: sender added its model already"
+    assert model_hash != empty(bytes32), "attest_late: model_hash is zero"
+    self.late_model[msg.sender] = model_hash
+    log LateModel(participant=msg.sender, model_hash=model_hash)
 
 
 @view
