@@ -146,3 +146,40 @@ def test_pooled_sees_the_federations_budget(perovskite_fed):
     finally:
         sim._with_steps = original
     assert seen == [3 * len(perovskite_fed.institutions)]
+
+
+def test_settings_are_one_frozen_dataclass_validated_once_and_read_back(name):
+    """Each algorithm's own hyperparameters are one frozen dataclass: validated at construction, not
+    changeable afterwards, recorded whole by hyperparameters() and rebuilt from it."""
+    import dataclasses
+    import json
+
+    from fedmdh.algorithms import algorithm_from_hyperparameters
+
+    algo = make_algorithm(name)
+    assert dataclasses.is_dataclass(algo.settings) and isinstance(algo.settings, type(algo).Settings)
+    own = dataclasses.asdict(algo.settings)
+    assert own.items() <= algo.hyperparameters().items()
+    for key in own:
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            setattr(algo.settings, key, own[key])
+        assert getattr(algo, key) == own[key]
+    again = algorithm_from_hyperparameters(name, json.loads(json.dumps(algo.hyperparameters())))
+    assert again.settings == algo.settings and again.training == algo.training
+    with pytest.raises(TypeError):
+        type(algo)(algo.training, no_such_setting=1)
+
+
+def test_settings_refuse_bad_values_at_construction():
+    from fedmdh.algorithms.fedmdh import FedMDHSettings, FedMDHNoCGAN
+    from fedmdh.algorithms.fedprox import FedProxSettings
+
+    with pytest.raises(ValueError, match="proximal_mu > 0"):
+        FedProxSettings(proximal_mu=0.0)
+    with pytest.raises(ValueError, match="mask_prob must be in"):
+        FedMDHSettings(mask_prob=1.5)
+    # normalised once: "per-institution" under gfam picks the mapping; false switches the clip off
+    s = FedMDHSettings(gfam="per-institution", max_grad_norm=False)
+    assert (s.gfam, s.mapping, s.max_grad_norm) == (True, "per-institution", None)
+    # an ablation keeps its component off even when given settings that switch it on
+    assert FedMDHNoCGAN(settings=FedMDHSettings(cgan=True)).cgan is False

@@ -82,12 +82,9 @@ def algorithm_from_hyperparameters(name: str, hyperparameters: dict[str, Any]) -
         train["hidden"] = tuple(train["hidden"])
     own = {k: v for k, v in hyperparameters.items() if k not in keys}
     cls = ALGORITHMS.get(name)
-    if cls is not None and cls.__init__ is not Algorithm.__init__:
-        import inspect
-
-        accepted = inspect.signature(cls.__init__).parameters
-        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values()):
-            own = {k: v for k, v in own.items() if k in accepted}
+    if cls is not None:  # a setting this version no longer has (an older saved model) is left out
+        accepted = {f.name for f in fields(cls.Settings)}
+        own = {k: v for k, v in own.items() if k in accepted}
     return make_algorithm(name, LocalTraining(**train), **own)
 
 

@@ -25,8 +25,8 @@ The in-process simulator, a distributed engine and a ledger verifier all drive t
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, ClassVar
 
 import numpy as np
@@ -144,6 +144,27 @@ def ordered(updates: Sequence[Update]) -> list[Update]:
     return sorted(updates, key=lambda u: u.institution)
 
 
+_CASTS: dict[str, Callable[[Any], Any]] = {"float": float, "int": int, "bool": bool, "str": str}
+
+
+def coerce_settings(settings: Any) -> None:
+    """Cast every field of a frozen settings dataclass to its annotated type (``float``, ``int``, ``bool``,
+    ``str``, each optionally ``| None``, which keeps a ``None``); call it last in ``__post_init__``."""
+    for f in fields(settings):
+        kinds = [t.strip() for t in str(f.type).split("|")]
+        value = getattr(settings, f.name)
+        if value is None and "None" in kinds:
+            continue
+        cast = _CASTS.get(kinds[0]) if len([k for k in kinds if k != "None"]) == 1 else None
+        if cast is not None:
+            object.__setattr__(settings, f.name, cast(value))
+
+
+@dataclass(frozen=True)
+class NoSettings:
+    """The settings of an algorithm that has none of its own."""
+
+
 class Algorithm(ABC):
     """Base class: subclasses set ``name`` and implement the pure functions described above."""
 
@@ -160,15 +181,32 @@ class Algorithm(ABC):
     #: them (:mod:`fedmdh.secure.dp`: each change clipped, Gaussian noise added) bounds what they reveal.
     dp_applies: ClassVar[bool] = False
 
-    def __init__(self, training: LocalTraining | None = None) -> None:
+    #: The algorithm's own hyperparameters: a frozen dataclass that validates them once, at construction
+    #: (its ``__post_init__``); :meth:`hyperparameters` reads them back for logs and the task manifest.
+    Settings: ClassVar[type] = NoSettings
+
+    def __init__(self, training: LocalTraining | None = None, settings: Any = None, **hyperparameters: Any) -> None:
         self.training = training or LocalTraining()
+        if settings is not None and hyperparameters:
+            raise TypeError("give the settings or hyperparameters by keyword, not both")
+        self.settings = settings if settings is not None else type(self).Settings(**hyperparameters)
+        if not isinstance(self.settings, type(self).Settings):
+            raise TypeError(f"{self.name}'s settings are a {type(self).Settings.__name__}, "
+                            f"got {type(self.settings).__name__}")
+
+    def __getattr__(self, attr: str) -> Any:
+        # the settings read as attributes (``algo.proximal_mu``); only called when normal lookup fails
+        settings = self.__dict__.get("settings")
+        if settings is not None and attr in {f.name for f in fields(settings)}:
+            return getattr(settings, attr)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {attr!r}")
 
     def hyperparameters(self) -> dict[str, Any]:
-        """The settings that define this run (recorded in config files and logs)."""
-        from dataclasses import asdict
-
+        """The settings that define this run (recorded in config files and logs): the local training's,
+        then the algorithm's own."""
         d = asdict(self.training)
         d["hidden"] = list(d["hidden"])
+        d.update(asdict(self.settings))
         return d
 
     @abstractmethod

@@ -13,16 +13,17 @@ is exactly that.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from fedmdh.algorithms.base import (
     FederationSpec,
-    LocalTraining,
     Params,
     Payload,
     Update,
+    coerce_settings,
     ordered,
     weighted_average,
 )
@@ -40,6 +41,18 @@ def proximal_term(model: torch.nn.Module, anchor: Sequence[torch.Tensor], mu: fl
     return 0.5 * mu * total
 
 
+@dataclass(frozen=True)
+class FedAvgSettings:
+    """``proximal_mu``: weight of the proximal term; 0 is FedAvg."""
+
+    proximal_mu: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not self.proximal_mu >= 0:
+            raise ValueError(f"proximal_mu must be >= 0, got {self.proximal_mu}.")
+        coerce_settings(self)
+
+
 class FedAvg(MLPAlgorithm):
     """Sample-weighted parameter averaging; optional proximal term (FedProx).
 
@@ -49,23 +62,13 @@ class FedAvg(MLPAlgorithm):
         Local optimisation settings. Every round starts from the global weights with empty
         optimiser state (no momentum or Adam moments carry over between rounds).
     proximal_mu:
-        Weight of the proximal term; 0 is FedAvg.
+        Weight of the proximal term; 0 is FedAvg (:class:`FedAvgSettings`).
     """
 
     name = "fedavg"
     secure_reveals = None  # the new weights are sum_i n_i w_i / sum_i n_i; the counts are public
     dp_applies = True
-
-    def __init__(self, training: LocalTraining | None = None, proximal_mu: float = 0.0) -> None:
-        super().__init__(training)
-        if proximal_mu < 0:
-            raise ValueError(f"proximal_mu must be >= 0, got {proximal_mu}.")
-        self.proximal_mu = float(proximal_mu)
-
-    def hyperparameters(self) -> dict:
-        d = super().hyperparameters()
-        d["proximal_mu"] = self.proximal_mu
-        return d
+    Settings = FedAvgSettings
 
     def init(self, spec: FederationSpec, seed: int) -> Payload:
         return get_params(self._new_model(spec, seed, "global"))

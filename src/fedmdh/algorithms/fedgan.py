@@ -29,12 +29,19 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
 
-from fedmdh.algorithms.base import FederationSpec, LocalTraining, Params, Payload, Update, ordered, weighted_average
+from fedmdh.algorithms.base import (
+    FederationSpec,
+    Params,
+    Payload,
+    Update,
+    coerce_settings,
+    ordered,
+    weighted_average,
+)
 from fedmdh.nn.mlp import load_prefixed as _load, prefixed_params as _prefixed
 from fedmdh.algorithms.gaussian import mixture_moments
 from fedmdh.algorithms.mlp_common import MLPAlgorithm
@@ -45,6 +52,29 @@ from fedmdh.nn.gan import ConditionalDiscriminator, ConditionalGenerator, lsgan_
 from fedmdh.nn.mlp import MLP
 
 _SHARED = ("reg.", "G.", "D.")
+
+
+@dataclass(frozen=True)
+class FedGANSettings:
+    """FedGAN's own settings (see :class:`FedGAN`)."""
+
+    gen_weight: float = 0.1
+    gan_steps: int = 2
+    warmup_rounds: int = 20
+    noise_dim: int = 16
+    gan_hidden: int = 128
+    gan_lr: float = 1e-3
+    gan_weight_decay: float = 0.0
+
+    def __post_init__(self) -> None:
+        for nm in ("gen_weight", "gan_weight_decay"):
+            if getattr(self, nm) < 0:
+                raise ValueError(f"{nm} must be >= 0, got {getattr(self, nm)}.")
+        if self.gan_lr <= 0:
+            raise ValueError(f"gan_lr must be > 0, got {self.gan_lr}.")
+        if self.gan_steps < 1 or self.warmup_rounds < 0 or self.noise_dim < 1 or self.gan_hidden < 1:
+            raise ValueError("gan_steps, noise_dim and gan_hidden must be >= 1 and warmup_rounds >= 0.")
+        coerce_settings(self)
 
 
 @dataclass
@@ -84,41 +114,7 @@ class FedGAN(MLPAlgorithm):
     # mixture moments follow from sum_i n_i mu_i and sum_i n_i (var_i + mu_i^2)
     secure_reveals = None
 
-    def __init__(
-        self,
-        training: LocalTraining | None = None,
-        gen_weight: float = 0.1,
-        gan_steps: int = 2,
-        warmup_rounds: int = 20,
-        noise_dim: int = 16,
-        gan_hidden: int = 128,
-        gan_lr: float = 1e-3,
-        gan_weight_decay: float = 0.0,
-    ) -> None:
-        super().__init__(training)
-        for nm, v in (("gen_weight", gen_weight), ("gan_weight_decay", gan_weight_decay)):
-            if v < 0:
-                raise ValueError(f"{nm} must be >= 0, got {v}.")
-        if gan_lr <= 0:
-            raise ValueError(f"gan_lr must be > 0, got {gan_lr}.")
-        if gan_steps < 1 or warmup_rounds < 0 or noise_dim < 1 or gan_hidden < 1:
-            raise ValueError("gan_steps, noise_dim and gan_hidden must be >= 1 and warmup_rounds >= 0.")
-        self.gen_weight = float(gen_weight)
-        self.gan_steps = int(gan_steps)
-        self.warmup_rounds = int(warmup_rounds)
-        self.noise_dim = int(noise_dim)
-        self.gan_hidden = int(gan_hidden)
-        self.gan_lr = float(gan_lr)
-        self.gan_weight_decay = float(gan_weight_decay)
-
-    def hyperparameters(self) -> dict[str, Any]:
-        d = super().hyperparameters()
-        d.update(
-            gen_weight=self.gen_weight, gan_steps=self.gan_steps, warmup_rounds=self.warmup_rounds,
-            noise_dim=self.noise_dim, gan_hidden=self.gan_hidden, gan_lr=self.gan_lr,
-            gan_weight_decay=self.gan_weight_decay,
-        )
-        return d
+    Settings = FedGANSettings
 
     # -- construction ---------------------------------------------------------------------------
     def _gan(self, spec: FederationSpec, seed: int) -> tuple[ConditionalGenerator, ConditionalDiscriminator]:

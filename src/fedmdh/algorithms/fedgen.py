@@ -44,6 +44,7 @@ from fedmdh.algorithms.base import (
     Params,
     Payload,
     Update,
+    coerce_settings,
     ordered,
     weighted_average,
 )
@@ -54,6 +55,32 @@ from fedmdh.algorithms.seeded import seeded
 from fedmdh.data.federation import InstitutionData
 from fedmdh.nn.gan import ConditionalGenerator
 from fedmdh.nn.mlp import Evaluator, make_optimizer
+
+
+@dataclass(frozen=True)
+class FedGenSettings:
+    """FedGen's own settings (see :class:`FedGen`)."""
+
+    gen_weight: float = 0.1
+    gen_steps: int = 5
+    gen_batch: int = 64
+    gen_lr: float = 1e-3
+    diversity_weight: float = 1.0
+    noise_dim: int = 16
+    gen_hidden: int = 128
+    max_grad_norm: float | None = None
+
+    def __post_init__(self) -> None:
+        for nm in ("gen_weight", "diversity_weight"):
+            if getattr(self, nm) < 0:
+                raise ValueError(f"{nm} must be >= 0, got {getattr(self, nm)}.")
+        if self.gen_lr <= 0:
+            raise ValueError(f"gen_lr must be > 0, got {self.gen_lr}.")
+        if self.gen_steps < 0 or self.gen_batch < 2 or self.noise_dim < 1 or self.gen_hidden < 1:
+            raise ValueError("gen_steps must be >= 0, gen_batch >= 2, noise_dim and gen_hidden >= 1.")
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            raise ValueError(f"max_grad_norm must be > 0, got {self.max_grad_norm}.")
+        coerce_settings(self)
 
 
 @dataclass
@@ -94,47 +121,13 @@ class FedGen(Algorithm):
     name = "fedgen"
     secure_reveals = "each institution's predictor head (the server trains its generator on the individual heads)"
 
-    def __init__(
-        self,
-        training: LocalTraining | None = None,
-        gen_weight: float = 0.1,
-        gen_steps: int = 5,
-        gen_batch: int = 64,
-        gen_lr: float = 1e-3,
-        diversity_weight: float = 1.0,
-        noise_dim: int = 16,
-        gen_hidden: int = 128,
-        max_grad_norm: float | None = None,
-    ) -> None:
-        super().__init__(training)
-        for nm, v in (("gen_weight", gen_weight), ("diversity_weight", diversity_weight)):
-            if v < 0:
-                raise ValueError(f"{nm} must be >= 0, got {v}.")
-        if gen_lr <= 0:
-            raise ValueError(f"gen_lr must be > 0, got {gen_lr}.")
-        if gen_steps < 0 or gen_batch < 2 or noise_dim < 1 or gen_hidden < 1:
-            raise ValueError("gen_steps must be >= 0, gen_batch >= 2, noise_dim and gen_hidden >= 1.")
-        self.gen_weight = float(gen_weight)
-        self.gen_steps = int(gen_steps)
-        self.gen_batch = int(gen_batch)
-        self.gen_lr = float(gen_lr)
-        self.diversity_weight = float(diversity_weight)
-        self.noise_dim = int(noise_dim)
-        self.gen_hidden = int(gen_hidden)
-        if max_grad_norm is not None and not max_grad_norm > 0:
-            raise ValueError(f"max_grad_norm must be > 0, got {max_grad_norm}.")
-        self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
+    Settings = FedGenSettings
+
+    def __init__(self, training: LocalTraining | None = None, settings: FedGenSettings | None = None,
+                 **hyperparameters: Any) -> None:
+        super().__init__(training, settings, **hyperparameters)
         self._evaluator: Evaluator | None = None
         self._personal: tuple[Payload, Params] | None = None
-
-    def hyperparameters(self) -> dict[str, Any]:
-        d = super().hyperparameters()
-        d.update(
-            gen_weight=self.gen_weight, gen_steps=self.gen_steps, gen_batch=self.gen_batch, gen_lr=self.gen_lr,
-            diversity_weight=self.diversity_weight, noise_dim=self.noise_dim, gen_hidden=self.gen_hidden,
-            max_grad_norm=self.max_grad_norm,
-        )
-        return d
 
     @property
     def latent_dim(self) -> int:

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedmdh.algorithms.base import FederationSpec, LocalTraining, Params, Payload, Update, ordered
+from fedmdh.algorithms.base import FederationSpec, LocalTraining, Params, Payload, Update, coerce_settings, ordered
 from fedmdh.nn.mlp import load_prefixed as _load, prefixed_params as _prefixed
 from fedmdh.algorithms.mlp_common import MLPAlgorithm
 from fedmdh.data.federation import InstitutionData
@@ -99,6 +99,33 @@ def forward_hidden(model: MLP, x: torch.Tensor) -> tuple[torch.Tensor, list[torc
     return x.squeeze(-1), hidden
 
 
+@dataclass(frozen=True)
+class FedKDSettings:
+    """FedKD's own settings (see :class:`FedKD`)."""
+
+    energy: float = 0.95
+    energy_end: float | None = 0.98
+    energy_rounds: int = 400
+    distill_weight: float = 0.05
+    max_distill_weight: float = 0.2
+    hidden_loss: bool = True
+    predict_with: str = "mentee"
+
+    def __post_init__(self) -> None:
+        for nm, v in (("energy", self.energy),
+                      ("energy_end", self.energy if self.energy_end is None else self.energy_end)):
+            if not 0.0 < v <= 1.0:
+                raise ValueError(f"{nm} must be in (0, 1], got {v}.")
+        if self.energy_rounds < 1:
+            raise ValueError(f"energy_rounds must be >= 1, got {self.energy_rounds}.")
+        if self.distill_weight < 0 or self.max_distill_weight <= 0:
+            raise ValueError(f"distill_weight must be >= 0 and max_distill_weight > 0, got {self.distill_weight}, "
+                             f"{self.max_distill_weight}.")
+        if self.predict_with not in ("mentor", "mentee"):
+            raise ValueError(f"predict_with must be 'mentor' or 'mentee', got {self.predict_with!r}.")
+        coerce_settings(self)
+
+
 @dataclass
 class FedKDClient:
     """An institution's private mentor, its working copy of the mentee, and their optimisers."""
@@ -133,46 +160,12 @@ class FedKD(MLPAlgorithm):
     name = "fedkd"
     secure_reveals = "each institution's SVD factors of its update (an SVD needs the individual matrix)"
 
-    def __init__(
-        self,
-        training: LocalTraining | None = None,
-        energy: float = 0.95,
-        energy_end: float | None = 0.98,
-        energy_rounds: int = 400,
-        distill_weight: float = 0.05,
-        hidden_loss: bool = True,
-        max_distill_weight: float = 0.2,
-        predict_with: str = "mentee",
-    ) -> None:
-        super().__init__(training)
-        for nm, v in (("energy", energy), ("energy_end", energy if energy_end is None else energy_end)):
-            if not 0.0 < v <= 1.0:
-                raise ValueError(f"{nm} must be in (0, 1], got {v}.")
-        if energy_rounds < 1:
-            raise ValueError(f"energy_rounds must be >= 1, got {energy_rounds}.")
-        if distill_weight < 0 or max_distill_weight <= 0:
-            raise ValueError(
-                f"distill_weight must be >= 0 and max_distill_weight > 0, got {distill_weight}, {max_distill_weight}."
-            )
-        if predict_with not in ("mentor", "mentee"):
-            raise ValueError(f"predict_with must be 'mentor' or 'mentee', got {predict_with!r}.")
-        self.energy = float(energy)
-        self.energy_end = None if energy_end is None else float(energy_end)
-        self.energy_rounds = int(energy_rounds)
-        self.distill_weight = float(distill_weight)
-        self.max_distill_weight = float(max_distill_weight)
-        self.hidden_loss = bool(hidden_loss)
-        self.predict_with = predict_with
-        self._personal: tuple[Payload, Params] | None = None
+    Settings = FedKDSettings
 
-    def hyperparameters(self) -> dict[str, Any]:
-        d = super().hyperparameters()
-        d.update(
-            energy=self.energy, energy_end=self.energy_end, energy_rounds=self.energy_rounds,
-            distill_weight=self.distill_weight,
-            max_distill_weight=self.max_distill_weight, hidden_loss=self.hidden_loss, predict_with=self.predict_with,
-        )
-        return d
+    def __init__(self, training: LocalTraining | None = None, settings: FedKDSettings | None = None,
+                 **hyperparameters: Any) -> None:
+        super().__init__(training, settings, **hyperparameters)
+        self._personal: tuple[Payload, Params] | None = None
 
     def energy_at(self, round_index: int) -> float:
         """The threshold ``T`` in (0-based) round ``round_index``."""

@@ -69,7 +69,7 @@ statistics and parameters are then neither computed nor sent.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -82,6 +82,7 @@ from fedmdh.algorithms.base import (
     Params,
     Payload,
     Update,
+    coerce_settings,
     ordered,
     weighted_average,
 )
@@ -139,6 +140,59 @@ def track_average(old: Payload, new: Payload) -> Payload:
         avg = cur.astype(np.float64) if prev is None else beta * np.asarray(prev, np.float64) + (1 - beta) * cur
         new[f"avg.{k}"] = avg.astype(cur.dtype)
     return new
+
+
+@dataclass(frozen=True)
+class FedMDHSettings:
+    """FedMDH's own settings (see :class:`FedMDH`), validated once here."""
+
+    gfam: bool = True
+    cgan: bool = True
+    rkd: bool = True
+    mapping: str = "union"
+    holder_average: bool = False
+    empty_views: bool = True
+    mask_prob: float = 0.3
+    align_weight: float = 0.01
+    gen_weight: float = 0.1
+    soft_weight: float = 0.1
+    kl_weight: float = 0.0
+    align_steps: int = 1
+    barycenter_iters: int = 1
+    gan_steps: int = 1
+    gan_lr: float = 3e-4
+    gan_weight_decay: float = 1e-2
+    gan_hidden: int = 128
+    max_grad_norm: float | None = None
+    eval_average: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.max_grad_norm is False:  # TOML has no null: false switches the clip off
+            object.__setattr__(self, "max_grad_norm", None)
+        g = self.max_grad_norm
+        if g is not None and (isinstance(g, bool) or not g > 0):
+            raise ValueError(f"max_grad_norm must be > 0, got {g}.")
+        if not 0.0 <= self.mask_prob <= 1.0:
+            raise ValueError(f"mask_prob must be in [0, 1], got {self.mask_prob}.")
+        for nm in ("align_weight", "gen_weight", "soft_weight", "kl_weight", "gan_lr", "gan_weight_decay"):
+            if getattr(self, nm) < 0:
+                raise ValueError(f"{nm} must be >= 0, got {getattr(self, nm)}.")
+        if self.align_steps < 0:
+            raise ValueError(f"align_steps must be >= 0, got {self.align_steps}.")
+        if self.gan_steps < 0 or self.gan_hidden < 1:
+            raise ValueError("gan_steps must be >= 0 and gan_hidden >= 1.")
+        if isinstance(self.gfam, str):  # gfam = "per-institution" picks the mapping; "off" switches it off
+            if self.gfam in ("off", "false"):
+                object.__setattr__(self, "gfam", False)
+            else:
+                object.__setattr__(self, "mapping", self.gfam)
+                object.__setattr__(self, "gfam", True)
+        if self.mapping not in MAPPINGS:
+            raise ValueError(f"mapping must be one of {', '.join(MAPPINGS)}, got {self.mapping!r}.")
+        if not 0.0 <= float(self.eval_average) < 1.0:
+            raise ValueError(f"eval_average must be in [0, 1), got {self.eval_average}.")
+        object.__setattr__(self, "barycenter_iters", max(1, int(self.barycenter_iters)))
+        coerce_settings(self)
 
 
 @dataclass
@@ -217,86 +271,19 @@ class FedMDH(Algorithm):
     # every shared network and statistic is a sum over institutions (see secure_contribution)
     secure_reveals = None
 
-    def __init__(
-        self,
-        training: LocalTraining | None = None,
-        gfam: bool | str = True,
-        cgan: bool = True,
-        rkd: bool = True,
-        mapping: str = "union",
-        holder_average: bool = False,
-        empty_views: bool = True,
-        mask_prob: float = 0.3,
-        align_weight: float = 0.01,
-        gen_weight: float = 0.1,
-        soft_weight: float = 0.1,
-        kl_weight: float = 0.0,
-        align_steps: int = 1,
-        gan_steps: int = 1,
-        barycenter_iters: int = 1,
-        gan_lr: float = 3e-4,
-        gan_weight_decay: float = 1e-2,
-        gan_hidden: int = 128,
-        max_grad_norm: float | None = None,
-        eval_average: float = 0.0,
-    ) -> None:
-        super().__init__(training)
-        if max_grad_norm is False:  # TOML has no null: false switches the clip off
-            max_grad_norm = None
-        if max_grad_norm is not None and (isinstance(max_grad_norm, bool) or not max_grad_norm > 0):
-            raise ValueError(f"max_grad_norm must be > 0, got {max_grad_norm}.")
-        for nm, v in (("mask_prob", mask_prob),):
-            if not 0.0 <= v <= 1.0:
-                raise ValueError(f"{nm} must be in [0, 1], got {v}.")
-        for nm, v in (("align_weight", align_weight), ("gen_weight", gen_weight), ("soft_weight", soft_weight),
-                      ("kl_weight", kl_weight), ("gan_lr", gan_lr), ("gan_weight_decay", gan_weight_decay)):
-            if v < 0:
-                raise ValueError(f"{nm} must be >= 0, got {v}.")
-        if align_steps < 0:
-            raise ValueError(f"align_steps must be >= 0, got {align_steps}.")
-        if gan_steps < 0 or gan_hidden < 1:
-            raise ValueError("gan_steps must be >= 0 and gan_hidden >= 1.")
-        if isinstance(gfam, str):
-            if gfam in ("off", "false"):
-                gfam = False
-            else:
-                gfam, mapping = True, gfam
-        if mapping not in MAPPINGS:
-            raise ValueError(f"mapping must be one of {', '.join(MAPPINGS)}, got {mapping!r}.")
-        self.gfam, self.cgan, self.rkd = bool(gfam), bool(cgan), bool(rkd)
-        self.mapping = str(mapping)
-        self.holder_average = bool(holder_average)
-        self.empty_views = bool(empty_views)
-        self.mask_prob = float(mask_prob)
-        self.align_weight = float(align_weight)
-        self.gen_weight = float(gen_weight)
-        self.soft_weight = float(soft_weight)
-        self.kl_weight = float(kl_weight)
-        self.align_steps = int(align_steps)
-        self.barycenter_iters = max(1, int(barycenter_iters))
-        self.gan_steps = int(gan_steps)
-        self.gan_lr = float(gan_lr)
-        self.gan_weight_decay = float(gan_weight_decay)
-        self.gan_hidden = int(gan_hidden)
-        self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
-        if not 0.0 <= float(eval_average) < 1.0:
-            raise ValueError(f"eval_average must be in [0, 1), got {eval_average}.")
-        self.eval_average = float(eval_average)
+    Settings = FedMDHSettings
+    #: settings an ablation fixes, whatever it is given
+    FORCED: dict[str, Any] = {}
+
+    def __init__(self, training: LocalTraining | None = None, settings: FedMDHSettings | None = None,
+                 **hyperparameters: Any) -> None:
+        if settings is not None and self.FORCED:
+            settings = replace(settings, **self.FORCED)
+        elif settings is None:
+            hyperparameters.update(self.FORCED)
+        super().__init__(training, settings, **hyperparameters)
         self._evaluator: Evaluator | None = None
         self._shared: tuple[Payload, Params] | None = None
-
-    def hyperparameters(self) -> dict[str, Any]:
-        d = super().hyperparameters()
-        d.update(
-            gfam=self.gfam, cgan=self.cgan, rkd=self.rkd, mapping=self.mapping,
-            holder_average=self.holder_average, empty_views=self.empty_views, mask_prob=self.mask_prob,
-            align_weight=self.align_weight, gen_weight=self.gen_weight, soft_weight=self.soft_weight,
-            kl_weight=self.kl_weight, align_steps=self.align_steps,
-            barycenter_iters=self.barycenter_iters, gan_steps=self.gan_steps, gan_lr=self.gan_lr,
-            gan_weight_decay=self.gan_weight_decay, gan_hidden=self.gan_hidden, max_grad_norm=self.max_grad_norm,
-            eval_average=self.eval_average,
-        )
-        return d
 
     # -- construction ---------------------------------------------------------------------------
     @property
@@ -694,9 +681,7 @@ class FedMDHNoGFAM(FedMDH):
 
     name = "fedmdh-no-gfam"
 
-    def __init__(self, training: LocalTraining | None = None, **kw: Any) -> None:
-        kw["gfam"] = False
-        super().__init__(training, **kw)
+    FORCED = {"gfam": False}
 
 
 class FedMDHNoCGAN(FedMDH):
@@ -704,9 +689,7 @@ class FedMDHNoCGAN(FedMDH):
 
     name = "fedmdh-no-cgan"
 
-    def __init__(self, training: LocalTraining | None = None, **kw: Any) -> None:
-        kw["cgan"] = False
-        super().__init__(training, **kw)
+    FORCED = {"cgan": False}
 
 
 class FedMDHNoRKD(FedMDH):
@@ -714,6 +697,4 @@ class FedMDHNoRKD(FedMDH):
 
     name = "fedmdh-no-rkd"
 
-    def __init__(self, training: LocalTraining | None = None, **kw: Any) -> None:
-        kw["rkd"] = False
-        super().__init__(training, **kw)
+    FORCED = {"rkd": False}

@@ -43,6 +43,7 @@ from fedmdh.algorithms.base import (
     Params,
     Payload,
     Update,
+    coerce_settings,
     ordered,
     weighted_average,
 )
@@ -65,6 +66,24 @@ class FLICNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.phi(x)).squeeze(-1)
+
+
+@dataclass(frozen=True)
+class FLICSettings:
+    """FLIC's own settings (see :class:`FLIC`)."""
+
+    head_steps: int | None = None
+    align_weight: float = 0.01
+    barycenter_iters: int = 30
+
+    def __post_init__(self) -> None:
+        if self.head_steps is not None and self.head_steps < 0:
+            raise ValueError(f"head_steps must be >= 0, got {self.head_steps}.")
+        if self.align_weight < 0:
+            raise ValueError(f"align_weight must be >= 0, got {self.align_weight}.")
+        if self.barycenter_iters < 1:
+            raise ValueError(f"barycenter_iters must be >= 1, got {self.barycenter_iters}.")
+        coerce_settings(self)
 
 
 @dataclass
@@ -95,29 +114,12 @@ class FLIC(Algorithm):
     name = "flic"
     secure_reveals = "each institution's embedded latent samples (the Wasserstein barycenter needs individual inputs)"
 
-    def __init__(
-        self,
-        training: LocalTraining | None = None,
-        head_steps: int | None = None,
-        align_weight: float = 0.01,
-        barycenter_iters: int = 30,
-    ) -> None:
-        super().__init__(training)
-        if head_steps is not None and head_steps < 0:
-            raise ValueError(f"head_steps must be >= 0, got {head_steps}.")
-        if align_weight < 0:
-            raise ValueError(f"align_weight must be >= 0, got {align_weight}.")
-        if barycenter_iters < 1:
-            raise ValueError(f"barycenter_iters must be >= 1, got {barycenter_iters}.")
-        self.head_steps = None if head_steps is None else int(head_steps)
-        self.align_weight = float(align_weight)
-        self.barycenter_iters = int(barycenter_iters)
-        self._evaluator: Evaluator | None = None
+    Settings = FLICSettings
 
-    def hyperparameters(self) -> dict[str, Any]:
-        d = super().hyperparameters()
-        d.update(head_steps=self.head_steps, align_weight=self.align_weight, barycenter_iters=self.barycenter_iters)
-        return d
+    def __init__(self, training: LocalTraining | None = None, settings: FLICSettings | None = None,
+                 **hyperparameters: Any) -> None:
+        super().__init__(training, settings, **hyperparameters)
+        self._evaluator: Evaluator | None = None
 
     @property
     def latent_dim(self) -> int:
