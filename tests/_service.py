@@ -51,7 +51,8 @@ def alive(pid: int) -> bool:
 class ServiceProcess:
     """``fedmdh serve`` on a folder, as a child process of the tests."""
 
-    def __init__(self, folder: Path, token: str, *extra: str, env: dict[str, str] | None = None) -> None:
+    def __init__(self, folder: Path, token: str, *extra: str, env: dict[str, str] | None = None,
+                 prelude: str = "") -> None:
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.token_file = self.folder.parent / f"{self.folder.name}.token"
@@ -59,6 +60,7 @@ class ServiceProcess:
         self.token = token
         self.extra = extra
         self.env = env or {}
+        self.prelude = prelude  # Python run before the CLI (e.g. "import sys; sys.setrecursionlimit(100000); ")
         self.proc: subprocess.Popen | None = None
         self.lines: list[str] = []
         self.url = ""
@@ -72,7 +74,7 @@ class ServiceProcess:
         return httpx.Client(base_url=self.url, headers=self.headers, timeout=120.0, **kw)
 
     def start(self, timeout: float = 120.0) -> "ServiceProcess":
-        cmd = [sys.executable, "-c", "from fedmdh.cli import main; main()", "serve", "--port", "0",
+        cmd = [sys.executable, "-c", self.prelude + "from fedmdh.cli import main; main()", "serve", "--port", "0",
                "--folder", str(self.folder), "--token-file", str(self.token_file), *self.extra]
         self.lines = []
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,

@@ -55,6 +55,7 @@ def serve(
 
     from fedmdh.service.app import create_app
     from fedmdh.service.auth import token_for
+    from fedmdh.service.lock import lock_folder
 
     if not 0 <= port <= 65535:
         raise InputError(f"--port must be in 0..65535, got {port}.")
@@ -66,11 +67,17 @@ def serve(
     except OSError as exc:
         raise InputError(f"{folder}: cannot create the service's folder ({exc.strerror}); choose another --folder.") \
             from None
-    token, token_path = token_for(folder, token_file)
-    sock = _bind(host, port)
+    lock = lock_folder(folder)  # one service per folder, taken before the task store is opened
+    try:
+        token, token_path = token_for(folder, token_file)
+        sock = _bind(host, port)
+    except BaseException:
+        lock.release()
+        raise
     port = sock.getsockname()[1]
     shown = f"[{host}]" if ":" in host else host
     url = f"http://{shown}:{port}/"
+    lock.describe(url)
     app = create_app(folder, token, max_upload_bytes=int(max_upload_mb * 1e6), token_hint=str(token_path))
     config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=3, lifespan="on")
 
@@ -91,3 +98,4 @@ def serve(
         server.run(sockets=[sock])
     finally:
         sock.close()
+        lock.release()

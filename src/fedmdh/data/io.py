@@ -32,6 +32,28 @@ def line_numbers(rows: Iterable[int]) -> str:
     return f"line{'s' if len(rows) > 1 else ''} {shown}{more}"
 
 
+#: the most columns a CSV may have (featurized tables have a few hundred), and the longest header line, in bytes
+MAX_COLUMNS = 10_000
+MAX_HEADER_BYTES = 1_000_000
+
+
+def check_header_size(path: str | Path, raw: bytes) -> None:
+    """Refuse a CSV whose header line is longer than :data:`MAX_HEADER_BYTES` or names more than
+    :data:`MAX_COLUMNS` columns, before the table is parsed (a million columns take minutes and gigabytes)."""
+    end = raw.find(b"\n", 0, MAX_HEADER_BYTES + 1)
+    if end < 0 and len(raw) > MAX_HEADER_BYTES:
+        raise InputError(f"{path}: the header line is longer than {MAX_HEADER_BYTES:,} bytes; fedmdh reads tables "
+                         f"of at most {MAX_COLUMNS:,} columns: keep the columns you need.")
+    line = raw[: end if end >= 0 else len(raw)].decode("latin-1")  # a comma is one byte in UTF-8 too
+    try:
+        n = len(next(csv.reader([line]), []))
+    except csv.Error:  # a stray carriage return: count the commas (an upper bound)
+        n = line.count(",") + 1
+    if n > MAX_COLUMNS:
+        raise InputError(f"{path}: has {n:,} columns; fedmdh reads tables of at most {MAX_COLUMNS:,}: keep the "
+                         "columns you need.")
+
+
 def read_csv_checked(path: str | Path) -> pd.DataFrame:
     """Read a CSV file, refusing missing, empty, binary or malformed files and duplicate headers."""
     path = Path(path)
@@ -50,6 +72,7 @@ def read_csv_checked(path: str | Path) -> pd.DataFrame:
     head = raw[:8192]
     if b"\x00" in head:
         raise InputError(f"{path}: is not a CSV file (it contains binary data); export the table as CSV.")
+    check_header_size(path, raw)
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import re
 import secrets
 import shutil
 import tempfile
@@ -28,14 +29,17 @@ from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Resp
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from starlette.datastructures import UploadFile
+from starlette.requests import HTTPConnection
 
 from fedmdh import __version__ as fedmdh_version
 from fedmdh.algorithms import ALGORITHMS
+from fedmdh import jsonsafe
 from fedmdh.errors import InputError
 from fedmdh.service.auth import COOKIE, TokenAuth
+from fedmdh.service.limits import BodyLimits, RequestRefused, shown
 from fedmdh.service.runner import EventHub, TaskRunner, run_dir, task_dir
 from fedmdh.service.runtime import SimulatorRuntime, TaskRuntime, TaskSpec
-from fedmdh.service.store import FINAL, TaskRow, TaskStore, now
+from fedmdh.service.store import FINAL, StoreDamaged, TaskRow, TaskStore, now
 from fedmdh.service.submission import (
     MAX_INSTITUTIONS, FieldError, FileEntry, build_task, discard, sanitise_filename, too_large,
 )
@@ -60,6 +64,8 @@ DEFAULT_MAX_UPLOAD = 100_000_000
 #: a request carries at most this many times the per-file limit (checked on Content-Length, before reading)
 REQUEST_FILES_FACTOR = 10
 KEEPALIVE_S = 15.0
+#: a Last-Event-ID is a round number the stream sent (rounds are at most 100,000): ASCII digits only
+_EVENT_ID = re.compile(r"[0-9]{1,9}")
 POLL_S = 0.5  # how often an idle event stream looks whether the service is stopping
 _SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
 _CSP = ("default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data: blob:; "
@@ -141,6 +147,14 @@ def create_app(
     async def _input_error(request: Request, exc: InputError) -> JSONResponse:
         return _problem(422, str(exc))
 
+    @app.exception_handler(RequestRefused)
+    async def _refused(request: Request, exc: RequestRefused) -> JSONResponse:
+        return _problem(exc.status, exc.message, headers={"Connection": "close"})
+
+    @app.exception_handler(StoreDamaged)
+    async def _store_damaged(request: Request, exc: StoreDamaged) -> JSONResponse:
+        return _problem(500, str(exc))
+
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         err = exc.errors()[0] if exc.errors() else {}
@@ -149,7 +163,7 @@ def create_app(
 
     # ------------------------------------------------------------------ auth
 
-    def signed_in(request: Request) -> bool:
+    def signed_in(request: HTTPConnection) -> bool:
         return auth.bearer_ok(request.headers.get("authorization")) or auth.cookie_ok(request.cookies.get(COOKIE))
 
     def require_token(request: Request) -> None:
@@ -169,12 +183,16 @@ def create_app(
     async def _problem_handler(request: Request, exc: Problem) -> JSONResponse:
         return _problem(exc.status_code, str(exc.detail), headers=exc.headers)
 
+    # every body bounded before it is read; a JSON body's depth checked before it is parsed (limits.py)
+    app.add_middleware(BodyLimits, signed_in=lambda scope: signed_in(HTTPConnection(scope)),
+                       upload_bytes=max_upload_bytes * REQUEST_FILES_FACTOR)
+
     # ------------------------------------------------------------------ helpers
 
     def get_row(task_id: str, with_metrics: bool = True) -> TaskRow:
         row = store.get(task_id, with_metrics=with_metrics) if len(task_id) <= 64 else None
         if row is None:
-            raise Problem(404, f"task {task_id!r} not found; GET /api/tasks lists the tasks.")
+            raise Problem(404, f"task {shown(task_id, 64)} not found; GET /api/tasks lists the tasks.")
         return row
 
     def public(row: TaskRow, text: str) -> str:
@@ -366,8 +384,11 @@ def create_app(
         test: FileEntry | None = None
         try:
             if ctype == "application/json":
-                try:
-                    body = await request.json()
+                try:  # BodyLimits bounded its size and depth already; jsonsafe checks the depth again
+                    body = jsonsafe.loads(await request.body())
+                except jsonsafe.JSONTooDeep as exc:
+                    raise FieldError(None, f"the request body is JSON nested more than {exc.max_depth} levels "
+                                           "deep; a task is one JSON object of its fields.") from None
                 except (json.JSONDecodeError, UnicodeDecodeError):
                     raise FieldError(None, "the request body is not valid JSON.") from None
                 if not isinstance(body, dict):
@@ -433,8 +454,11 @@ def create_app(
                               "description": "events `round` (id = round), `status`, and `end`"}})
     async def task_events(task_id: str, request: Request):
         get_row(task_id, with_metrics=False)
-        last = request.headers.get("last-event-id", "")
-        after = int(last) if last.isdigit() else 0
+        last = (request.headers.get("last-event-id") or "").strip()
+        if last and not _EVENT_ID.fullmatch(last):
+            raise Problem(400, f"Last-Event-ID {shown(last)} is not the id of an event of this stream (a round "
+                               "number, ASCII digits, at most 9); send the last id received, or none.")
+        after = int(last) if last else 0
         queue = hub.subscribe(task_id)
 
         def sse(event: str, data: dict[str, Any], event_id: int | None = None) -> str:

@@ -28,7 +28,6 @@ simulator keeps no checkpoint, so it cannot: an interrupted simulator task is su
 
 from __future__ import annotations
 
-import json
 import threading
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -36,6 +35,7 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from fedmdh.config import ExperimentConfig
+from fedmdh.jsonsafe import read_file
 from fedmdh.ledger.options import LedgerOptions
 
 #: progress callback of a runtime: (round, rounds, record of that round)
@@ -137,7 +137,7 @@ class SimulatorRuntime:
 
         run_experiment(cfg, spec.algorithm, run_dir, progress=on_round, tables=tables,
                        ledger=spec.ledger_options())
-        return json.loads((Path(run_dir) / "final_metrics.json").read_text(encoding="utf-8"))
+        return read_file(Path(run_dir) / "final_metrics.json")
 
     def resume(self, spec: TaskSpec, run_dir: Path, progress: RoundCallback,
                stop: threading.Event) -> dict[str, Any]:

@@ -20,6 +20,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from fedmdh import jsonsafe
+
 DB_NAME = "tasks.sqlite3"
 SCHEMA_VERSION = 1
 
@@ -48,6 +50,19 @@ CREATE TABLE IF NOT EXISTS rounds (
     PRIMARY KEY (task_id, round)
 );
 """
+
+
+class StoreDamaged(RuntimeError):
+    """A stored value that is not the JSON the service wrote (the store was altered or damaged)."""
+
+
+def _load(text: str, what: str) -> Any:
+    """A stored JSON value, its depth bounded (:mod:`fedmdh.jsonsafe`); :class:`StoreDamaged` when unreadable."""
+    try:
+        return jsonsafe.loads(text)
+    except (ValueError, TypeError) as exc:
+        raise StoreDamaged(f"the task store holds an unreadable {what} ({str(exc)[:200]}); restore "
+                           f"{DB_NAME} from a backup or start the service on a new --folder.") from None
 
 
 def now() -> str:
@@ -138,7 +153,10 @@ class TaskStore:
             self._db.execute("BEGIN")
             rows = self._db.execute("SELECT id, round, spec FROM tasks WHERE status='running'").fetchall()
             for r in rows:
-                rounds = json.loads(r["spec"]).get("rounds")
+                try:
+                    rounds = _load(r["spec"], f"task {r['id']}").get("rounds")
+                except (StoreDamaged, AttributeError):
+                    rounds = "?"
                 self._db.execute(
                     "UPDATE tasks SET status='interrupted', finished=?, error=? WHERE id=?",
                     (now(), f"the service stopped while this task was running (after round {r['round']} of "
@@ -150,10 +168,10 @@ class TaskStore:
 
     def _row(self, r: sqlite3.Row) -> TaskRow:
         return TaskRow(
-            id=r["id"], created=r["created"], status=r["status"], spec=json.loads(r["spec"]), round=r["round"],
-            started=r["started"], finished=r["finished"],
-            federation=json.loads(r["federation"]) if r["federation"] else None,
-            final=json.loads(r["final"]) if r["final"] else None, error=r["error"],
+            id=r["id"], created=r["created"], status=r["status"], spec=_load(r["spec"], f"task {r['id']}"),
+            round=r["round"], started=r["started"], finished=r["finished"],
+            federation=_load(r["federation"], f"federation of task {r['id']}") if r["federation"] else None,
+            final=_load(r["final"], f"result of task {r['id']}") if r["final"] else None, error=r["error"],
         )
 
     def get(self, task_id: str, with_metrics: bool = True) -> TaskRow | None:
@@ -163,14 +181,14 @@ class TaskStore:
                 return None
             row = self._row(r)
             if with_metrics:
-                row.metrics = [json.loads(x["record"]) for x in self._db.execute(
+                row.metrics = [_load(x["record"], f"round of task {task_id}") for x in self._db.execute(
                     "SELECT record FROM rounds WHERE task_id=? ORDER BY round", (task_id,))]
         return row
 
     def rounds_after(self, task_id: str, after: int) -> list[dict[str, Any]]:
         """The stored rounds of a task after round ``after``, in order."""
         with self._lock:
-            return [json.loads(x["record"]) for x in self._db.execute(
+            return [_load(x["record"], f"round of task {task_id}") for x in self._db.execute(
                 "SELECT record FROM rounds WHERE task_id=? AND round>? ORDER BY round", (task_id, after))]
 
     def list(self) -> list[TaskRow]:
@@ -185,7 +203,7 @@ class TaskStore:
             rows = self._db.execute(
                 "SELECT r.task_id, r.record FROM rounds r JOIN (SELECT task_id, MAX(round) AS m FROM rounds "
                 "GROUP BY task_id) x ON r.task_id = x.task_id AND r.round = x.m").fetchall()
-        return {r["task_id"]: json.loads(r["record"]) for r in rows}
+        return {r["task_id"]: _load(r["record"], f"round of task {r['task_id']}") for r in rows}
 
     def queued(self) -> list[str]:
         """Ids of the queued tasks in submission order."""

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from fedmdh.errors import InputError
+from fedmdh.service.limits import MAX_NAME_CHARS, MAX_NUMBER_CHARS, MAX_PATH_CHARS, shown
 
 MAX_INSTITUTIONS = 64
 #: request fields, in the order the page shows them (and errors are looked for)
@@ -63,23 +64,33 @@ def too_large(shown: str, size: int, limit: int) -> FieldError:
                       status=413)
 
 
+def bounded(name: str, value: str, limit: int, what: str = "characters") -> str:
+    """``value`` when it is at most ``limit`` long; else a FieldError that shows only its start."""
+    if len(value) > limit:
+        raise FieldError(name, f"{name} is {len(value):,} {what} long; the service takes at most {limit:,} (got "
+                               f"{shown(value)}).")
+    return value
+
+
 def _int_field(name: str, value: Any) -> int:
     if isinstance(value, bool):
-        raise FieldError(name, f"{name} must be a whole number, got {value!r}.")
+        raise FieldError(name, f"{name} must be a whole number, got {shown(value)}.")
     if isinstance(value, int):
-        return value
+        value = str(value)  # its digits bounded like a string's
     if isinstance(value, float) and value.is_integer():
         return int(value)
+    if isinstance(value, str):
+        bounded(name, value.strip(), MAX_NUMBER_CHARS)
     try:
         return int(str(value).strip())
     except ValueError:
-        raise FieldError(name, f"{name} must be a whole number, got {value!r}.") from None
+        raise FieldError(name, f"{name} must be a whole number, got {shown(value)}.") from None
 
 
-def _str_field(name: str, value: Any) -> str:
+def _str_field(name: str, value: Any, limit: int = MAX_NAME_CHARS) -> str:
     if not isinstance(value, str):
-        raise FieldError(name, f"{name} must be a string, got {value!r}.")
-    return value.strip()
+        raise FieldError(name, f"{name} must be a string, got {shown(value)}.")
+    return bounded(name, value.strip(), limit)
 
 
 def _config_check(field: str, **kw: Any) -> None:
@@ -100,7 +111,7 @@ def check_fields(fields: Mapping[str, Any]) -> dict[str, Any]:
 
     unknown = sorted(set(fields) - set(FIELDS))
     if unknown:
-        raise FieldError(unknown[0], f"unknown field {unknown[0]!r}; known: {', '.join(FIELDS)}.")
+        raise FieldError(unknown[0][:MAX_NAME_CHARS], f"unknown field {shown(unknown[0])}; known: {', '.join(FIELDS)}.")
     out: dict[str, Any] = {}
     target = fields.get("target")
     target = _str_field("target", target) if target is not None else ""
@@ -118,7 +129,7 @@ def check_fields(fields: Mapping[str, Any]) -> dict[str, Any]:
     ledger = fields.get("ledger")
     chain_rpc = fields.get("chain_rpc")
     ledger = _str_field("ledger", ledger) if ledger not in (None, "") else None
-    chain_rpc = _str_field("chain_rpc", chain_rpc) if chain_rpc not in (None, "") else None
+    chain_rpc = _str_field("chain_rpc", chain_rpc, MAX_PATH_CHARS) if chain_rpc not in (None, "") else None
     try:
         opts = LedgerOptions.parse(ledger, chain_rpc, DEFAULTS["ledger"])
     except InputError as exc:
@@ -128,8 +139,12 @@ def check_fields(fields: Mapping[str, Any]) -> dict[str, Any]:
     if isinstance(exclude, str):
         exclude = [c for c in (x.strip() for x in exclude.split(",")) if c]
     if not isinstance(exclude, list) or not all(isinstance(c, str) for c in exclude):
-        raise FieldError("exclude", f"exclude must be a list of column names, got {exclude!r}.")
-    out["exclude"] = tuple(c.strip() for c in exclude if c.strip())
+        raise FieldError("exclude", f"exclude must be a list of column names, got {shown(exclude)}.")
+    from fedmdh.data.io import MAX_COLUMNS
+
+    if len(exclude) > MAX_COLUMNS:
+        raise FieldError("exclude", f"exclude names {len(exclude):,} columns; a table has at most {MAX_COLUMNS:,}.")
+    out["exclude"] = tuple(bounded("exclude", c.strip(), MAX_NAME_CHARS) for c in exclude if c.strip())
     return out
 
 
@@ -142,6 +157,9 @@ def check_files(institutions: Sequence[FileEntry], test: FileEntry | None) -> No
                                          f"{MAX_INSTITUTIONS}.")
     if test is None:
         raise FieldError("test", "missing test; upload the shared test CSV file (it carries every column).")
+    for name, entry in [*(("institutions", e) for e in institutions), ("test", test)]:
+        bounded(name, entry.shown, MAX_PATH_CHARS, "characters (a file's name or path)")
+        bounded(name, entry.path, MAX_PATH_CHARS, "characters (a file's name or path)")
 
 
 def label_histograms(names: Sequence[str], labels: Sequence[np.ndarray], bins: int) -> dict[str, Any]:
