@@ -10,7 +10,8 @@ It starts, each as a process of its own:
    ``DIR/nodes/<institution>/``;
 
 then submits the task as ``fedmdh deploy run`` does, writes the run record into ``DIR``, and stops
-every process it started, by PID, also on Ctrl-C or error. Fault injection for rehearsals
+every process it started, by PID, also on Ctrl-C or error (and, when the command itself is killed,
+its watchdog does: :mod:`fedmdh.deploy.watchdog`). Fault injection for rehearsals
 (``faults``) uses the same supervisor.
 """
 
@@ -29,7 +30,7 @@ from typing import Any
 from fedmdh.deploy.certs import make_certs
 from fedmdh.deploy.flower import flower_env, register_node, submit, superlink_argv, write_connection
 from fedmdh.deploy.node_runner import READY
-from fedmdh.deploy.processes import Service, ServiceError, Services, free_port, port_open, start_anvil, wait_until
+from fedmdh.deploy.processes import Service, ServiceError, Services, free_port, listens, start_anvil, wait_until
 from fedmdh.errors import InputError
 
 #: the key derivation of the trial's throwaway keystores (fast; a real node uses scrypt)
@@ -64,7 +65,7 @@ class Deployment:
         env = flower_env(self.flwr_home, self.env)
         svc = self.services.start(f"superlink-{self.links_started}", superlink_argv(
             self.certs, self.link_port, self.link_db), env=env)
-        wait_until(lambda: port_open(self.link_port), svc, "the SuperLink", timeout=60)
+        wait_until(lambda: listens(svc.pid, self.link_port), svc, "the SuperLink", timeout=60)
         for name in self.node_args:
             register_node(self.flwr_home, self.certs.node_pub(name), name)
         self.link = svc

@@ -3,11 +3,15 @@
 Each service starts in a session (process group) of its own, so that stopping it by its PID also
 stops what it started (a SuperNode's SuperExec, a SuperLink's ServerApp). A supervisor
 (:class:`Services`) remembers every process it started and stops them all, in reverse order, on
-exit, on error and on Ctrl-C.
+exit, on error and on Ctrl-C. When the supervising process itself is killed outright, its
+watchdog (:mod:`fedmdh.deploy.watchdog`) stops them and whatever they started. A service that
+listens is ready when *its* process listens on its port (:func:`listens`), not merely when
+something answers there.
 """
 
 from __future__ import annotations
 
+import errno
 import glob
 import os
 import shutil
@@ -33,6 +37,76 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def _bind_error(port: int, host: str) -> OSError | None:
+    """Why ``host:port`` cannot be listened on now (``None``: it can); a closed connection's TIME_WAIT
+    does not count."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            return exc
+    return None
+
+
+def port_free(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether nothing listens on ``host:port`` now (a bind test)."""
+    return _bind_error(port, host) is None
+
+
+def check_port_free(port: int, host: str = "127.0.0.1", flag: str = "--port") -> None:
+    """Refuse (one line) a port that another process already listens on, or that cannot be bound."""
+    if not 0 < port < 65536:
+        raise InputError(f"{flag} {port}: give a port between 1 and 65535.")
+    exc = _bind_error(port, host)
+    if exc is None:
+        return
+    if exc.errno == errno.EADDRINUSE:
+        raise InputError(f"{flag} {port}: {host}:{port} is taken (another process listens there); give a free "
+                         f"{flag}, or stop what holds it.")
+    raise InputError(f"{flag} {port}: cannot listen on {host}:{port} ({exc.strerror or exc}); give another {flag}.")
+
+
+def _listening_inodes(port: int) -> set[str] | None:
+    """The socket inodes that listen on TCP ``port`` (any address), from ``/proc/net/tcp*``; ``None``
+    when that cannot be read (not Linux)."""
+    found: set[str] | None = None
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        found = found if found is not None else set()
+        for line in lines:
+            f = line.split()
+            if len(f) > 9 and f[3] == "0A" and int(f[1].rsplit(":", 1)[1], 16) == port:
+                found.add(f[9])
+    return found
+
+
+def listens(pid: int, port: int, host: str = "127.0.0.1") -> bool:
+    """Whether process ``pid`` itself listens on ``port`` (not merely something else there); where
+    ``/proc`` cannot tell, whether anything answers on ``host:port``."""
+    inodes = _listening_inodes(port)
+    if inodes is None:
+        return port_open(port, host)
+    if not inodes:
+        return False
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return False
+    for fd in fds:
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:[") and target[8:-1] in inodes:
+            return True
+    return False
 
 
 def port_open(port: int, host: str = "127.0.0.1") -> bool:
@@ -196,10 +270,14 @@ def anvil_binary(root: str | Path | None = None) -> str:
 
 def start_anvil(services: Services, port: int | None = None, state_file: str | Path | None = None) -> tuple[Service, str]:
     """Anvil on 127.0.0.1 (``--state FILE`` keeps the chain across restarts); returns it and its URL."""
-    port = port or free_port()
+    if port:
+        check_port_free(port)
+    else:
+        port = free_port()
     argv = [anvil_binary(), "--host", "127.0.0.1", "--port", str(port), "--silent"]
     if state_file is not None:
         argv += ["--state", str(state_file)]
     svc = services.start("anvil", argv)
-    wait_until(lambda: port_open(port), svc, "the chain (anvil)", timeout=30)
+    # the chain started here must be the one that answers (not another process on the port)
+    wait_until(lambda: listens(svc.pid, port), svc, "the chain (anvil)", timeout=30)
     return svc, f"http://127.0.0.1:{port}"
