@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -580,3 +581,236 @@ def test_make_test_installs_anvil_so_every_test_runs():
     assert dry.returncode == 0, dry.stderr
     assert "@foundry-rs/anvil@1.7.1" in dry.stdout and "FEDMDH_ANVIL=" in dry.stdout
     assert "make test" in (REPO / ".ci" / "run").read_text()
+
+
+# ----------------------------------------------------------------------------------------------
+# Issue 21 (A): the run/predict command line - nothing lost, no silent wrong answer
+# ----------------------------------------------------------------------------------------------
+
+
+def _tree(folder: Path) -> dict[Path, bytes]:
+    return {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def _bench_args(fed: dict[str, str], out: Path, *extra: str) -> list[str]:
+    return ["benchmark", "--institutions", fed["A"], fed["B"], "--test", fed["T"], "--target", "y", "--algorithms",
+            "fedavg", "--seeds", "1", "--rounds", "2", "--out", str(out), *extra]
+
+
+@pytest.mark.parametrize("command", ["run", "benchmark"])
+def test_overwrite_removes_only_what_the_earlier_run_wrote(fed, tmp_path, capsys, command):
+    # Prepare: a finished run (or benchmark) with the user's own notes put in its folder
+    out = tmp_path / "R"
+    args = _run_args(fed, out, rounds=2) if command == "run" else _bench_args(fed, out)
+    _cli_ok(capsys, args)
+    assert json.loads((out / ".fedmdh-manifest.json").read_text())["complete"] is True
+    (out / "notes.txt").write_text("precious")
+    (out / "drafts").mkdir()
+    (out / "drafts" / "paper.tex").write_text("also precious")
+    # Execute: --overwrite is refused, naming the first foreign entry and the other one
+    line = _cli_error(capsys, [*args, "--overwrite"])
+    # Assert: nothing deleted; once the user moves them out, --overwrite replaces the run
+    assert f"{out / 'drafts'}: was not written by an earlier fedmdh run (nor notes.txt)" in line
+    assert (out / "notes.txt").read_text() == "precious" and (out / "drafts" / "paper.tex").exists()
+    (out / "notes.txt").unlink()
+    (out / "drafts" / "paper.tex").unlink()
+    (out / "drafts").rmdir()
+    _cli_ok(capsys, [*args, "--overwrite"])
+    assert (out / "run.log").exists()
+
+
+@pytest.mark.parametrize("which", ["institution", "test", "config"])
+def test_overwrite_refuses_a_folder_that_holds_an_input_of_the_run(fed, tmp_path, capsys, which):
+    # Prepare: a finished run; an input of the next run lies in it (a copy of A.csv, of the test set, or the
+    # run's own config.toml given back as --config: all three were deleted, then read, before)
+    out = tmp_path / "R"
+    _cli_ok(capsys, _run_args(fed, out, rounds=2))
+    inside = {"institution": out / "A.csv", "test": out / "T.csv", "config": out / "config.toml"}[which]
+    if which != "config":
+        inside.write_bytes(Path(fed["A" if which == "institution" else "T"]).read_bytes())
+    args = {
+        "institution": _run_args({**fed, "A": str(inside)}, out, "--overwrite"),
+        "test": _run_args({**fed, "T": str(inside)}, out, "--overwrite"),
+        "config": ["run", "--config", str(inside), "--out", str(out), "--overwrite", "--ledger", "off"],
+    }[which]
+    before = _tree(out)
+    line = _cli_error(capsys, args)
+    assert f"{inside}: is an input of this run and lies in the --out folder {out}" in line
+    assert _tree(out) == before
+
+
+def test_overwrite_of_a_run_folder_without_a_manifest_takes_only_known_names(fed, tmp_path, capsys):
+    # Prepare: a run folder as a fedmdh without manifests left it, plus a file of the user's
+    out = tmp_path / "R"
+    _cli_ok(capsys, _run_args(fed, out, rounds=2))
+    (out / ".fedmdh-manifest.json").unlink()
+    (out / "results_by_hand.xlsx").write_text("mine")
+    line = _cli_error(capsys, _run_args(fed, out, "--overwrite"))
+    assert f"{out / 'results_by_hand.xlsx'}: was not written by an earlier fedmdh run" in line
+    (out / "results_by_hand.xlsx").unlink()
+    _cli_ok(capsys, _run_args(fed, out, "--overwrite", rounds=3))
+    assert [r["round"] for r in _strict_json_lines(out / "metrics.jsonl")] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("where", ["model.json", "params.npz", "new-in-model-folder", "models-folder", "symlink",
+                                   "run-file", "input"])
+@pytest.mark.parametrize("given", ["run", "model-folder"])
+def test_predict_never_writes_over_the_model_the_run_or_the_input(run_dir, fed, tmp_path, capsys, where, given):
+    model = run_dir if given == "run" else run_dir / "models" / "A"
+    new = tmp_path / "new.csv"
+    new.write_bytes(Path(fed["T"]).read_bytes())
+    link = tmp_path / "innocent.csv"
+    link.symlink_to(run_dir / "models" / "A" / "model.json")
+    out = {"model.json": run_dir / "models" / "A" / "model.json", "params.npz": run_dir / "models" / "A" / "params.npz",
+           "new-in-model-folder": run_dir / "models" / "A" / "p.csv", "models-folder": run_dir / "models" / "p.csv",
+           "symlink": link, "run-file": run_dir / "final_metrics.json", "input": new}[where]
+    before, new_before = _tree(run_dir), new.read_bytes()
+    line = _cli_error(capsys, ["predict", "--model", str(model), "--institution", "A", str(new), str(out)])
+    assert "OUT.csv" in line and str(out) in line
+    assert _tree(run_dir) == before and new.read_bytes() == new_before
+    # the model still predicts, into a file beside the run
+    _cli_ok(capsys, ["predict", "--model", str(model), "--institution", "A", str(new), str(tmp_path / "p.csv")])
+    assert "predicted_y" in pd.read_csv(tmp_path / "p.csv").columns
+
+
+def test_run_trains_the_algorithm_its_config_names(fed, tmp_path, capsys):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('algorithms = ["fedprox"]\n')
+    out = tmp_path / "R"
+    _cli_ok(capsys, _run_args(fed, out, "--config", str(cfg), rounds=2))
+    assert json.loads((out / "final_metrics.json").read_text())["algorithm"] == "fedprox"
+    assert "algorithm fedprox" in (out / "run.log").read_text()
+
+
+@pytest.mark.parametrize(
+    "toml, extra, expected",
+    [
+        ('algorithms = ["nosuch"]', (), "algorithms: unknown algorithm 'nosuch'; choose from local, pooled, fedavg"),
+        ('algorithms = ["fedprox", "fedavg"]', (), "names 2 algorithms; `fedmdh run` trains one: give --algorithm "
+                                                   "NAME, or run them all with `fedmdh benchmark --config"),
+        ('algorithms = ["fedprox"]', ("--algorithm", "fedavg"), "--algorithm fedavg: "),
+        ("", ("--algorithm", "fedavgg"), "--algorithm: unknown algorithm 'fedavgg'; choose from local, pooled"),
+    ],
+    ids=["unknown-in-config", "several-in-config", "conflict-with-flag", "unknown-flag"],
+)
+def test_run_refuses_algorithms_it_would_not_train(fed, tmp_path, capsys, toml, extra, expected):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(toml + "\n")
+    line = _cli_error(capsys, _run_args(fed, tmp_path / "R", "--config", str(cfg), *extra))
+    assert expected in line
+    assert not (tmp_path / "R").exists()
+
+
+def test_run_takes_one_of_a_benchmark_configs_algorithms_with_the_flag(fed, tmp_path, capsys):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('algorithms = ["fedavg", "fedprox"]\n')
+    out = tmp_path / "R"
+    _cli_ok(capsys, _run_args(fed, out, "--config", str(cfg), "--algorithm", "fedprox", rounds=2))
+    assert json.loads((out / "final_metrics.json").read_text())["algorithm"] == "fedprox"
+
+
+@pytest.mark.parametrize("command", ["run", "benchmark", "heterogeneity", "config"])
+@pytest.mark.parametrize("column, expected", [("nosuch", "--exclude 'nosuch': no file has this column (columns: "
+                                                          "'a', 'b', 'y')"),
+                                              ("y", "--exclude 'y': is the target column")])
+def test_exclude_of_a_missing_column_or_of_the_target_is_said(fed, tmp_path, capsys, command, column, expected):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'exclude = ["{column}"]\n')
+    args = {
+        "run": _run_args(fed, tmp_path / "R", "--exclude", column),
+        "benchmark": _bench_args(fed, tmp_path / "R", "--exclude", column),
+        "heterogeneity": ["heterogeneity", "--target", "y", "--exclude", column, fed["A"], fed["B"]],
+        "config": _run_args(fed, tmp_path / "R", "--config", str(cfg)),
+    }[command]
+    line = _cli_error(capsys, args)
+    assert expected in line
+    assert not (tmp_path / "R").exists()
+
+
+def test_excluding_a_column_only_some_files_have_still_works(fed, tmp_path, capsys):
+    _write(Path(fed["A"]), pd.read_csv(fed["A"]).assign(sample_id=range(40)))
+    _cli_ok(capsys, _run_args(fed, tmp_path / "R", "--exclude", "sample_id", rounds=2))
+    assert "sample_id" not in json.loads((tmp_path / "R" / "models" / "A" / "model.json").read_text())["features"]
+
+
+@pytest.mark.parametrize("how", ["same-path", "same-content", "symlink"])
+def test_a_test_file_that_is_an_institutions_file_is_refused(fed, tmp_path, capsys, how):
+    test = {"same-path": Path(fed["B"]), "same-content": tmp_path / "held_out.csv",
+            "symlink": tmp_path / "test_link.csv"}[how]
+    if how == "same-content":
+        test.write_bytes(Path(fed["B"]).read_bytes())
+    elif how == "symlink":
+        test.symlink_to(fed["B"])
+    line = _cli_error(capsys, _run_args({**fed, "T": str(test)}, tmp_path / "R"))
+    assert f"{test}: the test set " in line and "B.csv" in line and "give a held-out test file" in line
+    assert not (tmp_path / "R").exists()
+
+
+@pytest.mark.parametrize("stem, problem", [
+    (".", "'.' names a folder"), ("..", "'..' names a folder"), (".hidden", "starts with '.'"),
+    ("x" * 240, "is 240 characters long"), ("tab\there", "unprintable"),
+], ids=["dot", "dotdot", "hidden", "240-chars", "tab"])
+@pytest.mark.parametrize("entry", ["cli", "config", "api"])
+def test_institution_names_must_be_safe_names_at_every_entry_point(fed, tmp_path, capsys, stem, problem, entry):
+    # Prepare: the CSV of institution A under the bad name (e.g. "..csv", whose stem is ".")
+    bad = tmp_path / f"{stem}.csv"
+    bad.write_bytes(Path(fed["A"]).read_bytes())
+    out = tmp_path / "R"
+    expected = f"{bad}: " if stem != "tab\there" else ".csv: "  # (the console shows a tab as spaces)
+    if entry == "api":  # the Python API, as the task service calls it
+        from fedmdh.config import ExperimentConfig
+        from fedmdh.errors import InputError
+        from fedmdh.experiment.runner import run_experiment
+        from fedmdh.ledger.options import LedgerOptions
+
+        with pytest.raises(InputError) as exc:
+            run_experiment(ExperimentConfig((str(bad), fed["B"]), fed["T"], "y", algorithms=("fedavg",), rounds=2),
+                           "fedavg", out, ledger=LedgerOptions(mode="off"))
+        line = str(exc.value)
+    else:
+        if entry == "config":
+            cfg = tmp_path / "c.toml"
+            cfg.write_text(json.dumps({"institutions": [bad.name, fed["B"]]})[1:-1].replace('":', '" =') + "\n")
+            args = ["run", "--config", str(cfg), "--test", fed["T"], "--target", "y", "--rounds", "2", "--out",
+                    str(out)]
+        else:  # with the ledger on: a 240-character name ended in an ENAMETOOLONG traceback
+            args = ["run", "--institutions", str(bad), fed["B"], "--test", fed["T"], "--target", "y", "--rounds", "2",
+                    "--out", str(out)]
+        line = _cli_error(capsys, args)
+    assert expected in line and "is not an institution name" in line and problem in line
+    assert "names are 1 to 64 printable characters" in line and "rename the file" in line
+    assert not out.exists()
+
+
+def test_the_predict_name_check_is_the_run_name_check(run_dir, fed, tmp_path, capsys):
+    from fedmdh.data.io import NAME_RULE
+
+    line = _cli_error(capsys, ["predict", "--model", str(run_dir), "--institution", ".hidden", fed["T"],
+                               str(tmp_path / "p.csv")])
+    assert "--institution '.hidden' is not an institution name" in line and NAME_RULE in line
+
+
+def test_a_column_with_one_value_in_300_rows_is_named(tmp_path, capsys):
+    # Prepare: 300 rows at A whose column c holds one value (299 cells empty) far from B's values of c.
+    # Before: a RuntimeWarning (mean of an empty slice), huge losses, then "training diverged ... lower the
+    # learning rate", which does not help
+    rng = np.random.default_rng(0)
+    a = pd.DataFrame({"a": rng.normal(size=300), "c": np.nan, "y": rng.normal(size=300)})
+    a.loc[17, "c"] = 50.0
+    b = pd.DataFrame({"a": rng.normal(size=300), "c": rng.normal(size=300), "y": rng.normal(size=300)})
+    t = pd.DataFrame({"a": rng.normal(size=40), "c": rng.normal(size=40), "y": rng.normal(size=40)})
+    fed = {k: _write(tmp_path / f"{k}.csv", f) for k, f in (("A", a), ("B", b), ("T", t))}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no RuntimeWarning on the way
+        line = _cli_error(capsys, _run_args(fed, tmp_path / "R"))
+    assert f"{fed['A']}: column 'c' has 1 value in 300 rows; too few to fill in its 299 empty cells from" in line
+    assert "fill it in or drop the column" in line and "diverged" not in line
+    # a constant column (an element never present) is fine: it standardises to 0
+    _write(Path(fed["A"]), a.assign(c=0.0))
+    _cli_ok(capsys, _run_args(fed, tmp_path / "R2", rounds=2))
+
+
+def test_a_one_row_test_set_is_called_the_test_set(fed, tmp_path, capsys):
+    _write(Path(fed["T"]), pd.read_csv(fed["T"]).head(1))
+    line = _cli_error(capsys, _run_args(fed, tmp_path / "R"))
+    assert f"{fed['T']}: has 1 row; the test set needs at least 10" in line and "institution" not in line

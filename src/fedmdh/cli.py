@@ -49,10 +49,13 @@ def heterogeneity(
 ) -> None:
     """Print the federation's H, alpha and KL_avg and per-institution rows, columns and label moments."""
     from fedmdh.data.heterogeneity import measure
-    from fedmdh.data.io import load_institution, unique_names
+    from fedmdh.data.io import check_exclude, read_csv_checked, unique_names, validate_table
 
     names = unique_names(files)
-    tables = [load_institution(f, target, name=n, exclude=exclude or ()) for f, n in zip(files, names)]
+    frames = [read_csv_checked(f) for f in files]
+    if exclude:
+        check_exclude(exclude, target, {str(f): list(fr.columns) for f, fr in zip(files, frames)})
+    tables = [validate_table(fr, target, str(f), name=n, exclude=exclude or ()) for fr, f, n in zip(frames, files, names)]
     h = measure(names, [t.features for t in tables], [t.y for t in tables])
     if as_json:
         print(json.dumps(h.to_dict(), indent=2))
@@ -238,8 +241,10 @@ def run(
     test: TestOpt = None,
     target: TargetOpt = None,
     algorithm: Annotated[
-        str, typer.Option("--algorithm", help=f"Algorithm to train: {', '.join(defaults.ALGORITHM_NAMES)}.")
-    ] = defaults.RUN_ALGORITHM,
+        Optional[str], typer.Option("--algorithm", help=_with_default(
+            f"Algorithm to train: {', '.join(defaults.ALGORITHM_NAMES)}.",
+            f"the one the --config file names, else {defaults.RUN_ALGORITHM}"))
+    ] = None,
     rounds: RoundsOpt = None,
     seed: Annotated[
         Optional[int], typer.Option("--seed", help=_with_default("Seed.", defaults.FIRST_SEED))
@@ -268,13 +273,40 @@ def run(
     Records the task and every round to a blockchain ledger (default: an embedded chain). --out must
     be new or empty (or give --overwrite); the best models so far are saved as the run goes.
     """
+    algorithm = _run_algorithm(config, algorithm)
     cfg = _experiment_config(
         config, institutions, test, target, rounds=rounds, first_seed=seed,
         exclude=tuple(exclude) if exclude else None, algorithms=(algorithm,), seeds=1, clip=_clip_option(clip_inputs),
         selection=selection, local_guard=local_guard,
         switches=_switches(no_gfam, no_cgan, no_rkd, gfam), **dp_overrides(dp_noise, dp_clip, dp_delta),
     )
-    _run_and_report(cfg, algorithm, out, _ledger_options(ledger, chain_rpc, "embedded"), overwrite, secure)
+    _run_and_report(cfg, algorithm, out, _ledger_options(ledger, chain_rpc, "embedded"), overwrite, secure,
+                    config=config)
+
+
+def _run_algorithm(config: Optional[Path], algorithm: Optional[str]) -> str:
+    """The one algorithm ``fedmdh run`` trains: --algorithm, else the one the config's ``algorithms``
+    names, else the default. Refused: an unknown name, a config naming several without --algorithm,
+    an --algorithm the config's list does not hold."""
+    from fedmdh.config import check_algorithm_names, read_toml
+    from fedmdh.errors import InputError
+
+    if algorithm is not None:
+        check_algorithm_names((algorithm,), "--algorithm: ")
+    listed = tuple(read_toml(config).get("algorithms", ())) if config is not None else ()
+    if not listed:
+        return algorithm or defaults.RUN_ALGORITHM
+    check_algorithm_names(listed, f"{config}: algorithms: ")
+    if algorithm is not None:  # one of a benchmark config's algorithms may be picked out
+        if algorithm not in listed:
+            raise InputError(f"--algorithm {algorithm}: {config} names algorithms = {list(listed)}, which does not "
+                             "hold it; give one of them, or drop algorithms from the config.")
+        return algorithm
+    if len(listed) > 1:
+        raise InputError(f"{config}: algorithms = {list(listed)} names {len(listed)} algorithms; `fedmdh run` trains "
+                         "one: give --algorithm NAME, or run them all with `fedmdh benchmark --config "
+                         f"{config}`.")
+    return listed[0]
 
 
 @app.command()
@@ -291,6 +323,7 @@ def predict(
 
     folder = _model_folder(model, institution)
     check_output_file(output_csv, "OUT.csv")
+    _check_predict_output(output_csv, input_csv, model, folder)
     m = load_model(folder)
     frame = read_csv_checked(input_csv)
     target = m.info.get("target", "y")
@@ -305,14 +338,31 @@ def predict(
     )
 
 
-def _model_folder(model: Path, institution: str) -> Path:
-    """The saved model of ``institution`` in the run folder ``model`` (or its models/ folder, or the model's own)."""
+def _check_predict_output(output_csv: Path, input_csv: Path, model: Path, folder: Path) -> None:
+    """Refuse an OUT.csv that would overwrite IN.csv, a file of the model (the given --model folder when it is a
+    model's or a models/ folder, the run's models/), or a file the run wrote (symbolic links followed)."""
     from fedmdh.errors import InputError
 
-    if not institution or institution in (".", "..") or "/" in institution or "\\" in institution \
-            or "\0" in institution:
-        raise InputError(f"--institution {institution!r}: is not an institution name (names hold no path "
-                         "separators and are not '.' or '..'); give a name such as the file stem of its CSV.")
+    out = output_csv.resolve()
+    if input_csv.exists() and out == input_csv.resolve():
+        raise InputError(f"{output_csv}: OUT.csv is IN.csv; writing the predictions would replace the input; give "
+                         "another OUT.csv.")
+    run = model if (model / "models").is_dir() else folder.parent.parent if folder.parent.name == "models" else None
+    protected = [folder, *([folder.parent] if folder.parent.name == "models" else []), *([model] if run != model else [])]
+    for p in dict.fromkeys(q.resolve() for q in protected):
+        if out == p or out.is_relative_to(p):
+            raise InputError(f"{output_csv}: OUT.csv lies in the model folder {p}; writing there would replace or "
+                             "mix with the saved models; give a path outside it.")
+    if run is not None and out.exists() and out.is_relative_to(run.resolve()):
+        raise InputError(f"{output_csv}: OUT.csv is a file of the run folder {run}; give a new file name.")
+
+
+def _model_folder(model: Path, institution: str) -> Path:
+    """The saved model of ``institution`` in the run folder ``model`` (or its models/ folder, or the model's own)."""
+    from fedmdh.data.io import check_institution_name
+    from fedmdh.errors import InputError
+
+    check_institution_name(institution, "--institution ", "give a name such as the file stem of its CSV")
     if not model.is_dir():
         raise InputError(f"{model}: --model folder not found; give the folder written by `fedmdh run`.")
     own = model / "model.json"
@@ -345,15 +395,16 @@ def _ledger_options(mode: Optional[str], chain_rpc: Optional[str], default: str)
     return LedgerOptions.parse(mode, chain_rpc, default)
 
 
-def _run_and_report(cfg, algorithm: str, out: Path, ledger=None, overwrite: bool = False, secure: bool = False) -> None:
-    from fedmdh.experiment.runner import check_dp, check_inputs, check_secure, run_experiment
-    from fedmdh.outputs import claim_output_dir
+def _run_and_report(cfg, algorithm: str, out: Path, ledger=None, overwrite: bool = False, secure: bool = False,
+                    config: Optional[Path] = None) -> None:
+    from fedmdh.experiment.runner import check_dp, check_inputs, check_secure, input_files, run_experiment
+    from fedmdh.outputs import RUN_NAMES, claim_output_dir
 
     if secure:
         check_secure(algorithm, ledger)
     check_dp(cfg, ledger)
     tables = check_inputs(cfg)  # every file and the federation's layout, before any progress display
-    with claim_output_dir(out, overwrite=overwrite) as claim, \
+    with claim_output_dir(out, overwrite=overwrite, inputs=input_files(cfg, config), declared=RUN_NAMES) as claim, \
             TrainingProgress(err_console, f"{algorithm} seed {cfg.first_seed}", 1, cfg.rounds) as progress:
         result = run_experiment(cfg, algorithm, claim, progress=progress, tables=tables, ledger=ledger, secure=secure)
     from fedmdh.experiment.runner import kept_rounds_text
@@ -395,8 +446,8 @@ def benchmark(
     dp_clip: DpClipOpt = None,
     dp_delta: DpDeltaOpt = None,
 ) -> None:
-    from fedmdh.experiment.runner import check_inputs, run_benchmark
-    from fedmdh.outputs import claim_output_dir
+    from fedmdh.experiment.runner import check_inputs, input_files, run_benchmark
+    from fedmdh.outputs import BENCHMARK_NAMES, claim_output_dir
 
     cfg = _experiment_config(
         config, institutions, test, target, algorithms=_algorithms_option(algorithms), seeds=seeds,
@@ -406,8 +457,8 @@ def benchmark(
     )
     ledger_options = _ledger_options(ledger, chain_rpc, "off")
     tables = check_inputs(cfg)  # every file and the federation's layout, before any progress display
-    with claim_output_dir(out, overwrite=overwrite) as claim, \
-            TrainingProgress(err_console, "benchmark", len(cfg.algorithms) * cfg.seeds, cfg.rounds) as progress:
+    with claim_output_dir(out, overwrite=overwrite, inputs=input_files(cfg, config), declared=BENCHMARK_NAMES) \
+            as claim, TrainingProgress(err_console, "benchmark", len(cfg.algorithms) * cfg.seeds, cfg.rounds) as progress:
         res = run_benchmark(cfg, claim, progress=progress, command="fedmdh " + " ".join(_ARGV), tables=tables,
                             ledger=ledger_options)
     names = [d["name"] for d in res.federation["institutions"]]

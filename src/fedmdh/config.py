@@ -91,11 +91,7 @@ class ExperimentConfig:
             raise InputError("give at least two institution files (--institutions A.csv B.csv ...).")
         if not self.algorithms:
             raise InputError("give at least one algorithm (--algorithms fedavg,...).")
-        for a in self.algorithms:
-            if a not in ALGORITHMS:
-                raise InputError(f"unknown algorithm {a!r}; choose from {', '.join(ALGORITHMS)}.")
-        if len(set(self.algorithms)) != len(self.algorithms):
-            raise InputError(f"an algorithm is listed twice in {list(self.algorithms)}.")
+        check_algorithm_names(self.algorithms)
         for a in self.algorithm_settings:
             if a not in ALGORITHMS:
                 raise InputError(f"settings for unknown algorithm {a!r}; choose from {', '.join(ALGORITHMS)}.")
@@ -217,6 +213,16 @@ class ExperimentConfig:
 
     def write_toml(self, path: str | Path) -> None:
         Path(path).write_text(tomli_w.dumps(self.to_toml_dict()), encoding="utf-8")
+
+
+def check_algorithm_names(names: "tuple[str, ...] | list[str]", where: str = "") -> None:
+    """Refuse an unknown algorithm name (listing the known ones) or one listed twice; ``where`` prefixes
+    the line."""
+    for a in names:
+        if a not in ALGORITHMS:
+            raise InputError(f"{where}unknown algorithm {a!r}; choose from {', '.join(ALGORITHMS)}.")
+    if len(set(names)) != len(names):
+        raise InputError(f"{where}an algorithm is listed twice in {list(names)}.")
 
 
 def _kind(value: Any) -> str:

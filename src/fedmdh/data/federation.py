@@ -260,13 +260,48 @@ class LocalSplit:
     n_imputed: int
 
 
+#: A feature column with empty cells needs this many values (or half its institution's rows, when fewer)
+#: to fill them in from: imputed from one value, 299 cells of 300 would all sit wherever that value lies
+#: against the pooled scale (hundreds of standard deviations out), and training diverges.
+MIN_COLUMN_VALUES = 10
+
+
+def check_sparse_columns(table: InstitutionTable) -> None:
+    """Refuse a feature column with too few values to impute its empty cells from, naming it."""
+    observed = (~np.isnan(table.X)).sum(axis=0)
+    need = min(MIN_COLUMN_VALUES, (table.n_rows + 1) // 2)
+    sparse = np.flatnonzero((observed < need) & (observed < table.n_rows))
+    if sparse.size:
+        j = int(sparse[0])
+        n = int(observed[j])
+        more = f" (so do {sparse.size - 1} more columns)" if sparse.size > 1 else ""
+        raise InputError(
+            f"{table.source}: column {table.features[j]!r} has {n} value{'s' if n != 1 else ''} in {table.n_rows} "
+            f"rows{more}; too few to fill in its {table.n_rows - n} empty cells from (a column with empty cells needs "
+            f"at least {need} values): fill it in or drop the column from this file."
+        )
+
+
+def _column_means(X: np.ndarray) -> np.ndarray:
+    """``np.nanmean(X, axis=0)`` (the same bits), NaN for a column without a value and no warning."""
+    observed = ~np.isnan(X)
+    count = observed.sum(axis=0)
+    total = np.where(observed, X, 0.0).sum(axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(count > 0, total / np.maximum(count, 1), np.nan)
+
+
 def local_split(table: InstitutionTable, seed: int, val_fraction: float) -> LocalSplit:
-    """The institution's validation split (seeded by its name) and own-mean imputation."""
+    """The institution's validation split (seeded by its name) and own-mean imputation.
+
+    A column with too few values to impute from is refused (:func:`check_sparse_columns`).
+    """
+    check_sparse_columns(table)
     tr, va = _split_val(table.n_rows, val_fraction, rng_for(seed, "validation-split", table.name))
     X = table.X.copy()
-    own_mean = np.nanmean(X[tr], axis=0)
+    own_mean = _column_means(X[tr])
     # a column observed only in validation rows: fall back to the mean over all own rows
-    own_mean = np.where(np.isnan(own_mean), np.nanmean(X, axis=0), own_mean)
+    own_mean = np.where(np.isnan(own_mean), _column_means(X), own_mean)
     nan_mask = np.isnan(X)
     X[nan_mask] = np.take(own_mean, np.nonzero(nan_mask)[1])
     return LocalSplit(table, tr, va, X, own_mean, int(nan_mask.sum()))

@@ -194,6 +194,7 @@ def validate_table(
     name: str | None = None,
     exclude: Sequence[str] = (),
     min_rows: int = MIN_ROWS,
+    kind: str = "institution",
 ) -> InstitutionTable:
     """Validate one institution's table and split it into features and target.
 
@@ -211,7 +212,12 @@ def validate_table(
         Columns that are neither features nor target (identifiers, formulas, other properties).
     min_rows:
         The fewest rows an institution may have.
+    kind:
+        What the table is, in messages: ``"institution"`` (its name must then be an institution name,
+        :func:`check_institution_name`) or ``"test set"``.
     """
+    if kind == "institution":
+        check_institution_name(name or Path(source).stem, f"{source}: ")
     if target not in frame.columns:
         cols = ", ".join(repr(c) for c in list(frame.columns)[:8])
         more = ", ..." if frame.shape[1] > 8 else ""
@@ -237,10 +243,12 @@ def validate_table(
             f"({nan_rows.size} row{'s' if nan_rows.size > 1 else ''}); fill in or drop those rows."
         )
     if len(y) < min_rows:
-        raise InputError(
-            f"{source}: has {len(y)} rows; an institution needs at least {min_rows} "
-            "(merge it with another institution or collect more data)."
-        )
+        rows = f"{len(y)} row{'s' if len(y) != 1 else ''}"
+        if kind == "institution":
+            raise InputError(f"{source}: has {rows}; an institution needs at least {min_rows} "
+                             "(merge it with another institution or collect more data).")
+        raise InputError(f"{source}: has {rows}; the {kind} needs at least {min_rows} to measure the models on "
+                         "(give more held-out rows).")
     check_magnitude(y[:, None], [target], f"{source}: target ")
     if np.ptp(y) == 0.0:
         raise InputError(
@@ -279,43 +287,112 @@ def load_institution(
     target: str,
     name: str | None = None,
     exclude: Sequence[str] = (),
+    kind: str = "institution",
 ) -> InstitutionTable:
-    """Read and validate one institution's CSV file."""
+    """Read and validate one institution's CSV file (``kind="test set"``: the shared test file)."""
     frame = read_csv_checked(path)
-    return validate_table(frame, target, str(path), name=name, exclude=exclude)
+    return validate_table(frame, target, str(path), name=name, exclude=exclude, kind=kind)
 
 
-def check_distinct_files(paths: Sequence[str | Path]) -> None:
-    """Refuse the same file, or two files with identical content, given as two institutions."""
+def _file_key(path: str | Path) -> tuple[int, int] | None:
+    """``(device, inode)`` of a regular file; ``None`` otherwise (reported, with the path, when read)."""
+    try:
+        st = Path(path).stat()
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino) if stat.S_ISREG(st.st_mode) else None
+
+
+def _file_digest(path: str | Path) -> str | None:
+    try:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    except OSError:
+        return None
+
+
+def check_distinct_files(paths: Sequence[str | Path], test: str | Path | None = None) -> None:
+    """Refuse the same file, or two files with identical content, given as two institutions, and a
+    ``test`` file that is one of the institutions' files (the same file or the same content: its
+    rows would be rows the models trained on, and the test scores too good)."""
     seen: dict[object, str] = {}
     for p in paths:
-        path = Path(p)
-        try:
-            st = path.stat()
-        except OSError:
-            continue  # reported, with the path, when the file is read
-        if not stat.S_ISREG(st.st_mode):
+        key = _file_key(p)
+        if key is None:
             continue
-        key = (st.st_dev, st.st_ino)
         if key in seen:
             raise InputError(f"{p}: is given twice as an institution (also as {seen[key]}); give each "
                              "institution's file once.")
         seen[key] = str(p)
+    test_key = _file_key(test) if test is not None else None
+    if test_key is not None and test_key in seen:
+        raise InputError(f"{test}: the test set is the file of an institution ({seen[test_key]}); the models would be "
+                         "scored on rows they trained on: give a held-out test file.")
     digests: dict[str, str] = {}
     for p in dict.fromkeys(str(v) for v in seen.values()):
-        try:
-            h = hashlib.sha256(Path(p).read_bytes()).hexdigest()
-        except OSError:
+        h = _file_digest(p)
+        if h is None:
             continue
         if h in digests:
             raise InputError(f"{p}: has the same content as {digests[h]}; one institution's rows would be trained "
                              "on twice; give each institution's file once.")
         digests[h] = p
+    if test_key is not None:
+        h = _file_digest(test)
+        if h is not None and h in digests:
+            raise InputError(f"{test}: the test set has the same content as the institution file {digests[h]}; the "
+                             "models would be scored on rows they trained on: give a held-out test file.")
+
+
+#: the longest institution name, in characters and in bytes of UTF-8 (a name is a folder name: models/NAME)
+MAX_NAME_CHARS = 64
+MAX_NAME_BYTES = 128
+NAME_RULE = (f"names are 1 to {MAX_NAME_CHARS} printable characters (at most {MAX_NAME_BYTES} bytes of UTF-8), "
+             "hold no '/' or '\\' and do not start with '.'")
+
+
+def institution_name_problem(name: str) -> str | None:
+    """Why ``name`` cannot be an institution name (it names a folder, a key, a ledger entry), or ``None``.
+
+    The one rule for every entry point (the file stems of ``fedmdh run``, a config file, the service,
+    the Python API, ``fedmdh predict --institution``): :data:`NAME_RULE`.
+    """
+    if not isinstance(name, str) or not name:
+        return "it is empty"
+    if name in (".", ".."):
+        return f"{name!r} names a folder, not an institution"
+    if name.startswith("."):
+        return "it starts with '.' (a hidden file name)"
+    if any(c in name for c in "/\\\0"):
+        return "it holds a path separator"
+    if not name.isprintable():
+        return "it holds a control or other unprintable character"
+    if len(name) > MAX_NAME_CHARS:
+        return f"it is {len(name)} characters long"
+    if len(name.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES:
+        return f"it is {len(name.encode('utf-8', 'surrogatepass'))} bytes long in UTF-8"
+    return None
+
+
+def check_institution_name(name: str, where: str = "",
+                           hint: str = "rename the file (an institution's name is its file name without .csv)") -> str:
+    """``name`` when it is an institution name (:func:`institution_name_problem`), else one line naming the
+    problem; ``where`` (e.g. ``"A.csv: "``) prefixes it, ``hint`` says what to do."""
+    problem = institution_name_problem(name)
+    if problem is not None:
+        shown = name if len(name) <= 40 else name[:37] + "..."
+        raise InputError(f"{where}{shown!r} is not an institution name ({problem}): {NAME_RULE}; {hint}.")
+    return name
 
 
 def unique_names(paths: Sequence[str | Path]) -> list[str]:
-    """Institution names from file stems, made unique with a numeric suffix where stems repeat."""
+    """Institution names from file stems, made unique with a numeric suffix where stems repeat.
+
+    Each stem must be an institution name (:func:`check_institution_name`), checked here, where every
+    entry point derives the names.
+    """
     stems = [Path(p).stem for p in paths]
+    for p, stem in zip(paths, stems):
+        check_institution_name(stem, f"{p}: ")
     out: list[str] = []
     for i, s in enumerate(stems):
         if stems.count(s) > 1:
@@ -323,3 +400,17 @@ def unique_names(paths: Sequence[str | Path]) -> list[str]:
         else:
             out.append(s)
     return out
+
+
+def check_exclude(exclude: Sequence[str], target: str, columns: dict[str, Sequence[str]],
+                  flag: str = "--exclude") -> None:
+    """Refuse an excluded column that is the target or that no table has (a typo would otherwise train on
+    the column the user meant to leave out). ``columns``: each file's columns, by its path."""
+    known = list(dict.fromkeys(c for cols in columns.values() for c in cols))
+    for col in exclude:
+        if col == target:
+            raise InputError(f"{flag} {col!r}: is the target column; the target is never a feature, so leave it "
+                             f"out of {flag}.")
+        if col not in known:
+            shown = ", ".join(repr(c) for c in known[:8]) + (f" and {len(known) - 8} more" if len(known) > 8 else "")
+            raise InputError(f"{flag} {col!r}: no file has this column (columns: {shown}); check its spelling.")

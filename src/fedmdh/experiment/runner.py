@@ -16,7 +16,7 @@ from fedmdh import __version__
 from fedmdh.config import ExperimentConfig
 from fedmdh.data.federation import PreparedFederation, prepare_federation
 from fedmdh.data.io import (
-    InstitutionTable, check_distinct_files, load_institution, read_csv_checked, unique_names, validate_table,
+    InstitutionTable, check_distinct_files, check_exclude, read_csv_checked, unique_names, validate_table,
 )
 from fedmdh.errors import TrainingDiverged
 from fedmdh.experiment.models import save_model
@@ -24,7 +24,7 @@ from fedmdh.experiment.report import write_curves, write_results_csv, write_summ
 from fedmdh.ledger.keys import check_key_names
 from fedmdh.ledger.options import LedgerOptions
 from fedmdh.ledger.runs import finish_run_ledger, start_run_ledger
-from fedmdh.outputs import OutputDir, claim_output_dir, replace_dir_atomically
+from fedmdh.outputs import BENCHMARK_NAMES, RUN_NAMES, OutputDir, claim_output_dir, replace_dir_atomically
 from fedmdh.runtime.simulator import RoundRecord, RunResult, simulate
 
 #: progress callback: (algorithm, seed, round, rounds, record or None)
@@ -38,19 +38,34 @@ class Tables:
 
 
 def load_tables(cfg: ExperimentConfig) -> Tables:
-    """Read and validate every institution file and the test file of ``cfg``."""
-    check_distinct_files(cfg.institutions)
+    """Read and validate every institution file and the test file of ``cfg``.
+
+    Refused besides each file's own problems: a name that is not an institution name, the same
+    institution file twice, a test file that is an institution's, an excluded column that is the
+    target or that no file has.
+    """
     names = unique_names(cfg.institutions)
+    check_distinct_files(cfg.institutions, test=cfg.test)
     check_key_names(names)  # names that would share one signing key on the ledger
-    tables = tuple(
-        load_institution(p, cfg.target, name=n, exclude=cfg.exclude) for p, n in zip(cfg.institutions, names)
-    )
+    frames = [read_csv_checked(p) for p in cfg.institutions]
     # the test set is read through the columns the institutions have; others (a formula, an id) are ignored
     frame = read_csv_checked(cfg.test)
+    if cfg.exclude:
+        check_exclude(cfg.exclude, cfg.target, {str(p): list(f.columns) for p, f in
+                                                zip((*cfg.institutions, cfg.test), (*frames, frame))})
+    tables = tuple(validate_table(f, cfg.target, str(p), name=n, exclude=cfg.exclude)
+                   for f, p, n in zip(frames, cfg.institutions, names))
     used = {cfg.target, *(f for t in tables for f in t.features)}
     ignored = tuple(c for c in frame.columns if c not in used)
-    test = validate_table(frame, cfg.target, str(cfg.test), name="test", exclude=(*cfg.exclude, *ignored))
+    test = validate_table(frame, cfg.target, str(cfg.test), name="test", exclude=(*cfg.exclude, *ignored),
+                          kind="test set")
     return Tables(tables, test)
+
+
+def input_files(cfg: ExperimentConfig, config: "str | Path | None" = None) -> tuple[str, ...]:
+    """The files a run of ``cfg`` reads (institutions, test set, and the config file when given):
+    ``--overwrite`` refuses to empty a folder that holds one of them."""
+    return (*cfg.institutions, cfg.test, *((str(config),) if config is not None else ()))
 
 
 def prepare(cfg: ExperimentConfig, tables: Tables, seed: int, secure_sum=None) -> PreparedFederation:
@@ -181,7 +196,8 @@ def run_experiment(
     docs/security.md for what that protects in this in-process runtime.
 
     ``out_dir`` must be absent or empty (``overwrite=True`` replaces what an earlier fedmdh run
-    wrote there) and is locked for the run (:func:`fedmdh.outputs.claim_output_dir`); an
+    wrote there, listed in its ``.fedmdh-manifest.json``, and refuses a folder holding anything else or
+    one of this run's inputs) and is locked for the run (:func:`fedmdh.outputs.claim_output_dir`); an
     :class:`~fedmdh.outputs.OutputDir` the caller claimed already is used as it is. Inputs are
     validated before anything is written.
 
@@ -206,14 +222,14 @@ def run_experiment(
     algo = cfg.build_algorithm(algorithm)
     if not secure:
         fed = prepare(cfg, tables, seed)
-        with claim_output_dir(out_dir, overwrite=overwrite) as claim:
+        with claim_output_dir(out_dir, overwrite=overwrite, inputs=input_files(cfg), declared=RUN_NAMES) as claim:
             return _run_in(claim.path, cfg, algorithm, seed, tables, fed, algo, progress, ledger)
     check_secure(algorithm, ledger)
     from fedmdh.secure.threshold import ThresholdGroup
 
     with ThresholdGroup([t.name for t in tables.institutions]) as group:
         fed = prepare(cfg, tables, seed, secure_sum=group)
-        with claim_output_dir(out_dir, overwrite=overwrite) as claim:
+        with claim_output_dir(out_dir, overwrite=overwrite, inputs=input_files(cfg), declared=RUN_NAMES) as claim:
             return _run_in(claim.path, cfg, algorithm, seed, tables, fed, algo, progress, ledger, group)
 
 
@@ -315,7 +331,7 @@ def run_benchmark(
     ledger = ledger or LedgerOptions(mode="off")
     check_dp(cfg, ledger)
     tables = check_inputs(cfg, tables)
-    with claim_output_dir(out_dir, overwrite=overwrite) as claim:
+    with claim_output_dir(out_dir, overwrite=overwrite, inputs=input_files(cfg), declared=BENCHMARK_NAMES) as claim:
         return _benchmark_in(claim.path, cfg, progress, command, tables, ledger)
 
 
