@@ -4,7 +4,7 @@ Run:  .venv/bin/python benchmarks/secure_r2.py [--algorithm fedavg] [--data-dir 
 
 Per seed, three runs of the simulator from the same configuration as ``fedmdh run --algorithm A``:
 ``plain`` (the algorithm's own ``aggregate``), ``reordered`` (the secure rule,
-:func:`fedmdh.secure.aggregation.secure_aggregate`, through a float64 sum without encryption:
+:func:`fedmdh.runtime.round.aggregate` with ``Aggregation(secure=True)``, through a float64 sum without encryption:
 for FedAvg the same mean computed as ``sum_i n_i w_i / sum_i n_i``, which shows how far a change
 in the last bits alone moves a 400-round run; for FedMDH also the rule's one barycenter step a
 round where the plain algorithm takes three) and ``secure``

@@ -14,15 +14,22 @@ from scipy.stats import norm
 from fedmdh.algorithms import make_algorithm
 from fedmdh.algorithms.base import Update
 from fedmdh.errors import InputError
+from fedmdh.runtime.round import Aggregation, aggregate
 from fedmdh.secure.dp import (
     DPSettings,
     check_dp_covered,
-    dp_aggregate,
     dp_contribution,
     epsilon,
     noise_std,
     report,
 )
+
+
+def dp_aggregate(algorithm, server, updates, settings, rngs, secure_sum=None):
+    """The round engine's aggregation step with DP noise from ``rngs`` (round 1, seed 0), in the clear or
+    through ``secure_sum``."""
+    return aggregate(Aggregation(secure=secure_sum is not None, dp=settings), algorithm, server, updates, 1, 0,
+                     secure_sum, noise=lambda name, rnd: rngs[name])
 
 
 def _state(rng, sizes=(("w", (20, 7)), ("b", (7,)))):

@@ -15,11 +15,17 @@ import pytest
 from fedmdh.algorithms import ALGORITHMS, make_algorithm
 from fedmdh.algorithms.base import Update, weighted_average
 from fedmdh.errors import InputError
-from fedmdh.secure.aggregation import COVERED, NOT_COVERED, check_covered, secure_aggregate
+from fedmdh.runtime.round import Aggregation, aggregate
+from fedmdh.secure.aggregation import COVERED, NOT_COVERED, check_covered
 from fedmdh.secure.backend import unavailable_reason
 
 #: |decrypted - float64 sum| for |values| <= 1e3 with the default parameters; measured: about 2e-9
 CKKS_ABS_BOUND = 1e-7
+
+
+def secure_aggregate(algorithm, server, updates, secure_sum):
+    """The round engine's aggregation step through ``secure_sum`` (round 1, seed 0)."""
+    return aggregate(Aggregation(secure=True), algorithm, server, updates, 1, 0, secure_sum)
 
 
 def _require_openfhe() -> None:

@@ -32,8 +32,6 @@ from fedmdh.runtime.protocol import (
     SELECTIONS,
     ClientSlot,
     Selection,
-    aggregate_rng,
-    client_rng,
     dp_noise_rng,
     evaluate_round,
     initial_state,
@@ -41,6 +39,8 @@ from fedmdh.runtime.protocol import (
     training_thread_count,
 )
 from fedmdh.errors import TrainingDiverged
+from fedmdh.runtime.round import Aggregation, aggregate, train
+from fedmdh.secure.dp import check_dp_covered
 
 if TYPE_CHECKING:
     from fedmdh.secure.aggregation import SecureSum
@@ -55,10 +55,6 @@ RoundHook = Callable[[int, Sequence[Update], Payload], Payload]
 #: Called whenever the kept models improve, with (round, each institution's params): e.g. to save
 #: them as the run goes, so that an interrupted run keeps the best models it had.
 BestHook = Callable[[int, dict[str, Params], dict[str, int]], None]
-
-#: A mean training loss above this (in standardised units, where predicting the mean scores about 1)
-#: means the optimisation has blown up even if every number is still finite.
-DIVERGED_LOSS = 1e10
 
 
 @dataclass
@@ -183,7 +179,7 @@ def simulate(
     secure:
         A secure sum (``{institution: vector} -> sum``, e.g.
         :meth:`fedmdh.secure.threshold.ThresholdGroup.secure_sum`): every round's aggregate is
-        computed from the encrypted weighted sums (:func:`fedmdh.secure.aggregation.secure_aggregate`);
+        computed from the encrypted weighted sums (:func:`fedmdh.runtime.round.aggregate`);
         only FedAvg, FedProx and FedGAN are covered, others raise :class:`~fedmdh.errors.InputError`.
         ``bytes_up`` then counts what the institutions sent: ciphertexts and partial decryptions,
         when the secure sum says so (``secure.bytes_up``), else the clear payloads.
@@ -208,17 +204,14 @@ def simulate(
     if selection == "federated" and isinstance(algorithm, LocalGuard):
         raise ValueError("the local guard selects on each institution's own validation rows; use selection "
                          "'own' or the algorithm without the guard.")
-    if secure is not None:
-        from fedmdh.secure.aggregation import check_covered
-
-        check_covered(algorithm.name)
-    if dp is not None:
-        from fedmdh.secure.dp import check_dp_covered
-
-        check_dp_covered(algorithm.name)
+    if dp is not None and (algorithm.centralized or not algorithm.federated):
+        check_dp_covered(algorithm)  # pooled is refused; local training releases nothing
+        dp = None
+    aggregation = Aggregation(secure=secure is not None, dp=dp)
+    aggregation.check(algorithm)
     with training_thread_count():
         return _simulate(fed, algorithm, rounds, seed, on_round, round_hook, selection, on_models, on_best, secure,
-                         dp)
+                         aggregation)
 
 
 def _simulate(
@@ -232,11 +225,9 @@ def _simulate(
     on_models: Callable[[int, dict[str, Params]], None] | None = None,
     on_best: BestHook | None = None,
     secure: SecureSum | None = None,
-    dp: "DPSettings | None" = None,
+    aggregation: Aggregation = Aggregation(),
 ) -> RunResult:
     t_start = time.perf_counter()
-    if dp is not None and (algorithm.centralized or not algorithm.federated):
-        dp = None  # local training releases nothing; pooled is refused by check_dp_covered
     spec = FederationSpec.from_federation(fed)
     insts = {d.name: d for d in fed.institutions}
     if algorithm.centralized:
@@ -261,25 +252,12 @@ def _simulate(
         clients: dict[str, Any] = {}
         try:
             for name in sorted(trainers):
-                upd, clients[name] = algorithm.client_update(
-                    server, slots[name].get(), trainers[name], client_rng(seed, r, name), r
-                )
-                slots[name].put(clients[name])
+                upd, clients[name] = train(algorithm, server, slots[name], trainers[name], seed, r, name)
                 updates.append(upd)
-            if dp is not None:
-                from fedmdh.secure.dp import dp_aggregate
-
-                rngs = {name: dp_noise_rng(seed, r, name) for name in sorted(trainers)}
-                server = dp_aggregate(algorithm, server, updates, dp, rngs, secure)
-            elif secure is None:
-                server = algorithm.aggregate(server, updates, aggregate_rng(seed, r), r)
-            else:
-                from fedmdh.secure.aggregation import secure_aggregate
-
-                server = secure_aggregate(algorithm, server, updates, secure)
         except np.linalg.LinAlgError as exc:  # e.g. an SVD of NaN weights
             raise TrainingDiverged(r, float("nan"), f"numerical failure: {exc}") from None
-        _check_diverged(r, updates, server)
+        server = aggregate(aggregation, algorithm, server, updates, r, seed, secure,
+                           noise=lambda name, rnd: dp_noise_rng(seed, rnd, name))
         if round_hook is not None:
             server = round_hook(r, sorted(updates, key=lambda u: u.institution), server)
 
@@ -341,7 +319,7 @@ def _simulate(
         federated_only=_summary(federated_per),
         federated_only_per_institution=federated_per,
         guard={name: dict(kept.kept[name].detail) for name in insts if kept.kept[name].detail},
-        privacy=_privacy(dp, rounds, len(trainers)),
+        privacy=_privacy(aggregation.dp, rounds, len(trainers)),
     )
 
 
@@ -388,18 +366,6 @@ def _federated_validation(fed: PreparedFederation) -> Callable[[Algorithm, dict[
         return float(np.mean([np.mean((algorithm.predict(models[n], views[n]) - val_y) ** 2) for n in views]))
 
     return loss
-
-
-def _check_diverged(r: int, updates: Sequence[Update], server: Payload) -> None:
-    """Raise :class:`TrainingDiverged` when round ``r``'s losses or aggregate are not usable numbers."""
-    n = sum(u.num_examples for u in updates)
-    loss = float(sum(u.metrics.get("loss", 0.0) * u.num_examples for u in updates) / max(n, 1))
-    if not np.isfinite(loss) or loss > DIVERGED_LOSS:
-        raise TrainingDiverged(r, loss)
-    for key, value in server.items():
-        a = np.asarray(value)
-        if a.dtype.kind in "fc" and not np.isfinite(a).all():
-            raise TrainingDiverged(r, float("nan"), f"the aggregate's {key!r} holds {a[~np.isfinite(a)].flat[0]}")
 
 
 def _with_steps(algorithm: Algorithm, steps: int) -> Algorithm:

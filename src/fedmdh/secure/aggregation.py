@@ -13,17 +13,17 @@ reveal (its ``secure_reveals``).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 
 import numpy as np
 
 from fedmdh.algorithms import ALGORITHMS
-from fedmdh.algorithms.base import Algorithm, Payload, Update, ordered
+from fedmdh.algorithms.base import Algorithm, Payload, Update
 from fedmdh.algorithms.sums import contribution, layout, mean_from_sum as aggregate_from_sum
 from fedmdh.errors import InputError
 
 __all__ = ["COVERED", "NOT_COVERED", "SecureSum", "aggregate_from_sum", "check_covered", "contribution", "layout",
-           "secure_aggregate", "secure_contribution", "secure_from_sum"]
+           "secure_contribution", "secure_from_sum"]
 
 #: ``{institution: vector} -> sum of the vectors`` (computed under encryption, e.g.
 #: :meth:`fedmdh.secure.threshold.ThresholdGroup.secure_sum`).
@@ -66,21 +66,3 @@ def secure_from_sum(algorithm: Algorithm, server_state: Payload, template: Updat
     if count <= 0:
         raise ValueError("weights must sum to a positive number.")
     return algorithm.aggregate_from_sum(server_state, template, np.asarray(total, dtype=np.float64), float(count))
-
-
-def secure_aggregate(algorithm: Algorithm, server_state: Payload, updates: Sequence[Update],
-                     secure_sum: SecureSum) -> Payload:
-    """``algorithm``'s aggregate of ``updates`` computed through ``secure_sum``.
-
-    Each institution's contribution is one vector; only the decrypted sum and the public counts
-    are used afterwards."""
-    check_covered(algorithm)
-    ups = ordered(updates)
-    keys = [layout(u.payload) for u in ups]
-    if any([(k, s) for k, s, _ in lay] != [(k, s) for k, s, _ in keys[0]] for lay in keys):
-        raise ValueError("the institutions' updates do not share one layout.")
-    count = float(sum(u.num_examples for u in ups))
-    if count <= 0:
-        raise ValueError("weights must sum to a positive number.")
-    total = secure_sum({u.institution: secure_contribution(algorithm, server_state, u) for u in ups})
-    return secure_from_sum(algorithm, server_state, ups[0], total, count)

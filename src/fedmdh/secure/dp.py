@@ -42,10 +42,9 @@ from typing import Any
 import numpy as np
 
 from fedmdh.algorithms import ALGORITHMS
-from fedmdh.algorithms.base import Algorithm, Payload, Update, ordered
+from fedmdh.algorithms.base import Algorithm, Payload, Update
 from fedmdh.algorithms.sums import contribution
 from fedmdh.errors import InputError
-from fedmdh.secure.aggregation import secure_from_sum
 
 #: Algorithms whose released sums can be noised (their contribution is ``n_i w_i``), as they declare it.
 DP_COVERED = tuple(name for name, cls in ALGORITHMS.items() if cls.dp_applies)
@@ -129,26 +128,6 @@ def private_rng() -> np.random.Generator:
     """A generator seeded from the operating system (a node's noise must not follow the task seed,
     which every party knows)."""
     return np.random.default_rng(secrets.randbits(128))
-
-
-def dp_aggregate(algorithm: Algorithm, server_state: Payload, updates: Sequence[Update], settings: DPSettings,
-                 rngs: Mapping[str, np.random.Generator], secure_sum=None) -> Payload:
-    """``algorithm``'s aggregate from the institutions' noised contributions, summed through
-    ``secure_sum`` (threshold encryption) or, without one, in float64 in name order (the in-process
-    study path: the contributions are seen in the clear)."""
-    ups = ordered(updates)
-    n_max = max(float(u.num_examples) for u in ups)
-    vectors = {u.institution: dp_contribution(algorithm, server_state, u, settings, n_max, len(ups),
-                                              rngs[u.institution]) for u in ups}
-    if secure_sum is not None:
-        total = secure_sum(vectors)
-    else:
-        total = np.zeros_like(next(iter(vectors.values())))
-        with np.errstate(invalid="ignore", over="ignore"):  # a diverged round is reported by the caller
-            for u in ups:
-                total = total + vectors[u.institution]
-    count = float(sum(u.num_examples for u in ups))
-    return secure_from_sum(algorithm, server_state, ups[0], total, count)
 
 
 def epsilon(noise_multiplier: float | Sequence[float], releases: int, delta: float) -> float:
