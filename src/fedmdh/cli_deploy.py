@@ -15,13 +15,22 @@ from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
+from fedmdh import defaults
 from fedmdh.cli_output import DpClipOpt, DpDeltaOpt, DpNoiseOpt, dp_overrides
 from fedmdh.errors import InputError
 
 console = Console()
 err_console = Console(stderr=True)
+
+
+def _default(text: str, default: object) -> str:
+    """Help text ending in ``[default: X]``, the brackets escaped (rich would take them for a style
+    tag and drop them, leaving "Communication rounds .")."""
+    return f"{text} {escape(f'[default: {default}]')}"
+
 
 node_app = typer.Typer(name="node", help="Run an institution's node (its data and keys stay on this machine).",
                        no_args_is_help=True)
@@ -46,18 +55,20 @@ def node_start(
     root_certificates: CaOpt,
     key: Annotated[Path, typer.Option("--key", help="This node's private key (registered with the coordinator).")],
     state: Annotated[Optional[Path], typer.Option(
-        "--state", help="The node's own folder: ledger key, client state, models [default: ~/.fedmdh/nodes/NAME].")] = None,
+        "--state", help=_default("The node's own folder: ledger key, client state, models.", "$FEDMDH_HOME/nodes/NAME, "
+                                    "else ~/.fedmdh/nodes/NAME"))] = None,
     test: Annotated[Optional[Path], typer.Option(
         "--test", help="A shared test CSV: the node reports test metrics for it each round.")] = None,
     chain_rpc: Annotated[Optional[str], typer.Option(
-        "--chain-rpc", help="The chain node this institution trusts [default: the one the task names].")] = None,
+        "--chain-rpc", help=_default("The chain node this institution trusts.", "the one the task names"))] = None,
     exclude: ExcludeOpt = None,
-    port: Annotated[Optional[int], typer.Option("--port", help="The SuperNode's local runtime port [default: free].")] = None,
+    port: Annotated[Optional[int], typer.Option("--port", help=_default("The SuperNode's local runtime port.", "a free one"))] = None,
 ) -> None:
     """Start this institution's node service and its Flower SuperNode; serve tasks until stopped (Ctrl-C)."""
     import logging
 
     from fedmdh.deploy.node_runner import run_node
+    from fedmdh.deploy.watchdog import supervised
     from fedmdh.ledger.keys import fedmdh_home
     from fedmdh.runtime.node import NodeService, check_name
 
@@ -69,7 +80,8 @@ def node_start(
     err_console.print(f"fedmdh node {name}: ledger address {service.address}, state {folder}, SuperLink {superlink}",
                       highlight=False, markup=False)
     try:
-        run_node(service, superlink, root_certificates, key, port=port)
+        with supervised():  # the SuperNode and what it starts go with this process, whatever ends it
+            run_node(service, superlink, root_certificates, key, port=port)
     except KeyboardInterrupt:
         err_console.print(f"fedmdh node {name}: stopped", highlight=False, markup=False)
 
@@ -81,7 +93,7 @@ def node_start(
 def certs(
     out: Annotated[Path, typer.Option("--out", help="Folder for the CA, the server certificate and node keys.")],
     host: Annotated[Optional[list[str]], typer.Option(
-        "--host", help="Host name or IP the nodes use to reach the SuperLink (repeatable) [default: 127.0.0.1].")] = None,
+        "--host", help=_default("Host name or IP the nodes use to reach the SuperLink (repeatable).", "127.0.0.1 and localhost"))] = None,
     node: Annotated[Optional[list[str]], typer.Option(
         "--node", help="An institution to make a node key pair for (repeatable).")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing CA in --out.")] = False,
@@ -101,16 +113,18 @@ def coordinator(
     port: Annotated[int, typer.Option("--port", help="The SuperLink's port (Fleet and Control API).")] = 9093,
     host: Annotated[str, typer.Option("--host", help="Address to listen on.")] = "127.0.0.1",
     database: Annotated[Optional[Path], typer.Option(
-        "--database", help="The SuperLink's database (keeps registrations across restarts) [default: FOLDER/superlink.db].")] = None,
+        "--database", help=_default("The SuperLink's database (keeps registrations across restarts).", "FOLDER/superlink.db"))] = None,
     folder: Annotated[Optional[Path], typer.Option(
-        "--folder", help="The coordinator's folder: Flower home, logs [default: ~/.fedmdh/coordinator].")] = None,
+        "--folder", help=_default("The coordinator's folder: Flower home, logs.", "$FEDMDH_HOME/coordinator, else "
+                                                                        "~/.fedmdh/coordinator"))] = None,
     register: Annotated[Optional[list[str]], typer.Option(
         "--register", help="NAME=KEY.pub: register an institution's node key (repeatable).")] = None,
 ) -> None:
     """Run the SuperLink (TLS, SuperNode authentication, no runtime installs) until stopped (Ctrl-C)."""
     from fedmdh.deploy.certs import CertFiles
     from fedmdh.deploy.flower import flower_env, register_node, superlink_argv, write_connection
-    from fedmdh.deploy.processes import Services, port_open, wait_until
+    from fedmdh.deploy.processes import Services, check_port_free, listens, wait_until
+    from fedmdh.deploy.watchdog import supervised
     from fedmdh.ledger.keys import fedmdh_home
     from fedmdh.runtime.node import check_name
 
@@ -127,11 +141,12 @@ def coordinator(
     folder = folder or fedmdh_home() / "coordinator"
     home = folder / "flwr"
     address = f"{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
+    check_port_free(port, host)
     write_connection(home, address, files.ca)
-    with Services(folder / "logs") as services:
+    with supervised(), Services(folder / "logs") as services:
         link = services.start("superlink", superlink_argv(files, port, database or folder / "superlink.db", host),
                               env=flower_env(home))
-        wait_until(lambda: port_open(port, "127.0.0.1" if host in ("0.0.0.0", "::") else host), link,
+        wait_until(lambda: listens(link.pid, port, "127.0.0.1" if host in ("0.0.0.0", "::") else host), link,
                    "the SuperLink", timeout=60)
         for name, key in pairs:
             console.print(f"registered {name}: node id {register_node(home, key, name)}", highlight=False,
@@ -151,9 +166,11 @@ def chain(
     port: Annotated[int, typer.Option("--port", help="Port on 127.0.0.1.")] = 8545,
 ) -> None:
     """Run a local chain (anvil) from a state file until stopped: a trial's chain again, e.g. to verify its run."""
-    from fedmdh.deploy.processes import Services, start_anvil
+    from fedmdh.deploy.processes import Services, check_port_free, start_anvil
+    from fedmdh.deploy.watchdog import supervised
 
-    with Services(state.parent / "logs") as services:
+    check_port_free(port)
+    with supervised(), Services(state.parent / "logs") as services:
         svc, url = start_anvil(services, port=port, state_file=state)
         console.print(f"chain at {url} (pid {svc.pid}) from {state}; `fedmdh ledger verify RUN --chain-rpc {url}`; "
                       "Ctrl-C stops it", highlight=False, markup=False)
@@ -161,6 +178,7 @@ def chain(
             svc.proc.wait()
         except KeyboardInterrupt:
             return
+        raise InputError(f"the chain (anvil) exited with status {svc.proc.returncode} (log {svc.log}: {svc.tail(3)})")
 
 
 # ---------------------------------------------------------------------- tasks
@@ -233,19 +251,24 @@ def _print_final(out: Path) -> None:
                   f"{final['contract']}", highlight=False, markup=False)
 
 
-def _check_out(out: Path) -> None:
+def _check_out(out: Path, overwrite_hint: bool = False) -> None:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise InputError(f"--out {out}: exists and is not an empty folder; give a new folder.")
+        hint = ", or pass --overwrite to replace what an earlier fedmdh run or trial wrote there" if (
+            overwrite_hint and out.is_dir()) else ""
+        raise InputError(f"--out {out}: exists and is not an empty folder; give a new folder{hint}.")
 
 
-RoundsOpt = Annotated[Optional[int], typer.Option("--rounds", help="Communication rounds [default: 400].")]
-SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Seed [default: 0].")]
+RoundsOpt = Annotated[Optional[int], typer.Option("--rounds", help=_default("Communication rounds.", defaults.ROUNDS))]
+SeedOpt = Annotated[Optional[int], typer.Option("--seed", help=_default("Seed.", defaults.FIRST_SEED))]
 AlgorithmOpt = Annotated[str, typer.Option("--algorithm", help="Algorithm to train.")]
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", help="TOML file with the task's settings.")]
 WaitOpt = Annotated[float, typer.Option("--wait", help="Seconds to wait for nodes and for each round's steps.")]
 QuorumOpt = Annotated[Optional[int], typer.Option(
-    "--quorum", help="Commitments a round needs to close without every institution [default: a majority].")]
+    "--quorum", help=_default("Commitments a round needs to close without every institution.", "a majority"))]
 
+
+#: the coordinator's keystore when --keystore is not given (fedmdh.ledger.keys.default_keystore)
+KEYSTORE_DEFAULT = "$FEDMDH_KEYSTORE, else $FEDMDH_HOME/keystore, else ~/.fedmdh/keystore"
 
 SecureOpt = Annotated[bool, typer.Option(
     "--secure", help="Confidential aggregation: the setup statistics and every update travel and are stored only "
@@ -270,8 +293,8 @@ def _secure_check(secure: bool, algorithm: str) -> None:
 
 def _timeout_opt(default: float):
     return Annotated[float, typer.Option(
-        "--round-timeout", help=f"Seconds a round waits for a silent institution before it closes with a quorum "
-                                f"(0: wait for every institution) [default: {default:g}].")]
+        "--round-timeout", help="Seconds a round waits for a silent institution before it closes with a quorum "
+                                "(0: wait for every institution).")]
 
 
 def _follow(superlink: str, root_certificates: Path, task, rounds: int) -> None:
@@ -279,8 +302,9 @@ def _follow(superlink: str, root_certificates: Path, task, rounds: int) -> None:
     import tempfile
 
     from fedmdh.deploy.flower import submit, write_connection
+    from fedmdh.deploy.watchdog import supervised
 
-    with tempfile.TemporaryDirectory(prefix="fedmdh-flwr-") as home:
+    with supervised(), tempfile.TemporaryDirectory(prefix="fedmdh-flwr-") as home:
         write_connection(home, superlink, root_certificates)
         progress = _Progress(rounds, task.algorithm)
         try:
@@ -305,7 +329,7 @@ def deploy_run(
     seed: SeedOpt = None,
     config: ConfigOpt = None,
     keystore: Annotated[Optional[Path], typer.Option(
-        "--keystore", help="The coordinator's keystore (its relay key) [default: ~/.fedmdh/keystore].")] = None,
+        "--keystore", help=_default("The coordinator's keystore (its relay key).", KEYSTORE_DEFAULT))] = None,
     wait: WaitOpt = 600.0,
     quorum: QuorumOpt = None,
     round_timeout: _timeout_opt(300.0) = 300.0,
@@ -316,6 +340,7 @@ def deploy_run(
     dp_delta: DpDeltaOpt = None,
 ) -> None:
     """Submit a task to a running SuperLink and follow it to its end."""
+    from fedmdh.ledger.keys import default_keystore
     from fedmdh.runtime.coordinator import DeployTask
 
     _check_out(out)
@@ -323,7 +348,7 @@ def deploy_run(
     experiment = _experiment(config, target, algorithm, rounds, seed, dp_overrides(dp_noise, dp_clip, dp_delta),
                              secure)
     task = DeployTask(secrets.token_hex(6), experiment, nodes, chain_rpc, str(out.resolve()),
-                      keystore=str(keystore.resolve()) if keystore else None, wait_s=wait, quorum=quorum,
+                      keystore=str((keystore or default_keystore()).resolve()), wait_s=wait, quorum=quorum,
                       round_timeout=round_timeout, secure=secure,
                       record_messages=str(record_messages.resolve()) if record_messages else None)
     task.config()
@@ -338,11 +363,11 @@ def deploy_resume(
     out: Annotated[Path, typer.Option("--out", help="The task's run record folder (a copy, on a new coordinator).")],
     task_id: Annotated[Optional[str], typer.Option("--task", help="The task's id (checked against the record).")] = None,
     chain_rpc: Annotated[Optional[str], typer.Option(
-        "--chain-rpc", help="JSON-RPC URL of the chain (default: the one the task was started with).")] = None,
+        "--chain-rpc", help=_default("JSON-RPC URL of the chain.", "the one the task was started with"))] = None,
     keystore: Annotated[Optional[Path], typer.Option(
-        "--keystore", help="This coordinator's keystore (its relay key) (default: ~/.fedmdh/keystore).")] = None,
+        "--keystore", help=_default("This coordinator's keystore (its relay key).", "the task's"))] = None,
     wait: Annotated[Optional[float], typer.Option(
-        "--wait", help="Seconds to wait for nodes and for each round's steps (default: the task's).")] = None,
+        "--wait", help=_default("Seconds to wait for nodes and for each round's steps.", "the task's"))] = None,
 ) -> None:
     """Continue a deployed task from its last finalized round (after the coordinator was lost, or the task
     stopped short of a quorum): any institution can run it, with a SuperLink of its own."""
@@ -385,6 +410,9 @@ def deploy_local(
     dp_noise: DpNoiseOpt = None,
     dp_clip: DpClipOpt = None,
     dp_delta: DpDeltaOpt = None,
+    overwrite: Annotated[bool, typer.Option(
+        "--overwrite", help="Replace what an earlier fedmdh run or trial wrote in --out (else a non-empty --out is "
+                            "refused).")] = False,
     fault: Annotated[Optional[list[str]], typer.Option(
         "--fault", help="Rehearse a failure (repeatable): coordinator@R (kill -9 the SuperLink and ServerApp before "
                         "round R, then resume with a new one), node:NAME@R1-R2 (kill NAME's node before round R1, "
@@ -393,15 +421,19 @@ def deploy_local(
 ) -> None:
     """Try a deployment on this machine: a chain, a SuperLink and one node per institution, as real processes.
 
-    Every process is stopped at the end, also on Ctrl-C or error.
+    Every process is stopped at the end, also on Ctrl-C or error, and if this command is killed (even
+    by SIGKILL) a watchdog stops them and what they started.
     """
     from fedmdh.data.io import unique_names
     from fedmdh.deploy.local import Fault, run_task, start_local
     from fedmdh.deploy.processes import Services
+    from fedmdh.deploy.watchdog import supervised
+    from fedmdh.outputs import DEPLOY_NAMES, RUN_NAMES, claim_output_dir
     from fedmdh.runtime.coordinator import DeployTask
     from fedmdh.runtime.node import check_name
 
-    _check_out(out)
+    if not overwrite:
+        _check_out(out, overwrite_hint=True)
     _secure_check(secure, algorithm)
     if len(institutions) < 2:
         raise InputError("give at least two institution files (--institutions A.csv B.csv ...).")
@@ -420,9 +452,11 @@ def deploy_local(
         if f.at < 2:
             raise InputError(f"--fault {f.kind}@{f.at}: faults strike before round 2 or later (round 1 sets up).")
     out = out.resolve()
-    out.mkdir(parents=True, exist_ok=True)
     say = (lambda line: err_console.print(line, highlight=False, markup=False))
-    with Services(out / "deploy" / "logs") as services:
+    # --overwrite removes only what an earlier run or trial wrote there, never an input of this one
+    with claim_output_dir(out, overwrite=overwrite, inputs=[*institutions, *(p for p in (test, config) if p)],
+                          declared=(*RUN_NAMES, *DEPLOY_NAMES)), supervised(), \
+            Services(out / "deploy" / "logs") as services:
         dep = start_local(out, dict(zip(names, (p.resolve() for p in institutions))), target,
                           test.resolve() if test else None, services, exclude=tuple(exclude or ()), say=say)
         task = DeployTask(secrets.token_hex(6), experiment, len(names), dep.chain_url, str(out),
