@@ -152,7 +152,8 @@ CASES = [
      "task.json names contract 0x1212121212121212121212121212121212121212, the log deployed 0x"),
     ("task-chain-switched-to-an-unreachable-node",
      _task(lambda t: t.update(chain="rpc", rpc_url="http://127.0.0.1:9")),
-     "cannot check the receipts: the node at http://127.0.0.1:9 is unreachable"),
+     "task.json says the task was recorded on the chain node at http://127.0.0.1:9, yet its transactions are signed "
+     "for chain 131277322940537, the embedded chain's: the task file was edited"),
     ("config-lr-changed", _replace_in("config.toml", "lr = 0.2", "lr = 0.05"),
      "config.toml differs from the config committed on chain at task creation"),
     ("config-algorithm-changed", _replace_in("config.toml", '"fedavg",\n]', '"fedprox",\n]'),
@@ -414,22 +415,27 @@ def test_model_get_replaces_a_linked_file_instead_of_writing_into_its_target(run
     assert got.read_bytes() == (run / "models" / "train_part0" / "params.npz").read_bytes()
 
 
-def _crafted_archive(perovskite_fed, run: Path, files: dict[str, bytes]) -> None:
-    """A one-round task whose participants attest, and whose submitter archives, a crafted manifest."""
+def _crafted_archive(perovskite, perovskite_fed, run: Path, files: dict[str, bytes],
+                     manifest_bytes: bytes | None = None) -> None:
+    """A one-round task (with its committed config.toml, so that every round verifies) whose participants
+    attest, and whose submitter archives, a crafted manifest (``manifest_bytes``, else one of ``files``)."""
     from fedmdh.algorithms.base import FederationSpec
-    from fedmdh.algorithms import make_algorithm
     from fedmdh.ledger.artifacts import call_data
     from fedmdh.ledger.chain import GAS
     from fedmdh.ledger.recorder import open_ledger
     from fedmdh.runtime.simulator import simulate
 
-    algo = make_algorithm("fedavg")
+    cfg = ExperimentConfig(institutions=tuple(perovskite["institutions"]), test=perovskite["test"], target="e_form",
+                           rounds=1, algorithms=("fedavg",), seeds=1)
+    run.mkdir(parents=True)
+    cfg.write_toml(run / "config.toml")
+    algo = cfg.build_algorithm("fedavg")
     rec = open_ledger(LedgerOptions(pipeline=False), run / "ledger", algo, perovskite_fed.names, "e_form", 1,
-                      algo.init(FederationSpec.from_federation(perovskite_fed), 0))
+                      algo.init(FederationSpec.from_federation(perovskite_fed), 0), config_path="../config.toml")
     try:
         simulate(perovskite_fed, algo, 1, seed=0, round_hook=rec.round_hook)
         manifest = {"kind": "model-archive", "files": {rel: rec.blobs.put(data) for rel, data in files.items()}}
-        digest = rec.blobs.put(json.dumps(manifest).encode())
+        digest = rec.blobs.put(manifest_bytes if manifest_bytes is not None else json.dumps(manifest).encode())
         rec.chain.submit([(acct, "attest_model", rec.address, call_data("attest_model", bytes.fromhex(digest)),
                            {"gas": GAS["attest_model"], "actor": name}) for name, acct in sorted(rec.accounts.items())])
         rec.chain.transact(rec.submitter, "archive", rec.address,
@@ -440,11 +446,11 @@ def _crafted_archive(perovskite_fed, run: Path, files: dict[str, bytes]) -> None
 
 
 @pytest.mark.parametrize("entry", ["models/../../../escaped.txt", "models/a/../../../escaped.txt", "ABSOLUTE"])
-def test_model_get_refuses_a_manifest_entry_outside_its_folder(perovskite_fed, tmp_path, entry):
+def test_model_get_refuses_a_manifest_entry_outside_its_folder(perovskite, perovskite_fed, tmp_path, entry):
     # Prepare: every participant attested this manifest on chain (the keys are one party's)
     target = tmp_path / "escaped.txt"
     entry = str(target) if entry == "ABSOLUTE" else entry
-    _crafted_archive(perovskite_fed, tmp_path / "run", {"models/ok/params.npz": b"fine", entry: b"escaped"})
+    _crafted_archive(perovskite, perovskite_fed, tmp_path / "run", {"models/ok/params.npz": b"fine", entry: b"escaped"})
     out = tmp_path / "deep" / "er" / "out"
 
     # Execute / Assert

@@ -105,13 +105,21 @@ def verify(
 ) -> None:
     """Replay the chain, check every commitment against its blob and recompute every aggregate.
 
-    Prints OK, "incomplete: ..." for a run that did not finish (exit status 1 unless --partial), or
-    FAILED with the first round and institution that does not match (exit status 1).
+    Prints OK (exit status 0); "incomplete: ..." for a run that did not finish (exit status 1 unless
+    --partial); FAILED with the first round and institution that does not match (exit status 1); or
+    "cannot check ..." when the check could not be made, which is no verdict on the run (exit status
+    3): the chain node is unreachable, or a secure task's sums need OpenFHE. A `fedmdh deploy local`
+    trial whose chain is not running is checked against its chain brought back from
+    RUN/deploy/chain-state.json on a free port, stopped afterwards. Exit status 2: bad input (no
+    ledger there).
     """
+    from fedmdh.ledger.audit import EXIT_CANNOT_CHECK
     from fedmdh.ledger.audit import verify as _verify
 
     report = _verify(run_dir, rpc_url=chain_rpc, partial=partial)
     print(str(report))
+    if report.status == "unchecked":
+        raise typer.Exit(EXIT_CANNOT_CHECK)
     if not report.ok:
         raise typer.Exit(1)
 
@@ -124,12 +132,24 @@ def get(
     task: Annotated[Optional[str], typer.Option("--task", help="The task's contract address on the node.")] = None,
     blobs: Annotated[Optional[Path], typer.Option("--blobs", help="Blob folder (default: the archive's locator).")] = None,
 ) -> None:
-    """Retrieve the archived model of a task, after replaying its ledger and checking every hash."""
-    from fedmdh.ledger.audit import get_model
+    """Retrieve the archived model of a task, after the checks of `fedmdh ledger verify` pass on its run folder
+    (archived model files missing from the run folder are what it retrieves) and checking every hash.
+
+    Exit status 2 when the run does not verify (nothing is written), 3 when it cannot be checked (as
+    `ledger verify`: its chain node unreachable).
+    """
+    from fedmdh.ledger.audit import EXIT_CANNOT_CHECK, CannotCheck, get_model
 
     if run_dir is None and not (chain_rpc and task):
         raise InputError("give RUN_DIR, or --chain-rpc URL with --task ADDRESS.")
-    info = get_model(out, run_dir=run_dir, rpc_url=chain_rpc, task=task, blobs_dir=blobs)
+    try:
+        info = get_model(out, run_dir=run_dir, rpc_url=chain_rpc, task=task, blobs_dir=blobs)
+    except CannotCheck as exc:  # no verdict: its own exit status, as `ledger verify`
+        from rich.console import Console
+        from rich.text import Text
+
+        Console(stderr=True).print(Text.assemble(("error:", "bold red"), " ", str(exc)), highlight=False, soft_wrap=True)
+        raise typer.Exit(EXIT_CANNOT_CHECK) from None
     print(f"model {info['model_hash']} verified; wrote {len(info['files'])} files to {out}")
     for note in info["notes"]:
         print(note)

@@ -35,15 +35,18 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections import defaultdict
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
 
+from fedmdh import jsonsafe
 from fedmdh.algorithms.base import Algorithm
-from fedmdh.errors import InputError
+from fedmdh.errors import FedmdhError, InputError
 from fedmdh.ledger import codec
 from fedmdh.ledger.blobs import DirBlobStore, sha256_hex
 from fedmdh.ledger.errors import LedgerError
@@ -58,10 +61,68 @@ TASK_FIELDS = ("chain", "chain_id", "contract", "submitter", "participants", "al
                "quorum", "vector_layout")
 #: what the run folder holds that no check covers
 NOT_COVERED = "run.log"
+#: where ``fedmdh deploy local`` keeps its chain's state (anvil writes it when stopped), under the run folder
+TRIAL_CHAIN_STATE = Path("deploy") / "chain-state.json"
+#: the exit status of ``fedmdh ledger verify`` and ``fedmdh model get`` when the ledger could not be checked
+#: (its chain unreachable, OpenFHE missing): not a verdict on the run, unlike FAILED (1)
+EXIT_CANNOT_CHECK = 3
 
 
 class LedgerDamage(InputError):
     """A file of the ledger cannot be read as what it should be (``verify`` reports it as a failure)."""
+
+
+class CannotCheck(InputError):
+    """The ledger could not be checked (its chain node unreachable, OpenFHE missing): no verdict either way.
+
+    ``fedmdh model get`` exits with :data:`EXIT_CANNOT_CHECK` on it."""
+
+
+def _read_json(path: Path, what: str) -> Any:
+    """The JSON document in ``path`` (a regular file, nested at most ``jsonsafe.MAX_DEPTH`` deep), or one
+    :class:`LedgerDamage` line naming the file and ``what`` it is."""
+    try:
+        with jsonsafe.open_regular(path, "rb") as fh:
+            data = fh.read(jsonsafe.MAX_FILE_BYTES + 1)
+    except ValueError:  # a FIFO, a device, a folder: reading it could block or mean nothing
+        raise LedgerDamage(f"{path}: is not a regular file; {what} is damaged.") from None
+    except OSError as exc:
+        raise LedgerDamage(f"{path}: cannot be read ({exc.strerror or exc}); {what} is damaged.") from None
+    if len(data) > jsonsafe.MAX_FILE_BYTES:
+        raise LedgerDamage(f"{path}: is larger than {jsonsafe.MAX_FILE_BYTES:,} bytes; {what} is damaged.")
+    try:
+        return jsonsafe.loads(data.decode("utf-8"))
+    except jsonsafe.JSONTooDeep as exc:
+        raise LedgerDamage(f"{path}: is nested more than {exc.max_depth} levels deep; {what} is damaged.") from None
+    except ValueError:  # UnicodeDecodeError, json.JSONDecodeError
+        raise LedgerDamage(f"{path}: is not readable JSON; {what} is damaged.") from None
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+#: what each field of task.json must be (checked before anything reads it), and how to say it
+_TASK_TYPES: dict[str, tuple[Any, str]] = {
+    "chain": (lambda v: isinstance(v, str), "a string"),
+    "chain_id": (_is_int, "an integer"),
+    "contract": (lambda v: isinstance(v, str), "a string"),
+    "submitter": (lambda v: isinstance(v, str), "a string"),
+    "participants": (lambda v: isinstance(v, dict) and all(isinstance(k, str) and isinstance(a, str)
+                                                            for k, a in v.items()),
+                     "a table of institution names to addresses"),
+    "algorithm": (lambda v: isinstance(v, str), "a string"),
+    "target": (lambda v: isinstance(v, str), "a string"),
+    "rounds": (_is_int, "an integer"),
+    "quorum": (_is_int, "an integer"),
+    "vector_layout": (lambda v: isinstance(v, list) and all(
+        isinstance(x, list) and len(x) == 2 and isinstance(x[0], str) and _is_int(x[1]) and 0 <= x[1] <= 10**6
+        for x in v), "a list of [name, size] pairs"),
+    "seed": (_is_int, "an integer"),
+    "rpc_url": (lambda v: v is None or isinstance(v, str), "a URL or null"),
+    "config": (lambda v: v is None or isinstance(v, str), "a path or null"),
+    "blobs": (lambda v: v is None or isinstance(v, str), "a folder name or null"),
+}
 
 
 def locate(path: str | Path) -> Path:
@@ -77,14 +138,17 @@ def locate(path: str | Path) -> Path:
 
 
 def load_task(ledger_dir: Path) -> dict[str, Any]:
+    """task.json, read as a regular file with a bounded depth, with every field it must have of its type."""
     path = ledger_dir / TASK_FILE
-    try:
-        task = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        raise LedgerDamage(f"{path}: is not readable JSON; the ledger's task file is damaged.") from None
+    task = _read_json(path, "the ledger's task file")
     missing = [k for k in TASK_FIELDS if k not in task] if isinstance(task, dict) else list(TASK_FIELDS)
     if missing:
         raise LedgerDamage(f"{path}: lacks {', '.join(missing)}; the ledger's task file is damaged.")
+    for key, (ok, kind) in _TASK_TYPES.items():
+        if key in task and not ok(task[key]):
+            shown = json.dumps(task[key])
+            shown = shown if len(shown) <= 40 else shown[:37] + "..."
+            raise LedgerDamage(f"{path}: {key} is {shown}, not {kind}; the ledger's task file is damaged.")
     return task
 
 
@@ -100,8 +164,13 @@ class Log:
 def read_log(ledger_dir: Path) -> Log:
     path = ledger_dir / TX_FILE
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError):
+        with jsonsafe.open_regular(path, "r", encoding="utf-8") as fh:  # never blocks on a FIFO
+            text = fh.read()
+    except ValueError as exc:
+        if isinstance(exc, UnicodeDecodeError):
+            raise LedgerDamage(f"{path}: cannot be read as text; the transaction log is damaged.") from None
+        raise LedgerDamage(f"{path}: is not a regular file; the transaction log is damaged.") from None
+    except OSError:
         raise LedgerDamage(f"{path}: cannot be read as text; the transaction log is damaged.") from None
     lines = text.split("\n")
     unterminated = bool(text) and not text.endswith("\n")
@@ -110,9 +179,12 @@ def read_log(ledger_dir: Path) -> Log:
         if not line.strip():
             continue
         try:
-            rec = json.loads(line)
+            rec = jsonsafe.loads(line)
             if not isinstance(rec, dict):
                 raise ValueError
+        except jsonsafe.JSONTooDeep as exc:
+            raise LedgerDamage(f"{path}: line {i} is nested more than {exc.max_depth} levels deep; the transaction "
+                               "log is damaged.") from None
         except ValueError:
             if unterminated and i == len(lines):  # an interrupted write leaves a partial last line
                 torn = True
@@ -150,6 +222,8 @@ class Rounds:
     ended: bool = False
     archived: dict[str, Any] | None = None
     model_votes: dict[str, str] = field(default_factory=dict)
+    attendance: dict[str, Any] | None = None  # the archive's ArchiveAttendance: who attested it, who is missing
+    late: dict[str, str] = field(default_factory=dict)  # participant -> model hash it added after the archive
     setup_gas: int = 0
 
 
@@ -195,6 +269,10 @@ def build_rounds(records: list[tuple[dict[str, Any], list[dict[str, Any]]]], con
                 st.model_votes[a["participant"]] = a["model_hash"]
             elif name == "Archived":
                 st.archived = a
+            elif name == "ArchiveAttendance":
+                st.attendance = a
+            elif name == "LateModel":
+                st.late[a["participant"]] = a["model_hash"]
     return st
 
 
@@ -281,12 +359,16 @@ class VerifyReport:
     complete: bool = True  # every round finalized and, where the task said so, the model archived
     archived: str | None = None  # the archived manifest's sha256
     partial: bool = False  # the caller accepts an incomplete run
+    cannot_check: bool = False  # the check could not be made (chain unreachable, OpenFHE missing): no verdict
 
     @property
     def status(self) -> str:
-        """``ok``, ``partial`` (incomplete, accepted), ``incomplete`` or ``failed``."""
+        """``ok``, ``partial`` (incomplete, accepted), ``incomplete``, ``unchecked`` (``problem`` says why it
+        could not be checked: not a verdict) or ``failed``."""
         if self.ok:
             return "ok" if self.complete else "partial"
+        if self.cannot_check:
+            return "unchecked"
         return "incomplete" if self.problem and self.problem.startswith("incomplete:") else "failed"
 
     def __str__(self) -> str:
@@ -298,11 +380,23 @@ class VerifyReport:
         elif status == "partial":
             head = (f"OK (partial): {self.rounds_verified} of {self.rounds_total} rounds finalized and verified, "
                     f"{'archived' if self.archived else 'no archive'}")
-        elif status == "incomplete":
+        elif status in ("incomplete", "unchecked"):  # "incomplete: ..." / "cannot check ...": no FAILED
             head = str(self.problem)
         else:
             head = f"FAILED: {self.problem}"
         return "\n".join([head, *self.notes])
+
+
+_EMBEDDED_CHAIN_ID: list[int] = []
+
+
+def _embedded_chain_id() -> int:
+    """The chain id of the embedded chain (eth-tester's), asked of a fresh one once."""
+    if not _EMBEDDED_CHAIN_ID:
+        from fedmdh.ledger.chain import Chain
+
+        _EMBEDDED_CHAIN_ID.append(Chain.embedded().chain_id)
+    return _EMBEDDED_CHAIN_ID[0]
 
 
 def _norm_receipt(receipt: Any) -> dict[str, Any]:
@@ -395,9 +489,24 @@ class _Audit:
         self.replayed: list[tuple[dict[str, Any], list[dict[str, Any]]]] = []
         self.st = Rounds()
         self.manifest: dict[str, Any] | None = None  # the task manifest; None for runs recorded before it
-        self.blobs = DirBlobStore(ledger_dir / str(self.task.get("blobs") or "blobs"))
+        # blobs are read from the run's own folder only, whatever task.json names (they are checked by hash)
+        self.blobs = DirBlobStore(ledger_dir / "blobs")
+        named = self.task.get("blobs")
+        if named not in (None, "blobs"):
+            self.notes.append(f"task.json names the blob folder {named!r}; blobs are read only from the run's own "
+                              f"folder {self.blobs.root}")
         self._node: Any = None  # the node an RPC run's receipts were read from
         self.seed: int | None = None  # the run's seed, from its (committed) config
+        self.unchecked = False  # a problem returned means "cannot check", not a mismatch
+        self._resources = ExitStack()  # a trial's chain brought back for the check, stopped by close()
+
+    def close(self) -> None:
+        """Stop what the check started (a trial's chain brought back from its state file)."""
+        self._resources.close()
+
+    def _cannot_check(self, problem: str) -> str:
+        self.unchecked = True
+        return problem
 
     # ------------------------------------------------------------ 1-2: the transactions
 
@@ -478,11 +587,29 @@ class _Audit:
             try:
                 chain = Chain.rpc(str(url))
             except InputError:
-                return out, (f"cannot check the receipts: the node at {url} is unreachable; give --chain-rpc URL of a "
-                             f"node that holds chain {task['chain_id']}")
+                chain, problem = None, None
+                state = self.ledger_dir.parent / TRIAL_CHAIN_STATE
+                if int(task["chain_id"]) == _embedded_chain_id():
+                    # a task recorded on the embedded chain replays from its log alone: no node to ask
+                    problem = (f"task.json says the task was recorded on the chain node at {url}, yet its "
+                               f"transactions are signed for chain {task['chain_id']}, the embedded chain's: the "
+                               "task file was edited")
+                elif self.rpc_url is None and (state.exists() or state.is_symlink()):
+                    chain, url, problem = self._bring_back(state)
+                elif self.rpc_url is None and state.parent.is_dir():
+                    problem = self._cannot_check(
+                        f"cannot check the receipts: the node at {url} is unreachable and {state}, the trial's saved "
+                        f"chain, is missing; give --chain-rpc URL of a node that holds chain {task['chain_id']}")
+                else:
+                    problem = self._cannot_check(
+                        f"cannot check the receipts: the node at {url} is unreachable; give --chain-rpc URL of a "
+                        f"node that holds chain {task['chain_id']}")
+                if problem:
+                    return out, problem
             if chain.chain_id != task["chain_id"]:
-                return out, (f"the node at {url} is chain {chain.chain_id}, task.json says the task was recorded on "
-                             f"chain {task['chain_id']}")
+                return out, self._cannot_check(
+                    f"cannot check the receipts: the node at {url} is chain {chain.chain_id}, task.json says the task "
+                    f"was recorded on chain {task['chain_id']}; give --chain-rpc URL of a node that holds it")
             source = lambda rec: chain.w3.eth.get_transaction_receipt(rec["tx_hash"])  # noqa: E731
             self._node = chain
             self.notes.append(f"read {len(sent)} transaction receipts back from the node at {url}")
@@ -493,6 +620,36 @@ class _Audit:
                 out.append({"status": 0, "gas_used": None, "block": None, "contract_address": None, "logs": [],
                             "error": f"the chain refused it: {str(exc)[:200]}"})
         return out, None
+
+    def _bring_back(self, state: Path) -> tuple[Any, str, str | None]:
+        """A ``fedmdh deploy local`` trial's chain, brought back from a copy of its state file (the run
+        folder is left as it is) on a free port, as ``fedmdh deploy chain`` does; :meth:`close` stops it
+        by its PID. Returns the chain, its URL and a problem (a "cannot check" one)."""
+        import tempfile
+
+        from fedmdh.deploy.processes import Services, start_anvil
+        from fedmdh.ledger.chain import Chain
+
+        tmp = Path(self._resources.enter_context(tempfile.TemporaryDirectory(prefix="fedmdh-verify-chain-")))
+        copy = tmp / "chain-state.json"
+        try:
+            with jsonsafe.open_regular(state, "rb") as src, open(copy, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+        except (OSError, ValueError) as exc:
+            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else "it is not a regular file"
+            return None, "", self._cannot_check(f"cannot check the receipts: the trial's chain is not running and "
+                                                f"its saved state {state} cannot be read ({why})")
+        services = self._resources.enter_context(Services(tmp / "logs"))  # stopped before tmp is removed
+        try:
+            svc, url = start_anvil(services, state_file=copy)
+            chain = Chain.rpc(url)
+        except FedmdhError as exc:  # no anvil here, or it did not start from that state
+            return None, "", self._cannot_check(f"cannot check the receipts: the trial's chain is not running and "
+                                                f"could not be brought back from {state}: {exc}")
+        self.notes.append(f"the trial's chain was not running: brought back from {state} (a copy) at {url}, "
+                          f"pid {svc.pid}, and stopped after the check; a chain kept in the run folder itself "
+                          "vouches for what was signed, and a history cut at its end reads as incomplete")
+        return chain, url, None
 
     def _node_state(self) -> str | None:
         """An RPC run: the contract's state on the node must not be ahead of the log (a cut log)."""
@@ -565,10 +722,10 @@ class _Audit:
                               "chain: they are checked against task.json only")
             return None
         try:
-            manifest = json.loads(blob)
+            manifest = jsonsafe.loads(blob)
             if not isinstance(manifest, dict) or manifest.get("kind") != TASK_MANIFEST_KIND:
                 raise ValueError
-        except ValueError:
+        except ValueError:  # JSONTooDeep too
             return f"the task manifest {digest[:16]} committed on chain is neither a manifest nor an initial state"
         self.manifest = manifest
         if manifest.get("algorithm") != created["algorithm"]:
@@ -726,7 +883,8 @@ class _Audit:
 
         reason = unavailable_reason()
         if reason:
-            return None, f"a secure task's sums can only be checked with OpenFHE, which is unavailable here: {reason}"
+            return None, self._cannot_check(f"cannot check the secure task's sums: they can only be checked with "
+                                            f"OpenFHE, which is unavailable here: {reason}")
         try:
             return _SecureCheck(self, algorithm, seed), None
         except (ValueError, KeyError, LedgerError, _BlobProblem) as exc:
@@ -742,22 +900,33 @@ class _Audit:
         manifest, problem = load_archive(self.blobs, digest)
         return manifest, (f"archived model {digest[:16]}: {problem}" if problem else None)
 
-    def check_run_folder(self, manifest: dict[str, Any]) -> str | None:
+    def check_run_folder(self, manifest: dict[str, Any], missing_models_ok: bool = False) -> str | None:
+        """The run folder against the archive. ``missing_models_ok`` (``model get``, which retrieves them):
+        model files missing from the run folder are noted, not failed; altered or extra ones still fail."""
         run_dir = self.ledger_dir.parent
         files: dict[str, str] = manifest["files"]
+        problem = self._check_attendance(manifest, missing_models_ok)
+        if problem:
+            return problem
         if manifest.get("held_by") == HELD_BY_INSTITUTIONS:
-            problem = self._check_held_models(run_dir, files)
+            problem = self._check_held_models(run_dir, files, missing_models_ok)
             if problem:
                 return problem
             files = {}
         models = run_dir / "models"
-        if files and not models.is_dir():
+        missing = []
+        if files and not models.is_dir() and not models.is_symlink() and missing_models_ok:
+            missing, files = sorted(files), {}
+        elif files and not models.is_dir():
             return (f"models/ is missing from the run folder; the archive holds its {len(files)} files "
                     f"(`fedmdh model get {run_dir} --out DIR` retrieves them)")
         for rel, h in files.items():
             local = run_dir / rel
             if local.is_symlink():
                 return f"model file {rel} in the run folder is a symbolic link, not the archived file"
+            if not local.is_file() and not local.exists() and missing_models_ok:
+                missing.append(rel)
+                continue
             if not local.is_file():
                 return f"model file {rel} is missing from the run folder (the archive holds it)"
             if sha256_hex(local.read_bytes()) != h:
@@ -780,12 +949,73 @@ class _Audit:
         if "run_files" not in manifest:
             self.notes.append("final_metrics.json and metrics.jsonl are not covered: this run's archive predates "
                               "their hashing")
+        if missing:
+            self.notes.append(f"{len(missing)} archived model file(s) are missing from the run folder "
+                              f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}): retrieved from the "
+                              "archive")
         self.notes.append(f"covered: {', '.join(covered)}; not covered: {NOT_COVERED} and any other file")
         return None
 
 
-    def _check_held_models(self, run_dir: Path, files: dict[str, str]) -> str | None:
-        """A deployed task's models: checked where the nodes' folders are at hand, else only named."""
+    def _check_attendance(self, manifest: dict[str, Any], missing_ok: bool = False) -> str | None:
+        """Who the archive names missing (on chain and in its manifest), and each model a missing
+        institution added after the archive (``attest_late``): its manifest blob and its files."""
+        st = self.st
+        named = manifest.get("missing", [])
+        if not isinstance(named, list) or not all(isinstance(n, str) for n in named):
+            return "the archive manifest's 'missing' entry is not a list of institution names"
+        if st.attendance is None:  # an archive by a contract that predates ArchiveAttendance
+            if named or st.late:
+                return ("the archive manifest names missing institutions, the archive on chain names none "
+                        f"({', '.join(named)})")
+            return None
+        by_address = {str(a).lower(): n for a, n in st.names.items()}
+        missing = [by_address.get(str(a).lower(), str(a)) for a in st.attendance.get("missing", [])]
+        for n in named:
+            if n not in missing:
+                return f"the archive manifest names {n} missing, the archive on chain does not"
+        for rel in manifest["files"]:
+            inst = PurePosixPath(rel).parts[1] if len(PurePosixPath(rel).parts) > 1 else ""
+            if inst in named:
+                return f"the archive manifest holds model file {rel} of {inst}, which it names missing"
+        archived = str(st.archived["model_hash"])[2:] if st.archived else ""
+        added = []
+        for address, h in sorted(st.late.items()):
+            name = by_address.get(str(address).lower(), str(address))
+            what = f"the model {name} added after the archive"
+            try:
+                doc = jsonsafe.loads(_checked_blob(self.blobs, str(h)[2:]))
+            except _BlobProblem as exc:
+                return f"{what}: its manifest {exc}"
+            except (ValueError, jsonsafe.JSONTooDeep):
+                return f"{what}: its manifest is not JSON"
+            if not isinstance(doc, dict) or doc.get("kind") != "model-late" or not isinstance(doc.get("files"), dict):
+                return f"{what}: its manifest is not a late model manifest"
+            if doc.get("institution") != name or doc.get("archive") != archived:
+                return f"{what}: its manifest names institution {doc.get('institution')!r} and archive " \
+                       f"{str(doc.get('archive'))[:16]}, not {name} and {archived[:16]}"
+            files = doc["files"]
+            for rel in files:
+                path = _safe_rel(rel, "models")
+                if path is None or len(path.parts) != 3 or path.parts[1] != name:
+                    return f"{what}: its manifest holds an entry {rel!r} that is not a file under models/{name}/"
+            if not files:
+                return f"{what}: its manifest lists no file"
+            if (self.ledger_dir.parent / "nodes").is_dir():
+                problem = self._check_held_models(self.ledger_dir.parent, files, missing_ok)
+                if problem:
+                    return f"{what}: {problem}"
+            added.append(name)
+        if missing:
+            late = f"; added its model after it: {', '.join(added)}" if added else ""
+            due = [n for n in missing if n not in added]
+            self.notes.append(f"the archive names missing (they did not attest it): {', '.join(missing)}{late}"
+                              + (f"; not yet added: {', '.join(due)}" if due else ""))
+        return None
+
+    def _check_held_models(self, run_dir: Path, files: dict[str, str], missing_ok: bool = False) -> str | None:
+        """A deployed task's models: checked where the nodes' folders are at hand, else only named
+        (``missing_ok``: ``model get``, which reports a missing one itself)."""
         if not (run_dir / "nodes").is_dir():
             insts = sorted({PurePosixPath(rel).parts[1] for rel in files})
             self.notes.append(f"the models ({len(files)} files) are held by the institutions ({', '.join(insts)}), "
@@ -793,6 +1023,8 @@ class _Audit:
             return None
         for rel, h in files.items():
             local = held_model_file(run_dir, self.task, rel)
+            if not local.is_file() and missing_ok and not local.exists():
+                continue
             if not local.is_file():
                 return f"model file {rel} is missing from its institution's node folder ({local})"
             if sha256_hex(local.read_bytes()) != h:
@@ -819,19 +1051,38 @@ def verify(path: str | Path, algorithm: Algorithm | None = None, rpc_url: str | 
     """Replay and check a recorded task; see the module docstring.
 
     ``algorithm``: the run's algorithm (default: rebuilt from its config.toml). ``rpc_url``: the node
-    to read an RPC run's receipts from (default: the recorded one). ``partial``: accept a run that
-    did not finish (its finalized rounds verified) instead of reporting it incomplete.
+    to read an RPC run's receipts from (default: the recorded one; for a ``fedmdh deploy local``
+    trial whose chain is not running, the chain brought back from ``RUN/deploy/chain-state.json``).
+    ``partial``: accept a run that did not finish (its finalized rounds verified) instead of
+    reporting it incomplete. A report whose ``status`` is ``unchecked`` could not be checked (no
+    verdict: ``fedmdh ledger verify`` exits with :data:`EXIT_CANNOT_CHECK`).
     """
-    ledger_dir = locate(path)
+    return _check(locate(path), algorithm, rpc_url, partial)[0]
+
+
+def _check(ledger_dir: Path, algorithm: Algorithm | None, rpc_url: str | None, partial: bool,
+           retrieving: bool = False) -> tuple[VerifyReport, "_Audit | None"]:
+    """What ``verify`` checks, for ``verify`` and ``get_model`` alike; returns the report and the audit
+    (``None`` when the ledger's files could not be read). ``retrieving`` (``get_model``): archived model
+    files missing from the run folder are noted, not failed (they are what it retrieves)."""
     try:
         audit = _Audit(ledger_dir, rpc_url)
     except LedgerDamage as exc:
-        return VerifyReport(False, str(exc), 0, 0, [], complete=False, partial=partial)
+        return VerifyReport(False, str(exc), 0, 0, [], complete=False, partial=partial), None
+    try:
+        return _run_checks(audit, ledger_dir, algorithm, partial, retrieving), audit
+    finally:
+        audit.close()
+
+
+def _run_checks(audit: "_Audit", ledger_dir: Path, algorithm: Algorithm | None, partial: bool,
+                retrieving: bool) -> VerifyReport:
     notes = audit.notes
 
     def fail(msg: str, done: int = 0) -> VerifyReport:
         total = int(audit.st.created.get("num_rounds", 0)) if audit.st.created else 0
-        return VerifyReport(False, msg, done, total, notes, complete=False, partial=partial)
+        return VerifyReport(False, msg, done, total, notes, complete=False, partial=partial,
+                            cannot_check=audit.unchecked)
 
     problem = audit.replay() or audit.check_task()
     if problem:
@@ -850,7 +1101,7 @@ def verify(path: str | Path, algorithm: Algorithm | None = None, rpc_url: str | 
     if problem:
         return fail(problem, done)
     if manifest is not None:
-        problem = audit.check_run_folder(manifest)
+        problem = audit.check_run_folder(manifest, missing_models_ok=retrieving)
         if problem:
             return fail(problem, done)
     expects_archive = audit.manifest.get("archive", True) if audit.manifest else True
@@ -903,11 +1154,25 @@ class _SecureCheck:
         self.names = sorted(audit.task["participants"])
         self.scheme = ThresholdCKKS(self.context)
         self.releases: dict[str, Any] = {}
-        path = audit.ledger_dir / str(doc.get("releases", "releases.jsonl"))
-        for line in path.read_text(encoding="utf-8").splitlines() if path.is_file() else []:
-            d = json.loads(line)
-            self.releases[str(d["purpose"])] = Release.from_blob(_checked_blob(blobs, d["release"]))
-        setup = setup_from_record(json.loads(_checked_blob(blobs, audit.task["setup"])))
+        name = doc.get("releases", "releases.jsonl")
+        if _safe_rel(name, None) is None:
+            raise ValueError(f"its releases file {name!r} is not a plain file name in the ledger folder")
+        path = audit.ledger_dir / str(name)
+        try:
+            with jsonsafe.open_regular(path, "r", encoding="utf-8") as fh:
+                lines = fh.read().splitlines()
+        except FileNotFoundError:
+            lines = []
+        except (OSError, ValueError):
+            raise ValueError(f"{path} is not a readable regular file") from None
+        for i, line in enumerate(lines, 1):
+            try:
+                d = jsonsafe.loads(line)
+                self.releases[str(d["purpose"])] = Release.from_blob(_checked_blob(blobs, d["release"]))
+            except (ValueError, KeyError, TypeError) as exc:
+                what = str(exc) if isinstance(exc, jsonsafe.JSONTooDeep) else "not a release record"
+                raise ValueError(f"{path.name} line {i}: {what}") from None
+        setup = setup_from_record(jsonsafe.loads(_checked_blob(blobs, audit.task["setup"])))
         self._check_setup(audit, setup, setup_hash(setup))
         self.template = template_update(algorithm, FederationSpec.from_setup(setup), seed)
         self.algorithm = algorithm
@@ -1003,9 +1268,11 @@ def load_archive(blobs: DirBlobStore, digest: str) -> tuple[dict[str, Any] | Non
     absolute); a run file a plain name.
     """
     try:
-        manifest = json.loads(_checked_blob(blobs, digest))
+        manifest = jsonsafe.loads(_checked_blob(blobs, digest))
     except _BlobProblem as exc:
         return None, f"manifest {exc}"
+    except jsonsafe.JSONTooDeep as exc:
+        return None, f"its manifest is nested more than {exc.max_depth} levels deep; refused"
     except ValueError:
         return None, "its manifest is not JSON"
     if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict) \
@@ -1087,24 +1354,30 @@ def get_model(out: str | Path, run_dir: str | Path | None = None, rpc_url: str |
               task: str | None = None, blobs_dir: str | Path | None = None) -> dict[str, Any]:
     """Retrieve the archived model of a task into ``out`` and verify every hash on the way.
 
-    From a run folder (its ledger replayed, as ``verify`` does, so only a model the replayed chain
-    archived is delivered), or from a node (``rpc_url`` and the task's contract address ``task``),
-    reading blobs from ``blobs_dir`` or the archive's locator. Writes only inside ``out``.
-    Returns ``model_hash``, ``locator``, ``files`` and ``notes``.
+    From a run folder: only after the checks of ``verify`` pass (the same function), so only a model
+    that a verified run archived is delivered; the one difference is that archived model files
+    missing from the run folder are what it retrieves, not a failure. Or from a node (``rpc_url``
+    and the task's contract address ``task``), reading blobs from ``blobs_dir`` or the archive's
+    locator. Writes only inside ``out``. Returns ``model_hash``, ``locator``, ``files`` and
+    ``notes``. Raises :class:`CannotCheck` when the run could not be checked (its chain
+    unreachable), :class:`InputError` when it does not verify.
     """
     out = _out_folder(out)
     notes: list[str] = []
     if run_dir is not None:
         ledger_dir = locate(run_dir)
-        audit = _Audit(ledger_dir, rpc_url)
-        problem = audit.replay() or audit.check_task()
-        if problem:
-            raise InputError(f"{run_dir}: the ledger does not verify, so its archive is not trusted: {problem}.")
-        if audit.st.archived is None:
+        report, audit = _check(ledger_dir, None, rpc_url, partial=False, retrieving=True)
+        if report.status == "unchecked":
+            raise CannotCheck(f"{run_dir}: {str(report.problem).rstrip('.')}; no model is delivered before the run is "
+                              "checked.")
+        if audit is not None and report.status in ("ok", "incomplete") and audit.st.archived is None:
             raise InputError(f"{run_dir}: no model was archived for this task (interrupted run?).")
+        if not report.ok or audit is None or audit.st.archived is None:
+            raise InputError(f"{run_dir}: the ledger does not verify, so its archive is not trusted: "
+                             f"{str(report.problem).rstrip('.')}.")
         digest, locator = str(audit.st.archived["model_hash"])[2:], audit.st.archived["locator"]
         blobs = DirBlobStore(blobs_dir or audit.blobs.root)
-        notes = [*_signer_notes(audit.task, ledger_dir, audit.manifest), *audit.notes]
+        notes = list(report.notes)
     else:
         if not (rpc_url and task):
             raise InputError("give RUN_DIR, or --chain-rpc URL with --task ADDRESS.")
@@ -1138,7 +1411,7 @@ def get_model(out: str | Path, run_dir: str | Path | None = None, rpc_url: str |
     held = manifest.get("held_by") == HELD_BY_INSTITUTIONS
     for rel, h in manifest["files"].items():
         if held:
-            local = held_model_file(Path(run_dir), audit.task, rel) if run_dir is not None else None
+            local = held_model_file(ledger_dir.parent, audit.task, rel) if run_dir is not None else None
             if local is None or not local.is_file():
                 raise InputError(f"archived model {digest[:16]}: the models of this deployed task are held by the "
                                  "institutions, each in its node's state folder (`fedmdh node` keeps them there); "

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from fedmdh import jsonsafe
 from fedmdh.algorithms.base import Update
 from fedmdh.ledger.errors import LedgerError
 
@@ -48,7 +49,10 @@ def _decode(blob: bytes) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     if not blob.startswith(MAGIC):
         raise LedgerError("blob is not a fedmdh blob (bad magic).")
     end = blob.index(b"\n", len(MAGIC))
-    header = json.loads(blob[len(MAGIC):end])
+    try:
+        header = jsonsafe.loads(blob[len(MAGIC):end])  # bounded depth, whatever the recursion limit
+    except ValueError as exc:  # JSONTooDeep, JSONDecodeError, UnicodeDecodeError
+        raise LedgerError(f"the blob's header is not readable JSON ({str(exc)[:120]}).") from None
     pos = end + 1
     arrays: dict[str, np.ndarray] = {}
     for item in header["arrays"]:
