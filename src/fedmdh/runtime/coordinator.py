@@ -292,6 +292,69 @@ class Coordinator:
             for r in recs:
                 fh.write(json.dumps(r, sort_keys=True) + "\n")
 
+    def _recover_transactions(self) -> int:
+        """Append to the run record every transaction of the task's contract that the chain holds and the
+        record lacks (a node that died after a transaction, before its reply carried the record: an
+        attestation that finalized a round, say), read back from the chain node: its signed bytes and
+        its receipt, so that ``fedmdh ledger verify`` checks them like any other. Returns how many."""
+        from fedmdh.ledger import codec
+        from fedmdh.ledger.audit import _function_name
+        from fedmdh.ledger.chain import _hex, receipt_logs
+
+        path = self.ledger_dir / "transactions.jsonl"
+        known = set()
+        deploy_block = 0
+        if path.is_file():
+            for line in path.read_text(encoding="utf-8").splitlines():
+                try:
+                    rec = json.loads(line)
+                except ValueError:
+                    continue
+                if rec.get("tx_hash"):
+                    known.add(str(rec["tx_hash"]).lower())
+                if rec.get("fn") == "deploy" and rec.get("block") is not None:
+                    deploy_block = int(rec["block"])
+        w3 = self.chain.w3
+        try:
+            found = w3.eth.get_logs({"address": self.contract.address, "fromBlock": deploy_block, "toBlock": "latest"})
+        except Exception as exc:  # noqa: BLE001 - a node without logs: the record stays as the replies made it
+            self._log(f"could not read the contract's events back from the chain node ({type(exc).__name__})")
+            return 0
+        hashes = []
+        for log in found:
+            h = _hex(log["transactionHash"]).lower()
+            if h not in known and h not in hashes:
+                hashes.append(h)
+        actors = {a.lower(): n for n, a in self.addresses.items()}
+        recs = []
+        for h in hashes:
+            reply = w3.provider.make_request("eth_getRawTransactionByHash", [h])
+            raw = reply.get("result") if isinstance(reply, dict) else None
+            if not raw:
+                self._log(f"transaction {h} of the task is on chain but not in the record, and the chain node does "
+                          "not give its signed bytes")
+                continue
+            tx = codec.decode_transaction(raw)
+            receipt = w3.eth.get_transaction_receipt(h)
+            sender = str(receipt["from"])
+            fn = _function_name(tx)
+            rec = {"fn": fn, "from": w3.to_checksum_address(sender), "to": tx["to"], "raw": raw,
+                   "gas_limit": int(tx["gas"]), "tx_hash": h, "status": int(receipt["status"]),
+                   "gas_used": int(receipt["gasUsed"]), "block": int(receipt["blockNumber"]),
+                   "contract_address": receipt.get("contractAddress"), "logs": receipt_logs(receipt),
+                   "actor": actors.get(sender.lower(), SUBMITTER), "recovered_from_chain": True}
+            if fn in ("commit", "attest", "close_commits", "close_round") and len(tx["data"]) >= 36:
+                rec["round"] = int.from_bytes(tx["data"][4:36], "big")
+            recs.append(rec)
+        if recs:
+            recs.sort(key=lambda r: r["block"])
+            with path.open("a", encoding="utf-8") as fh:
+                for r in recs:
+                    fh.write(json.dumps(r, sort_keys=True) + "\n")
+            self._log(f"{len(recs)} transactions of the task that no reply carried (a node lost before it "
+                      "answered) read back from the chain into the record")
+        return len(recs)
+
     def _log(self, line: str) -> None:
         self.log_lines.append(line)
         with (self.out / "run.log").open("a", encoding="utf-8") as fh:
@@ -579,6 +642,10 @@ class Coordinator:
         self.contract = self.chain.contract(doc["contract"])
         self._quorum = int(doc["quorum"])
         c = self.contract.functions
+        if c.ended().call() and bytes(c.archived_hash().call()) != EMPTY:
+            self._setup_state(cfg, algorithm, names, dict(doc["participants"]), blobs,
+                              codec.decode_payload(blobs.get(doc["initial_state"])), setup)
+            return self._add_late()
         if c.ended().call():
             raise TaskError(f"task {task.task_id} has ended on chain; nothing to resume")
         if task.secure != bool(doc.get("secure")):
@@ -612,6 +679,52 @@ class Coordinator:
                 self.behind.add(name)
         self._log(f"resumed by a new coordinator at round {nxt} (chain: current round {cur})")
         return self._drive(nxt, prev)
+
+    def _add_late(self) -> dict[str, Any]:
+        """A task archived without some institutions: each one whose node is back catches up from the last
+        finalized aggregate and adds its model's hash on chain (``attest_late``); the run record gets the
+        transactions and the manifests of their model files."""
+        from fedmdh.runtime.node import LATE_MODEL_KIND
+
+        c = self.contract.functions
+        digest = bytes(c.archived_hash().call()).hex()
+        due = [n for n in self.all_names if c.archive_missing(self.addresses[n]).call()
+               and bytes(c.late_model(self.addresses[n]).call()) == EMPTY]
+        if not due:
+            raise TaskError(f"task {self.task.task_id} has ended and every institution's model is archived; "
+                            "nothing to resume")
+        replies = self._identify({"cmd": "status", "task_id": self.task.task_id})
+        self._check(replies, "resume (status)")
+        here = set(self.names.values())
+        R = self.cfg.rounds
+        self._catch_up_server(R)
+        base = {f"b/{k}": np.asarray(v) for k, v in self.server.items()}
+        msg = ({"cmd": "late", "task_id": self.task.task_id, "archive_sha256": digest, "base_round": R}, base)
+        asked = {n: msg for n in due if n in here}
+        replies = self._exchange("adding the missing models", asked, tolerant=True) if asked else {}
+        self._record_transactions(replies)
+        self._recover_transactions()
+        added = []
+        for name, (meta, _) in sorted(replies.items()):
+            manifest = meta.get("late_manifest")
+            body = json.dumps(manifest, sort_keys=True, indent=1).encode("utf-8")
+            on_chain = bytes(c.late_model(self.addresses[name]).call()).hex()
+            if (not isinstance(manifest, dict) or manifest.get("kind") != LATE_MODEL_KIND
+                    or manifest.get("institution") != name or on_chain != meta.get("late_sha256")):
+                raise TaskError(f"{name} answered the late archive without the manifest it added on chain")
+            if self.blobs.put(body) != on_chain:
+                raise TaskError(f"{name}'s model manifest does not hash to the one it added on chain")
+            added.append(name)
+            self._log(f"{name} added its model (kept round {meta.get('kept_round')}) to the archive {digest[:16]} "
+                      f"as {on_chain} (late)")
+            self.say(f"{name} added its model to the archive (late)")
+        still = [n for n in due if n not in added]
+        if still:
+            self._log(f"still missing from the archive: {', '.join(still)}")
+            self.say(f"still missing from the archive: {', '.join(still)} (start their nodes and resume again)")
+        final = json.loads((self.out / "final_metrics.json").read_text(encoding="utf-8"))
+        self.chain.close()
+        return {**final, "late": added, "missing": still}
 
     def _catch_up_server(self, upto: int) -> None:
         """``self.server`` at the finalized aggregate of round ``upto`` (from blobs, or recomputed)."""
@@ -753,8 +866,9 @@ class Coordinator:
                 for e in janitor.errors[-3:]:
                     self._log(f"janitor: {e}")
         missing = [n for n in self.all_names if n not in final_replies]
-        if missing:
-            raise TaskStopped(f"the last round: {', '.join(missing)} did not answer, so their models are not archived; "
+        if len(final_replies) < self._quorum:
+            raise TaskStopped(f"the last round: {', '.join(missing)} did not answer, and {len(final_replies)} "
+                              f"institutions are fewer than the quorum of {self._quorum} that archives the models; "
                               f"start their nodes again and resume task {task.task_id}")
         return self._finish_task(final_replies)
 
@@ -798,10 +912,22 @@ class Coordinator:
                     raise TaskError(f"the node of {name} returned an update of {u.institution}")
                 self.blobs.put(codec.encode_update(u))
         if not c.commits_closed(r).call():
+            # The deadline counts from when the replies are in, not only from when the round opened: a
+            # previous step that waited long for a lost node (Flower notices one after two missed
+            # heartbeats) leaves the round's opening far behind, and the quorum's commitments that just
+            # arrived must still get their close_commits (the janitor's, or ours) before anyone gives up.
             timeout = self.task.round_timeout
-            deadline = (int(c.opened(r).call()) or time.time()) + timeout + 10 if timeout > 0 else None
+            opened = int(c.opened(r).call()) or time.time()
+            deadline = max(opened + timeout, time.time()) + 10 if timeout > 0 else None
+            patience = max(opened + timeout, time.time()) + self.task.wait_s
             while not c.commits_closed(r).call():
-                if deadline is None or time.time() > deadline:
+                quorate = timeout > 0 and int(c.commit_count(r).call()) >= self._quorum
+                if quorate and time.time() >= opened + timeout + 5:  # the janitor is late: close it ourselves
+                    self._close_on_chain("close_commits", r)
+                if quorate and time.time() > patience:
+                    raise TaskError(f"round {r}: a quorum committed, yet its commitments did not close on chain "
+                                    f"within {self.task.wait_s:.0f} s (the chain node is not taking transactions?)")
+                if not quorate and (deadline is None or time.time() > deadline):
                     committed = [n for n in self.all_names
                                  if bytes(c.update_hash(r, self.addresses[n]).call()) != EMPTY]
                     missing = [n for n in self.all_names if n not in committed]
@@ -812,6 +938,21 @@ class Coordinator:
                         f"`fedmdh deploy resume --task {self.task.task_id} --out {self.out} ...`")
                 time.sleep(0.2)
         return self._committed_updates(r)
+
+    def _close_on_chain(self, fn: str, rnd: int) -> None:
+        """Send ``close_commits`` / ``close_round`` for round ``rnd`` (anyone may); a revert (closed by someone
+        else meanwhile, or not due yet) is ignored: the caller looks at the chain again."""
+        from fedmdh.ledger.artifacts import call_data
+        from fedmdh.ledger.chain import GAS
+        from fedmdh.ledger.errors import LedgerError
+
+        try:
+            with self._lock:
+                self.chain.transact(self.account, fn, self.contract.address, call_data(fn, rnd),
+                                    gas=GAS["attest"] + 12_000 * 32, actor=SUBMITTER, round=rnd)
+        except LedgerError as exc:
+            self.log_lines.append(f"{fn} {rnd}: {exc}")
+        time.sleep(0.5)
 
     def _write_round(self, record) -> None:
         with (self.out / "metrics.jsonl").open("a", encoding="utf-8") as fh:
@@ -835,7 +976,10 @@ class Coordinator:
         )
 
     def _finish_task(self, replies: Mapping[str, Message]) -> dict[str, Any]:
-        cfg, names = self.cfg, self.all_names
+        """Final metrics and the archive of the models of the institutions that answered the last round
+        (a quorum at least); the others are named missing, on chain too, and add their model later."""
+        cfg, names = self.cfg, tuple(n for n in self.all_names if n in replies)
+        missing = [n for n in self.all_names if n not in replies]
         per = {n: dict(replies[n][0]["kept_metrics"]) for n in names}
         kept = {n: int(replies[n][0]["kept_round"]) for n in names}
         final = {"algorithm": self.algorithm.name, "seed": cfg.first_seed, "rounds": cfg.rounds,
@@ -843,20 +987,26 @@ class Coordinator:
                  "seconds": time.perf_counter() - self.t_start,
                  **{k: _mean([m.get(k) for m in per.values()]) for k in ("rmse", "mae", "r2")},
                  "per_institution": per, "runtime": "flower", "task_id": self.task.task_id,
-                 "contract": self.contract.address}
+                 "contract": self.contract.address, **({"missing": missing} if missing else {})}
         if cfg.dp is not None:  # the budget spent: every released round sum, with its contributors (chain)
             from fedmdh.secure.dp import report, report_line
 
             c = self.contract.functions
-            counts = [sum(bytes(c.update_hash(r, self.addresses[n]).call()) != EMPTY for n in names)
+            counts = [sum(bytes(c.update_hash(r, self.addresses[n]).call()) != EMPTY for n in self.all_names)
                       for r in range(1, cfg.rounds + 1)]
-            final["privacy"] = report(cfg.dp, cfg.rounds, len(names), counts)
+            final["privacy"] = report(cfg.dp, cfg.rounds, len(self.all_names), counts)
             self._log(report_line(final["privacy"]))
         # written before the archive, which commits their sha256
         (self.out / "final_metrics.json").write_text(json.dumps(_finite(final), indent=2), encoding="utf-8")
-        digest = self._archive(replies)
+        digest, absent = self._archive(replies, names, missing)
+        self._recover_transactions()
         self._log(f"ledger (rpc {self.task.chain_rpc}, contract {self.contract.address}): {cfg.rounds} rounds "
                   f"finalized; the institutions' models archived as {digest} (held by the institutions)")
+        if absent:
+            line = (f"missing from the archive (named on chain): {', '.join(absent)}; each adds its model's hash when its "
+                    f"node is back: `fedmdh deploy resume --task {self.task.task_id} --out {self.out} ...`")
+            self._log(line)
+            self.say(line)
         self._log(f"finished {cfg.rounds} rounds in {final['seconds']:.1f} s; models kept from rounds "
                   + ", ".join(f"{n} {kept[n]}" for n in names))
         self.chain.close()
@@ -925,31 +1075,45 @@ class Coordinator:
             doc["secure"] = dict(secure_doc)
         (self.ledger_dir / "task.json").write_text(json.dumps(doc, indent=2, default=str), encoding="utf-8")
 
-    def _archive(self, replies: Mapping[str, Message]) -> str:
+    def _archive(self, replies: Mapping[str, Message], names: tuple[str, ...] | None = None,
+                 missing: list[str] | None = None) -> tuple[str, list[str]]:
+        """Archive the manifest of ``names``' model files (every institution by default; ``missing``: the
+        institutions whose models it lacks, named in it). Returns its sha256 and the institutions the
+        contract names missing (those that did not attest it)."""
         import hashlib
 
         from fedmdh.ledger.artifacts import call_data
         from fedmdh.ledger.audit import HELD_BY_INSTITUTIONS
-        from fedmdh.ledger.chain import GAS
+        from fedmdh.ledger.chain import GAS, GAS_PER_PARTICIPANT
 
+        names = self.all_names if names is None else names
         files: dict[str, str] = {}
-        for n in self.all_names:
+        for n in names:
             files.update(replies[n][0]["model_files"])
         run_files = {name: self.blobs.put((self.out / name).read_bytes())
                      for name in ("final_metrics.json", "metrics.jsonl", "federation.json")}
         manifest = {"kind": "model-archive", "files": dict(sorted(files.items())), "run_files": run_files,
-                    "held_by": HELD_BY_INSTITUTIONS}
+                    "held_by": HELD_BY_INSTITUTIONS, **({"missing": sorted(missing)} if missing else {})}
         body = json.dumps(manifest, sort_keys=True, indent=1).encode("utf-8")
         digest = self.blobs.put(body)
         assert digest == hashlib.sha256(body).hexdigest()
         msg = {"cmd": "archive", "task_id": self.task.task_id, "manifest": manifest, "manifest_sha256": digest}
-        replies = self._exchange("archive", {n: (msg, {}) for n in self.all_names})
+        # a node lost now is named missing on chain (the quorum archives); below the quorum the task stops
+        replies = self._exchange("archive", {n: (msg, {}) for n in names}, tolerant=True)
         self._record_transactions(replies)
+        c = self.contract.functions
+        attested = [n for n in self.all_names if bytes(c.model_vote(self.addresses[n]).call()).hex() == digest]
+        if len(attested) < self._quorum:
+            absent = [n for n in self.all_names if n not in attested]
+            raise TaskStopped(f"the archive: {len(attested)} institutions attested the model manifest, the quorum is "
+                              f"{self._quorum}; missing: {', '.join(absent)}. Start their nodes again and resume task "
+                              f"{self.task.task_id}")
         locator = f"held by the institutions; manifest {self.blobs.locator(digest)}"[:256]
         self.chain.transact(self.account, "archive", self.contract.address,
-                            call_data("archive", bytes.fromhex(digest), locator), gas=GAS["archive"], actor=SUBMITTER)
+                            call_data("archive", bytes.fromhex(digest), locator),
+                            gas=GAS["archive"] + 2 * GAS_PER_PARTICIPANT * len(self.all_names), actor=SUBMITTER)
         self._record_transactions({})
-        return digest
+        return digest, [n for n in self.all_names if n not in attested]
 
 
 def _secure_heterogeneity(summaries, setup, kl: Mapping[str, float]):

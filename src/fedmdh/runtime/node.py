@@ -27,6 +27,10 @@ local socket. The service answers these commands of a task (see docs/deployment.
     carries the files' sha256.
 ``archive``
     Check the task's archive manifest against its own files and attest the manifest's hash.
+``late``
+    The task was archived without this institution (its node was down at the end; the contract
+    names it missing): catch up from the last finalized aggregate, write the model it keeps and
+    add the sha256 of a manifest of its files on chain (``attest_late``, once).
 ``status``
     What this node holds of a task (its last committed round, the round of the aggregate it holds)
     and, on request, its own committed updates: a new coordinator resumes from these.
@@ -66,6 +70,8 @@ Arrays = dict[str, np.ndarray]
 DEFAULT_WAIT_S = 600.0
 POLL_S = 0.02
 EMPTY = bytes(32)
+#: the ``kind`` of the manifest of a model added after the archive (``attest_late``)
+LATE_MODEL_KIND = "model-late"
 
 
 def check_name(name: str, what: str = "institution name") -> str:
@@ -197,6 +203,7 @@ class NodeService:
         t0 = time.perf_counter()
         handlers = {"setup": lambda: self._setup(meta), "round": lambda: self._round(meta, arrays),
                     "finish": lambda: self._finish(meta, arrays), "archive": lambda: self._archive(meta),
+                    "late": lambda: self._late(meta, arrays),
                     "status": lambda: self._status(meta),
                     "keygen": lambda: self._keygen(meta, arrays),
                     "secure_encrypt": lambda: self._secure_encrypt(meta, arrays),
@@ -217,7 +224,7 @@ class NodeService:
             reply, reply_arrays = {"error": f"institution {self.name}: {type(exc).__name__}: {exc}"}, {}
         reply.setdefault("institution", self.name)
         reply["seconds"] = time.perf_counter() - t0
-        if cmd in ("round", "finish", "archive", "status", "secure_encrypt", "secure_decrypt"):
+        if cmd in ("round", "finish", "archive", "late", "status", "secure_encrypt", "secure_decrypt"):
             log.info("task %s: %s %s answered in %.2f s", meta.get("task_id"), cmd, meta.get("round", ""),
                      reply["seconds"])
         task = self.tasks.get(str(meta.get("task_id")))
@@ -637,6 +644,45 @@ class NodeService:
         atomic_write_bytes(task.folder / "archive-manifest.json", body)
         return {"attested": digest}, {}
 
+    def _late(self, meta: Meta, arrays: Arrays) -> tuple[Meta, Arrays]:
+        """Add this institution's model to a task archived without it (see the module docstring)."""
+        task = self._task(meta)
+        if task.setup is None:
+            raise InputError("round 1 never reached this node for this task")
+        c = task.contract.functions
+        digest = str(meta.get("archive_sha256", ""))
+        archived = bytes(c.archived_hash().call()).hex()
+        if archived == EMPTY.hex() or archived != digest:
+            raise InputError(f"the task's archive on chain ({archived[:16]}) is not the one the coordinator names "
+                             f"({digest[:16]})")
+        if not c.archive_missing(self.address).call():
+            raise InputError("the task's archive does not name this institution missing (its model is archived)")
+        last = int(task.config.rounds)
+        if "base_round" in meta:
+            self._adopt_base(task, int(meta["base_round"]), arrays)
+        if task.progress.state_round != last:
+            raise InputError(f"this node holds the aggregate of round {task.progress.state_round}, not of the last "
+                             f"round {last}; the coordinator must send the last finalized aggregate")
+        self._confirm(task, last, wait=False)
+        if task.progress.last_eval.get("round") != last:  # the final aggregate, caught up from: evaluated here
+            self._evaluate(task, last, bytes(c.finalized_hash(last).call()).hex())
+        files = self._save_final_model(task)
+        self._persist(task)
+        manifest = {"kind": LATE_MODEL_KIND, "institution": self.name, "archive": digest, "files": files}
+        body = json.dumps(manifest, sort_keys=True, indent=1).encode("utf-8")
+        late = hashlib.sha256(body).hexdigest()
+        added = bytes(c.late_model(self.address).call()).hex()
+        if added == EMPTY.hex():
+            self._transact(task, "attest_late", bytes.fromhex(late), gas="attest_model")
+        elif added != late:
+            raise InputError(f"this institution added model {added[:16]} already; its files now hash to {late[:16]}")
+        atomic_write_bytes(task.folder / "late-manifest.json", body)
+        kept = task.selection.kept[self.name]
+        log.info("task %s: added this institution's model (kept round %d) to the archive as %s", task.task_id,
+                 kept.round, late[:16])
+        return {"late_sha256": late, "late_manifest": manifest, "kept_round": kept.round,
+                "kept_metrics": kept.metrics}, {}
+
     # ------------------------------------------------------------------ the round's steps
 
     def _close_round(self, task: NodeTask, rnd: int, meta: Meta, arrays: Arrays) -> Meta:
@@ -644,7 +690,7 @@ class NodeService:
         from fedmdh.ledger import codec
         from fedmdh.ledger.blobs import sha256_hex
         from fedmdh.runtime.messages import updates_from
-        from fedmdh.runtime.protocol import aggregate_rng, evaluate_round
+        from fedmdh.runtime.protocol import aggregate_rng
 
         c = task.contract.functions
         if "base_round" in meta:
@@ -677,6 +723,13 @@ class NodeService:
         if task.progress.committed >= rnd and bytes(c.update_hash(rnd, self.address).call()) != EMPTY \
                 and bytes(c.attested_hash(rnd, self.address).call()) == EMPTY:
             self._attest(task, rnd, agg_hash)
+        metrics = self._evaluate(task, rnd, agg_hash)
+        return {"eval_round": rnd, "eval": metrics, "aggregate_sha256": agg_hash}
+
+    def _evaluate(self, task: NodeTask, rnd: int, agg_hash: str) -> dict[str, Any]:
+        """Evaluate the model of round ``rnd``'s aggregate (selection on the own validation rows)."""
+        from fedmdh.runtime.protocol import evaluate_round
+
         client = task.slot.get()
         params = task.algorithm.personal_params(task.server, client)
         metrics, changed = evaluate_round(task.algorithm, task.selection, self.name, rnd,
@@ -687,7 +740,7 @@ class NodeService:
             self._save_model(task, task.folder / "best", kept)
             task.progress.kept = {"round": kept.round, "val_mse": kept.val_mse, "metrics": kept.metrics}
         task.progress.last_eval = {"round": rnd, "metrics": metrics, "aggregate_sha256": agg_hash}
-        return {"eval_round": rnd, "eval": metrics, "aggregate_sha256": agg_hash}
+        return metrics
 
     def _check_committed(self, task: NodeTask, rnd: int, updates) -> None:
         """The relayed updates of round ``rnd`` are exactly the ones committed on chain."""
