@@ -712,7 +712,7 @@ def test_run_takes_one_of_a_benchmark_configs_algorithms_with_the_flag(fed, tmp_
 @pytest.mark.parametrize("command", ["run", "benchmark", "heterogeneity", "config"])
 @pytest.mark.parametrize("column, expected", [("nosuch", "--exclude 'nosuch': no file has this column (columns: "
                                                           "'a', 'b', 'y')"),
-                                              ("y", "--exclude 'y': is the target column")])
+                                              ("y", "--exclude 'y': is the target column")], ids=["missing", "target"])
 def test_exclude_of_a_missing_column_or_of_the_target_is_said(fed, tmp_path, capsys, command, column, expected):
     cfg = tmp_path / "c.toml"
     cfg.write_text(f'exclude = ["{column}"]\n')
@@ -778,8 +778,20 @@ def test_institution_names_must_be_safe_names_at_every_entry_point(fed, tmp_path
                     "--out", str(out)]
         line = _cli_error(capsys, args)
     assert expected in line and "is not an institution name" in line and problem in line
-    assert "names are 1 to 64 printable characters" in line and "rename the file" in line
+    assert "names are printable text of 1 to 64 bytes in UTF-8" in line and "rename the file" in line
     assert not out.exists()
+
+
+def test_the_longest_institution_name_runs_with_the_ledger_and_verifies(fed, tmp_path, capsys):
+    # 64 bytes of UTF-8 (32 x 'é'): what the ledger contract's String[64] holds and a file name can carry
+    name = "é" * 32
+    longest = _write(tmp_path / f"{name}.csv", pd.read_csv(fed["A"]))
+    out = tmp_path / "R"
+    _cli_ok(capsys, ["run", "--institutions", longest, fed["B"], "--test", fed["T"], "--target", "y", "--rounds", "2",
+                     "--out", str(out)])
+    assert (out / "models" / name / "model.json").is_file()
+    report, _ = _cli_ok(capsys, ["ledger", "verify", str(out)])
+    assert report.startswith("OK:")
 
 
 def test_the_predict_name_check_is_the_run_name_check(run_dir, fed, tmp_path, capsys):

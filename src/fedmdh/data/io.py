@@ -343,10 +343,10 @@ def check_distinct_files(paths: Sequence[str | Path], test: str | Path | None = 
                              "models would be scored on rows they trained on: give a held-out test file.")
 
 
-#: the longest institution name, in characters and in bytes of UTF-8 (a name is a folder name: models/NAME)
-MAX_NAME_CHARS = 64
-MAX_NAME_BYTES = 128
-NAME_RULE = (f"names are 1 to {MAX_NAME_CHARS} printable characters (at most {MAX_NAME_BYTES} bytes of UTF-8), "
+#: the longest institution name, in bytes of UTF-8 (64 ASCII characters): the ledger contract stores a
+#: participant's name in a String[64], and a name is a folder name (models/NAME) and part of a key's file name
+MAX_NAME_BYTES = 64
+NAME_RULE = (f"names are printable text of 1 to {MAX_NAME_BYTES} bytes in UTF-8 ({MAX_NAME_BYTES} ASCII characters), "
              "hold no '/' or '\\' and do not start with '.'")
 
 
@@ -366,10 +366,9 @@ def institution_name_problem(name: str) -> str | None:
         return "it holds a path separator"
     if not name.isprintable():
         return "it holds a control or other unprintable character"
-    if len(name) > MAX_NAME_CHARS:
-        return f"it is {len(name)} characters long"
-    if len(name.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES:
-        return f"it is {len(name.encode('utf-8', 'surrogatepass'))} bytes long in UTF-8"
+    size = len(name.encode("utf-8", "surrogatepass"))
+    if size > MAX_NAME_BYTES:
+        return f"it is {len(name)} characters long" + (f", {size} bytes in UTF-8" if size != len(name) else "")
     return None
 
 
