@@ -133,6 +133,11 @@ def test_form_lists_the_common_columns_and_shows_errors_beside_fields(page, serv
     page.select_option("#ledger", "off")
     page.fill("#exclude", "no such column")
     page.click("#submit")
+    exclude_err = page.locator('[data-error-for="exclude"]')
+    exclude_err.wait_for(state="visible")
+    assert exclude_err.inner_text().startswith("exclude 'no such column': no file has this column (columns: ")
+    page.fill("#exclude", "alpha")
+    page.click("#submit")
     page.wait_for_url(service.url + "tasks/*")
     shot(page, "task-queued")
 

@@ -193,13 +193,16 @@ def build_task(task_id: str, fields: Mapping[str, Any], institutions: Sequence[F
         raise FieldError("institutions", spec.public(str(exc))) from None
 
     def where(msg: str) -> str:
+        if msg.startswith("--exclude "):
+            return "exclude"
         return "test" if msg.startswith(test.path + ":") else "institutions"
 
     try:
         tables = load_tables(cfg)
         fed = prepare(cfg, tables, spec.seed)
     except InputError as exc:
-        raise FieldError(where(str(exc)), spec.public(str(exc))) from None
+        msg = str(exc)  # the CLI's flag is the request's field here
+        raise FieldError(where(msg), spec.public(msg[2:] if msg.startswith("--exclude ") else msg)) from None
     info = federation_info(fed, tables)
     info["files"] = {t.name: spec.public(t.source) for t in tables.institutions}
     info["test"] = {"file": spec.public(tables.test.source), "rows": tables.test.n_rows}
