@@ -15,6 +15,7 @@ import logging
 import os
 import secrets
 import threading
+import time
 from multiprocessing.connection import Listener
 from pathlib import Path
 
@@ -55,6 +56,10 @@ ACCEPTED = "SuperNode ID:"
 #: seconds before a SuperNode that lost its SuperLink is started again (doubling while it is refused)
 RESTART_S = 2.0
 MAX_RESTART_S = 30.0
+#: what flower-supernode logs when the SuperLink refuses to activate a node it still holds online, and how
+#: long a node started again waits for that session to lapse (Flower: two 30 s heartbeat intervals)
+BUSY = "Failed to activate SuperNode"
+BUSY_WAIT_S = 150.0
 
 
 def _start_supernode(services: Services, service: NodeService, superlink: str, root_certificates: str | Path,
@@ -108,6 +113,7 @@ def run_node(service: NodeService, superlink: str, root_certificates: str | Path
         with Services(state / "logs") as services:
             accepted_once = False
             delay = RESTART_S
+            busy_until = time.monotonic() + BUSY_WAIT_S
             while not stop.is_set():
                 node, start = _start_supernode(services, service, superlink, root_certificates, key, port)
                 while not stop.wait(0.5) and node.alive():
@@ -119,6 +125,13 @@ def run_node(service: NodeService, superlink: str, root_certificates: str | Path
                 accepted_once = accepted_once or accepted
                 if node in services.started:
                     services.started.remove(node)
+                if not accepted_once and BUSY in text and time.monotonic() < busy_until:
+                    # the SuperLink still holds this node's previous session (a node started again right
+                    # after it died: Flower marks it offline only after two missed heartbeats): try again
+                    log.warning("the SuperLink still holds the previous session of %s; trying again in %.0f s",
+                                service.name, RESTART_S)
+                    stop.wait(RESTART_S)
+                    continue
                 if not accepted_once:
                     refused = node.proc.returncode == REFUSED or f"Exit Code: {REFUSED}" in text
                     hint = (": the SuperLink refused its key (register the node's public key with the "

@@ -288,9 +288,29 @@ class Coordinator:
             recs += [r for r in self._own if r.get("fn") != "transfer"]
             self._own.clear()
         recs.sort(key=lambda r: (r.get("block") is None, r.get("block") or 0))
+        known = self._known_transactions()
         with (self.ledger_dir / "transactions.jsonl").open("a", encoding="utf-8") as fh:
             for r in recs:
+                h = str(r.get("tx_hash") or "").lower()
+                if h and h in known:  # read back from the chain already (its node had not reported it)
+                    continue
+                known.add(h)
                 fh.write(json.dumps(r, sort_keys=True) + "\n")
+
+    def _known_transactions(self) -> set[str]:
+        """The hashes of the transactions in the run record (read once, then kept up to date)."""
+        if getattr(self, "_known", None) is None:
+            self._known = set()
+            path = self.ledger_dir / "transactions.jsonl"
+            if path.is_file():
+                for line in path.read_text(encoding="utf-8").splitlines():
+                    try:
+                        h = json.loads(line).get("tx_hash")
+                    except (ValueError, AttributeError):
+                        continue
+                    if h:
+                        self._known.add(str(h).lower())
+        return self._known
 
     def _recover_transactions(self) -> int:
         """Append to the run record every transaction of the task's contract that the chain holds and the
@@ -302,7 +322,7 @@ class Coordinator:
         from fedmdh.ledger.chain import _hex, receipt_logs
 
         path = self.ledger_dir / "transactions.jsonl"
-        known = set()
+        known = self._known_transactions()
         deploy_block = 0
         if path.is_file():
             for line in path.read_text(encoding="utf-8").splitlines():
@@ -310,10 +330,9 @@ class Coordinator:
                     rec = json.loads(line)
                 except ValueError:
                     continue
-                if rec.get("tx_hash"):
-                    known.add(str(rec["tx_hash"]).lower())
-                if rec.get("fn") == "deploy" and rec.get("block") is not None:
+                if isinstance(rec, dict) and rec.get("fn") == "deploy" and rec.get("block") is not None:
                     deploy_block = int(rec["block"])
+                    break
         w3 = self.chain.w3
         try:
             found = w3.eth.get_logs({"address": self.contract.address, "fromBlock": deploy_block, "toBlock": "latest"})
@@ -350,6 +369,7 @@ class Coordinator:
             recs.sort(key=lambda r: r["block"])
             with path.open("a", encoding="utf-8") as fh:
                 for r in recs:
+                    known.add(r["tx_hash"])
                     fh.write(json.dumps(r, sort_keys=True) + "\n")
             self._log(f"{len(recs)} transactions of the task that no reply carried (a node lost before it "
                       "answered) read back from the chain into the record")
@@ -761,19 +781,33 @@ class Coordinator:
                 out.append(codec.decode_update(self.blobs.get(h)))
             else:
                 missing.append((name, h))
-        if missing:
+        # A node lost after its commitment, before its reply: the round cannot go on without its update
+        # (the aggregate is over every committed one), so it is asked again until its node is back
+        # (within the task's patience: wait_s), then the task stops naming it.
+        t_end = time.monotonic() + self.task.wait_s
+        while missing:
             asked = {n: ({"cmd": "status", "task_id": self.task.task_id, "updates_of": [rnd]}, {})
                      for n, _ in missing if n in set(self.names.values())}
             replies = self._exchange(f"fetching round {rnd}'s updates", asked, tolerant=True) if asked else {}
+            still = []
             for name, h in missing:
                 meta, arrays = replies.get(name, ({}, {}))
                 found = [u for u in updates_from({"updates": [m for m in meta.get("updates", []) if m["round"] == rnd]},
                                                  {k.replace(f"u{rnd}/", "u/", 1): v for k, v in arrays.items()})
                          if u.institution == name]
                 if not found or self.blobs.put(codec.encode_update(found[0])) != h:
-                    raise TaskStopped(f"round {rnd}: {name} committed an update that no one can relay now (its node is "
-                                      f"not answering); start {name}'s node again and resume the task")
-                out.append(found[0])
+                    still.append((name, h))
+                else:
+                    out.append(found[0])
+            missing = still
+            if missing and (not asked or time.monotonic() > t_end):
+                names = ", ".join(n for n, _ in missing)
+                raise TaskStopped(f"round {rnd}: {names} committed an update that no one can relay now (its node is "
+                                  f"not answering); start {names}'s node again and resume the task")
+            if missing:
+                self.say(f"round {rnd}: waiting for {', '.join(n for n, _ in missing)}, whose committed update only "
+                         "its node holds")
+                time.sleep(2.0)
         return sorted(out, key=lambda u: u.institution)
 
     # ------------------------------------------------------------------ rounds
