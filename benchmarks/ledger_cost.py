@@ -61,7 +61,7 @@ def _start_anvil(binary: str) -> tuple[subprocess.Popen, str]:
 
 def measure(cfg, tables, name: str, rounds: int, options, workdir: Path) -> dict:
     from fedmdh.experiment.runner import prepare
-    from fedmdh.ledger.runs import finish_run_ledger, start_run_ledger
+    from fedmdh.experiment.run_ledger import finish_run_ledger, start_run_ledger
     from fedmdh.runtime.simulator import simulate
 
     fed = prepare(cfg, tables, 0)

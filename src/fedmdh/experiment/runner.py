@@ -23,7 +23,7 @@ from fedmdh.experiment.models import save_model
 from fedmdh.experiment.report import write_curves, write_results_csv, write_summary
 from fedmdh.ledger.keys import check_key_names
 from fedmdh.ledger.options import LedgerOptions
-from fedmdh.ledger.runs import finish_run_ledger, start_run_ledger
+from fedmdh.experiment.run_ledger import finish_run_ledger, start_run_ledger
 from fedmdh.outputs import BENCHMARK_NAMES, RUN_NAMES, OutputDir, claim_output_dir, replace_dir_atomically
 from fedmdh.runtime.simulator import RoundRecord, RunResult, simulate
 

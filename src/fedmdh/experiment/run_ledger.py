@@ -1,17 +1,18 @@
-"""Glue between the experiment runner and the recorder (kept here so the runner changes by a few lines)."""
+"""The ledger of one ``fedmdh run``: opened over the simulator's federation and initial state, closed with the
+archive of the run's models (the experiment runner's side of :mod:`fedmdh.ledger.recorder`)."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from fedmdh.algorithms.base import Algorithm, FederationSpec
 from fedmdh.data.federation import PreparedFederation
 from fedmdh.ledger.options import LedgerOptions
-
-if TYPE_CHECKING:
-    from fedmdh.ledger.recorder import LedgerRecorder
+from fedmdh.ledger.recorder import RUN_FILES, LedgerRecorder, open_ledger
+from fedmdh.runtime.protocol import initial_state
+from fedmdh.runtime.simulator import POOLED_NAME
 
 
 def start_run_ledger(
@@ -25,7 +26,7 @@ def start_run_ledger(
     config_file: Path,
     archive: bool = True,
     **kw: Any,
-) -> "LedgerRecorder | None":
+) -> LedgerRecorder | None:
     """Open the ledger of one training run (``None`` when it is off).
 
     ``archive``: the run ends by archiving its models (``fedmdh run``); a benchmark's runs do not.
@@ -33,10 +34,6 @@ def start_run_ledger(
     options = options or LedgerOptions()
     if options.mode == "off":
         return None
-    from fedmdh.ledger.recorder import open_ledger
-    from fedmdh.runtime.protocol import initial_state
-    from fedmdh.runtime.simulator import POOLED_NAME
-
     names = (POOLED_NAME,) if algorithm.centralized else fed.names
     # the simulator starts from algorithm.init over the federation (a pure function of spec and seed)
     initial = initial_state(algorithm, FederationSpec.from_federation(fed), seed)
@@ -46,7 +43,7 @@ def start_run_ledger(
     )
 
 
-def finish_run_ledger(recorder: "LedgerRecorder | None", models_dir: Path | None, after_error: bool = False) -> str | None:
+def finish_run_ledger(recorder: LedgerRecorder | None, models_dir: Path | None, after_error: bool = False) -> str | None:
     """Check the last round, archive the final models (when given) and close; returns a line for run.log.
 
     The run's files named by ``RUN_FILES`` beside ``models_dir`` (metrics) are archived with the
@@ -61,8 +58,6 @@ def finish_run_ledger(recorder: "LedgerRecorder | None", models_dir: Path | None
             return None
         recorder.flush()
         if models_dir is not None and recorder.address is not None:
-            from fedmdh.ledger.recorder import RUN_FILES
-
             run_files = [models_dir.parent / n for n in RUN_FILES if (models_dir.parent / n).is_file()]
             digest = recorder.archive_models(models_dir, run_files=run_files)
         else:
