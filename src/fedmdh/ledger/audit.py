@@ -901,8 +901,9 @@ class _Audit:
         return manifest, (f"archived model {digest[:16]}: {problem}" if problem else None)
 
     def check_run_folder(self, manifest: dict[str, Any], missing_models_ok: bool = False) -> str | None:
-        """The run folder against the archive. ``missing_models_ok`` (``model get``, which retrieves them):
-        model files missing from the run folder are noted, not failed; altered or extra ones still fail."""
+        """The run folder against the archive. ``missing_models_ok`` (``model get``, which writes the archived
+        model files): the run folder's own ``models/`` not matching the archive (files missing, altered or
+        extra) is noted, not failed; everything else (the archived run files) is checked as by ``verify``."""
         run_dir = self.ledger_dir.parent
         files: dict[str, str] = manifest["files"]
         problem = self._check_attendance(manifest, missing_models_ok)
@@ -913,29 +914,12 @@ class _Audit:
             if problem:
                 return problem
             files = {}
-        models = run_dir / "models"
-        missing = []
-        if files and not models.is_dir() and not models.is_symlink() and missing_models_ok:
-            missing, files = sorted(files), {}
-        elif files and not models.is_dir():
-            return (f"models/ is missing from the run folder; the archive holds its {len(files)} files "
-                    f"(`fedmdh model get {run_dir} --out DIR` retrieves them)")
-        for rel, h in files.items():
-            local = run_dir / rel
-            if local.is_symlink():
-                return f"model file {rel} in the run folder is a symbolic link, not the archived file"
-            if not local.is_file() and not local.exists() and missing_models_ok:
-                missing.append(rel)
-                continue
-            if not local.is_file():
-                return f"model file {rel} is missing from the run folder (the archive holds it)"
-            if sha256_hex(local.read_bytes()) != h:
-                return f"model file {rel} in the run folder differs from the archived model"
-        if models.is_dir():
-            for p in sorted(models.rglob("*")):
-                rel = p.relative_to(run_dir).as_posix()
-                if (p.is_symlink() or not p.is_dir()) and rel not in files:
-                    return f"{rel} is in the run folder's models/ but not in the archived model"
+        problem = self._models_problem(run_dir, files)
+        if problem and not missing_models_ok:
+            return problem
+        if problem:
+            self.notes.append(f"the run folder's models/ does not match the archive: {problem}; model get writes "
+                              "the archived files")
         for name, h in manifest.get("run_files", {}).items():
             local = run_dir / name
             if not local.is_file() or local.is_symlink():
@@ -949,11 +933,29 @@ class _Audit:
         if "run_files" not in manifest:
             self.notes.append("final_metrics.json and metrics.jsonl are not covered: this run's archive predates "
                               "their hashing")
-        if missing:
-            self.notes.append(f"{len(missing)} archived model file(s) are missing from the run folder "
-                              f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}): retrieved from the "
-                              "archive")
         self.notes.append(f"covered: {', '.join(covered)}; not covered: {NOT_COVERED} and any other file")
+        return None
+
+    @staticmethod
+    def _models_problem(run_dir: Path, files: dict[str, str]) -> str | None:
+        """The first way the run folder's ``models/`` differs from the archived ``files``, or ``None``."""
+        models = run_dir / "models"
+        if files and not models.is_dir():
+            return (f"models/ is missing from the run folder; the archive holds its {len(files)} files "
+                    f"(`fedmdh model get {run_dir} --out DIR` retrieves them)")
+        for rel, h in files.items():
+            local = run_dir / rel
+            if local.is_symlink():
+                return f"model file {rel} in the run folder is a symbolic link, not the archived file"
+            if not local.is_file():
+                return f"model file {rel} is missing from the run folder (the archive holds it)"
+            if sha256_hex(local.read_bytes()) != h:
+                return f"model file {rel} in the run folder differs from the archived model"
+        if models.is_dir():
+            for p in sorted(models.rglob("*")):
+                rel = p.relative_to(run_dir).as_posix()
+                if (p.is_symlink() or not p.is_dir()) and rel not in files:
+                    return f"{rel} is in the run folder's models/ but not in the archived model"
         return None
 
 
@@ -1228,9 +1230,15 @@ def _checked_blob(blobs: DirBlobStore, digest: str) -> bytes:
     if not isinstance(digest, str) or len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
         raise _BlobProblem(f"{digest!r} is not a sha256 digest") from None
     path = blobs.path(digest)
-    if not path.is_file():
+    try:
+        with jsonsafe.open_regular(path, "rb") as fh:  # a FIFO in its place is refused, never read
+            data = fh.read()
+    except FileNotFoundError:
         raise _BlobProblem(f"blob {digest[:16]} is missing from {blobs.root}") from None
-    data = path.read_bytes()
+    except ValueError:
+        raise _BlobProblem(f"blob {digest[:16]} in {blobs.root} is not a regular file") from None
+    except OSError as exc:
+        raise _BlobProblem(f"blob {digest[:16]} in {blobs.root} cannot be read ({exc.strerror or exc})") from None
     if sha256_hex(data) != digest:
         raise _BlobProblem(f"blob {digest[:16]} was altered: its sha256 is not the on-chain commitment") from None
     return data
