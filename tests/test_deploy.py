@@ -125,6 +125,52 @@ def test_fedavg_deployed_is_the_simulator_bit_for_bit_and_verifies(deployment, p
     assert "one party" not in text  # each institution signed with its own key on its own node
 
 
+def _fedmdh_cli(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "fedmdh.cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=300, stdin=subprocess.DEVNULL)
+
+
+def test_a_finished_trial_verifies_with_its_chain_stopped_and_cannot_check_without_its_state(deployment, perovskite,
+                                                                                             tmp_path):
+    """`fedmdh ledger verify RUN` of a finished `fedmdh deploy local` trial (its chain no longer running)
+    brings the chain back from RUN/deploy/chain-state.json and says OK; without that file it says
+    "cannot check" with its own exit status (3), never FAILED (issue 21: it said FAILED, exit 1)."""
+    import shutil
+
+    from fedmdh.deploy.processes import start_anvil
+
+    # Prepare: a task of the trial; then its chain stopped, as at the end of `deploy local` (anvil writes its state)
+    out = tmp_path / "run"
+    _deploy(deployment, _config(perovskite, "fedavg", 2), out, "stopped2")
+    state = deployment.folder / "deploy" / "chain-state.json"
+    deployment.services.stop(deployment.chain)
+    try:
+        (out / "deploy").mkdir()
+        shutil.copy(state, out / "deploy" / "chain-state.json")  # the run record's layout: RUN/deploy/...
+
+        # Execute
+        with_state = _fedmdh_cli("ledger", "verify", out)
+        (out / "deploy" / "chain-state.json").unlink()
+        without = _fedmdh_cli("ledger", "verify", out)
+        got = _fedmdh_cli("model", "get", out, "--out", tmp_path / "got")
+    finally:  # the module's other tests use the chain again, on its port
+        deployment.chain, _ = start_anvil(deployment.services, port=deployment.chain_port, state_file=state)
+
+    # Assert
+    assert with_state.returncode == 0, with_state.stdout + with_state.stderr
+    assert with_state.stdout.startswith("OK: 2 of 2 rounds finalized and verified")
+    note = next(line for line in with_state.stdout.splitlines() if line.startswith("the trial's chain was not running"))
+    assert f"brought back from {out / 'deploy' / 'chain-state.json'} (a copy)" in note
+    pid = int(note.split(", pid ")[1].split(",")[0])
+    assert not Path(f"/proc/{pid}").exists() or b"anvil" not in Path(f"/proc/{pid}/cmdline").read_bytes()
+    assert without.returncode == 3, without.stdout + without.stderr
+    assert without.stdout.startswith(f"cannot check the receipts: the node at {deployment.chain_url} is unreachable "
+                                     f"and {out / 'deploy' / 'chain-state.json'}, the trial's saved chain, is missing")
+    assert "FAILED" not in without.stdout and "Traceback" not in without.stderr
+    assert got.returncode == 3 and "error: " in got.stderr and "cannot check the receipts" in got.stderr
+    assert not (tmp_path / "got").exists()
+
+
 def test_fedmdh_deployed_is_the_simulator_bit_for_bit(deployment, perovskite, tmp_path):
     from fedmdh.ledger.audit import verify
 
