@@ -17,7 +17,12 @@ from pathlib import Path
 import pytest
 
 from fedmdh.config import ExperimentConfig
-from fedmdh.runtime.coordinator import Coordinator, DeployTask, DirectTransport, experiment_settings
+from fedmdh.runtime.coordinator import (
+    Coordinator,
+    DeployTask,
+    DirectTransport,
+    experiment_settings,
+)
 
 NAMES = ["train_part0", "train_part1", "train_part2"]
 LOST = "train_part1"
@@ -198,3 +203,58 @@ def test_verify_fails_when_a_late_model_manifest_is_altered(lost, tmp_path):
     report = verify(copy)
     # Assert
     assert not report.ok and f"the model {LOST} added after the archive" in str(report), str(report)
+
+
+class ScheduleTransport(DirectTransport):
+    """Nodes that do not answer given rounds' messages (``down``: round -> names), answered at once."""
+
+    def __init__(self, services, down: dict[int, set[str]]) -> None:
+        super().__init__(services)
+        self.schedule = down
+
+    def exchange(self, requests, timeout, optional=frozenset()):
+        rounds = {m[0].get("round") for m in requests.values() if m[0].get("cmd") == "round"}
+        self.down = set().union(*(self.schedule.get(r, set()) for r in rounds)) if rounds else set()
+        return super().exchange(requests, timeout, optional)
+
+
+def test_a_round_waiting_for_the_attestation_of_a_lost_committer_is_closed_by_it_when_it_is_back(perovskite,
+                                                                                                tmp_path):
+    """Round 2's committers are just the quorum (train_part0 is down); train_part2 is lost after its
+    commitment, before it attests round 2, so round 2 cannot be finalized without it. Back at round 4,
+    it catches up through round 2 (the finalized aggregate of round 1 and round 2's updates) and attests
+    it, instead of the coordinator waiting for a finalization that needs that very node."""
+    _require()
+    from fedmdh.deploy.processes import Services, start_anvil
+    from fedmdh.ledger.audit import show, verify
+    from fedmdh.runtime.node import NodeService
+
+    # Prepare
+    env = {"FEDMDH_KEY_PASSPHRASE": "trial", "FEDMDH_KEY_KDF": "pbkdf2", "FEDMDH_KEY_KDF_ITERATIONS": "2000"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    cfg = ExperimentConfig(perovskite["institutions"], perovskite["test"], "e_form", algorithms=("fedavg",),
+                           seeds=1, rounds=4)
+    try:
+        with Services(tmp_path / "logs") as services:
+            _, url = start_anvil(services)
+            nodes = {n: NodeService(n, p, "e_form", tmp_path / n, test=perovskite["test"])
+                     for n, p in zip(NAMES, perovskite["institutions"])}
+            transport = ScheduleTransport(nodes, {2: {"train_part0"}, 3: {"train_part2"}})
+            task = DeployTask("attest4", experiment_settings(cfg), 3, url, str(tmp_path / "out"),
+                              keystore=str(tmp_path / "keystore"), wait_s=30, round_timeout=TIMEOUT_S)
+            # Execute
+            final = Coordinator(task, transport).run()
+            # Assert: every round finalized, round 2 by its two committers, the task verifies
+            rounds = {r["round"]: r for r in show(tmp_path / "out")["rounds"]}
+            assert sorted(rounds[2]["commitments"]) == ["train_part1", "train_part2"]
+            assert sorted(rounds[2]["attestations"]) == ["train_part1", "train_part2"]
+            assert all(rounds[r]["finalized"] for r in range(1, 5)) and not final.get("missing")
+            report = verify(tmp_path / "out")
+            assert report.ok and report.complete, str(report)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

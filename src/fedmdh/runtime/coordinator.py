@@ -858,9 +858,7 @@ class Coordinator:
                             meta.update(umeta)
                             arrays.update(uarrays)
                         if name in self.behind and r - 2 >= 1:
-                            base = self._finalized_state(r - 2)
-                            meta["base_round"] = r - 2
-                            arrays.update({f"b/{k}": v for k, v in base.items()})
+                            self._catch_up_message(name, r, meta, arrays)
                     requests[name] = (meta, arrays)
                 step = "the last round" if last else f"round {r}"
                 replies = self._exchange(step, requests, tolerant=r > 1)
@@ -905,6 +903,29 @@ class Coordinator:
                               f"institutions are fewer than the quorum of {self._quorum} that archives the models; "
                               f"start their nodes again and resume task {task.task_id}")
         return self._finish_task(final_replies)
+
+    def _catch_up_message(self, name: str, r: int, meta: Meta, arrays: Arrays) -> None:
+        """What a node that missed rounds needs with round ``r``'s message: the finalized aggregate of round
+        ``r - 2``; or, while round ``r - 2`` is not finalized (it may wait for this very node's attestation:
+        its committers were just the quorum and it was lost after its commitment), the finalized aggregate
+        of round ``r - 3`` and round ``r - 2``'s updates, so that it aggregates and attests that round
+        itself before round ``r - 1``."""
+        from fedmdh.runtime.messages import updates_message
+
+        c = self.contract.functions
+        if bytes(c.finalized_hash(r - 2).call()) != EMPTY or self.task.secure or r - 3 < 0:
+            base = self._finalized_state(r - 2)
+            meta["base_round"] = r - 2
+            arrays.update({f"b/{k}": v for k, v in base.items()})
+            return
+        if r - 3 >= 1:
+            base = self._finalized_state(r - 3)
+            meta["base_round"] = r - 3
+            arrays.update({f"b/{k}": v for k, v in base.items()})
+        cmeta, carrays = updates_message(self._committed_updates(r - 2))
+        meta["catch_up"] = {"round": r - 2, **cmeta}
+        arrays.update({f"c/{k}": v for k, v in carrays.items()})
+        self.say(f"round {r}: {name} catches up through round {r - 2}, which is not finalized yet")
 
     def _summaries_blob(self) -> str:
         doc = json.loads((self.ledger_dir / "task.json").read_text(encoding="utf-8"))

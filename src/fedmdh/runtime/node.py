@@ -586,6 +586,13 @@ class NodeService:
         digest = bytes(c.update_hash(rnd, self.address).call()).hex()
         if digest != EMPTY.hex():  # committed already (a message sent again): answer from what was done
             return {**reply, **self._resend(task, rnd, digest)}, self._update_arrays(task, digest)
+        if rnd >= 2 and "catch_up" in meta:  # a round before the last, not finalized yet: closed here first
+            if "base_round" in meta:
+                self._adopt_base(task, int(meta["base_round"]), arrays)
+            earlier = dict(meta["catch_up"])
+            if task.progress.state_round == int(earlier["round"]) - 1:
+                self._close_round(task, int(earlier["round"]), earlier,
+                                  {k[len("c/"):]: v for k, v in arrays.items() if k.startswith("c/")})
         if rnd >= 2:
             reply.update(self._close_round(task, rnd - 1, meta, arrays))
         if c.commits_closed(rnd).call():
