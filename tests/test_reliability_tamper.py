@@ -691,6 +691,7 @@ TYPE_CASES = [  # (field, value, how it is said)
     ("rounds", "6", "rounds is \"6\", not an integer"),
     ("chain_id", None, "chain_id is null, not an integer"),
     ("seed", "zero", "seed is \"zero\", not an integer"),
+    ("secure", "x", "secure is \"x\", not a table (a secure task) or null"),
 ]
 
 
@@ -827,3 +828,15 @@ def test_verify_reads_blobs_only_from_the_runs_own_folder_and_says_so(run, tmp_p
     assert both.ok and said in both.notes
     assert only_elsewhere.status == "failed" and said in only_elsewhere.notes
     assert f"is missing from {run / 'ledger' / 'blobs'}" in only_elsewhere.problem
+
+
+def test_a_log_record_whose_block_is_no_number_fails_verify_naming_it(run):
+    # Prepare
+    _edit_record("commit", 2, "train_part1", _set("block", []))(run)
+
+    # Execute: on d465001 a TypeError traceback (unhashable type: 'list')
+    report = verify(run)
+
+    # Assert
+    assert report.status == "failed"
+    assert report.problem.startswith("transaction commit of round 2 by train_part1 (line 16 of transactions.jsonl)")

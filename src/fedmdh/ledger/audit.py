@@ -122,6 +122,7 @@ _TASK_TYPES: dict[str, tuple[Any, str]] = {
     "rpc_url": (lambda v: v is None or isinstance(v, str), "a URL or null"),
     "config": (lambda v: v is None or isinstance(v, str), "a path or null"),
     "blobs": (lambda v: v is None or isinstance(v, str), "a folder name or null"),
+    "secure": (lambda v: v is None or v is False or isinstance(v, dict), "a table (a secure task) or null"),
 }
 
 
@@ -568,11 +569,15 @@ class _Audit:
             replayed: dict[str, str | None] = {}  # tx hash -> revert reason, for the blocks replayed at once
             tried: set[Any] = set()
             blocks: dict[Any, list[dict[str, Any]]] = {}
+
+            def block_of(rec: dict[str, Any]) -> int | None:  # an edited block that is no number: replayed alone
+                return rec["block"] if _is_int(rec.get("block")) else None
+
             for r in sent:
-                blocks.setdefault(r.get("block"), []).append(r)
+                blocks.setdefault(block_of(r), []).append(r)
 
             def source(rec: dict[str, Any]) -> Any:
-                block_no = rec.get("block")
+                block_no = block_of(rec)
                 if rec["tx_hash"] not in replayed and block_no is not None and block_no not in tried:
                     # replay the whole recorded block at once, as recorded
                     tried.add(block_no)
@@ -887,7 +892,7 @@ class _Audit:
                                             f"OpenFHE, which is unavailable here: {reason}")
         try:
             return _SecureCheck(self, algorithm, seed), None
-        except (ValueError, KeyError, LedgerError, _BlobProblem) as exc:
+        except (ValueError, KeyError, TypeError, LedgerError, _BlobProblem) as exc:
             return None, f"the secure task's record: {exc}"
 
     # ------------------------------------------------------------ 5: the archive and the run folder
