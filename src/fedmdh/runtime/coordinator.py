@@ -816,8 +816,6 @@ class Coordinator:
         """Rounds ``start`` .. R, then finish and archive; ``prev_updates``: round ``start - 1``'s."""
         from fedmdh.data.federation import federation_heterogeneity
         from fedmdh.ledger import codec
-        from fedmdh.runtime.flower.wire import unpack
-        from fedmdh.runtime.messages import updates_message
         from fedmdh.runtime.simulator import RoundRecord
 
         task, cfg, R = self.task, self.cfg, self.cfg.rounds
@@ -836,38 +834,19 @@ class Coordinator:
                     self.server = self._aggregate(r - 1, updates)
                     self.server_round = r - 1
                     self.blobs.put(codec.encode_payload(self.server))
-                requests = {}
-                for name in self.all_names:
-                    if name not in set(self.names.values()):
-                        continue
-                    meta: Meta = {"cmd": "finish" if last else "round", "task_id": task.task_id,
-                                  "round": R if last else r}
-                    arrays: Arrays = {}
-                    if r == 1:
-                        smeta, sarrays = unpack(self.blobs.get(self._summaries_blob()))
-                        meta.update(contract=self.contract.address, participants=self.addresses,
-                                    setup_sha256=self._setup_sha256(), **smeta)
-                        arrays.update(sarrays)
-                    else:
-                        if task.secure:
-                            rmeta, rarrays = self._release(r - 1, updates).message()
-                            meta["release"] = rmeta
-                            arrays.update(rarrays)
-                        else:
-                            umeta, uarrays = updates_message(updates)
-                            meta.update(umeta)
-                            arrays.update(uarrays)
-                        if name in self.behind and r - 2 >= 1:
-                            self._catch_up_message(name, r, meta, arrays)
-                    requests[name] = (meta, arrays)
+
+                def build(names, r=r, last=last, updates=updates) -> dict[str, Message]:
+                    requests = {}
+                    for name in names:
+                        meta, arrays = self._round_message(name, r, last, updates)
+                        requests[name] = (meta, arrays)
+                    return requests
+
+                requests = build([n for n in self.all_names if n in set(self.names.values())])
                 step = "the last round" if last else f"round {r}"
                 replies = self._exchange(step, requests, tolerant=r > 1)
                 self._record_transactions(replies)
-                for name, (meta, _) in replies.items():
-                    if "missed" not in meta:
-                        self.behind.discard(name)
-                    else:
-                        self.behind.add(name)
+                self._note_behind(replies)
                 t_prev, t0 = t0, time.perf_counter()
                 if r == 1:
                     if task.secure:
@@ -886,7 +865,7 @@ class Coordinator:
                 if last:
                     final_replies = replies
                     break
-                updates = self._close_commits(r, replies)
+                updates = self._close_commits_patiently(r, step, replies, build)
                 if task.secure:  # decrypted now: round r + 1's messages carry the released sum
                     self.server = self._secure_round(r, updates)
                     self.server_round = r
@@ -903,6 +882,64 @@ class Coordinator:
                               f"institutions are fewer than the quorum of {self._quorum} that archives the models; "
                               f"start their nodes again and resume task {task.task_id}")
         return self._finish_task(final_replies)
+
+    def _round_message(self, name: str, r: int, last: bool, updates: list[Any]) -> Message:
+        """Round ``r``'s message (the last round's ``finish``) to one institution."""
+        from fedmdh.runtime.flower.wire import unpack
+        from fedmdh.runtime.messages import updates_message
+
+        task, R = self.task, self.cfg.rounds
+        meta: Meta = {"cmd": "finish" if last else "round", "task_id": task.task_id, "round": R if last else r}
+        arrays: Arrays = {}
+        if r == 1:
+            smeta, sarrays = unpack(self.blobs.get(self._summaries_blob()))
+            meta.update(contract=self.contract.address, participants=self.addresses,
+                        setup_sha256=self._setup_sha256(), **smeta)
+            arrays.update(sarrays)
+        else:
+            if task.secure:
+                rmeta, rarrays = self._release(r - 1, updates).message()
+                meta["release"] = rmeta
+                arrays.update(rarrays)
+            else:
+                umeta, uarrays = updates_message(updates)
+                meta.update(umeta)
+                arrays.update(uarrays)
+            if name in self.behind and r - 2 >= 1:
+                self._catch_up_message(name, r, meta, arrays)
+        return meta, arrays
+
+    def _note_behind(self, replies: Mapping[str, Message]) -> None:
+        for name, (meta, _) in replies.items():
+            if "missed" not in meta and "error" not in meta:
+                self.behind.discard(name)
+            else:
+                self.behind.add(name)
+
+    def _close_commits_patiently(self, r: int, step: str, replies: dict[str, Message], build) -> list[Any]:
+        """Round ``r``'s committed updates; short of the quorum, the institutions that have not committed are
+        asked again (a node back after a loss; nodes that waited on chain for it) until the task's patience
+        (``wait_s``) runs out, then the task stops naming them."""
+        c = self.contract.functions
+        t_end = time.monotonic() + self.task.wait_s
+        replies = dict(replies)
+        while True:
+            try:
+                return self._close_commits(r, replies)
+            except TaskStopped:
+                here = set(self.names.values())
+                waiting = [n for n in self.all_names
+                           if n in here and bytes(c.update_hash(r, self.addresses[n]).call()) == EMPTY]
+                if r == 1 or self.task.round_timeout <= 0 or not waiting or time.monotonic() > t_end:
+                    raise
+                line = f"{step}: short of its quorum; asking {', '.join(waiting)} again"
+                self._log(line)
+                self.say(line)
+                time.sleep(2.0)
+                more = self._exchange(step, build(waiting), tolerant=True)
+                self._record_transactions(more)
+                self._note_behind(more)
+                replies.update(more)
 
     def _catch_up_message(self, name: str, r: int, meta: Meta, arrays: Arrays) -> None:
         """What a node that missed rounds needs with round ``r``'s message: the finalized aggregate of round
