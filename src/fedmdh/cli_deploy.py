@@ -247,6 +247,10 @@ def _print_final(out: Path) -> None:
         table.add_row(name, str(final["best_rounds"][name]), *(f"{m[k]:.4f}" if m.get(k) is not None else "-"
                                                               for k in ("rmse", "mae", "r2")))
     console.print(table)
+    if final.get("missing"):  # named on chain too; each adds its model when its node is back
+        console.print(f"missing when the task ended (named on chain): {', '.join(final['missing'])}; with their nodes "
+                      f"back, `fedmdh deploy resume --out {out}` adds their models (`fedmdh ledger verify` lists them)",
+                      highlight=False, markup=False)
     console.print(f"run record in {out} (ledger/, metrics.jsonl, final_metrics.json); task contract "
                   f"{final['contract']}", highlight=False, markup=False)
 
@@ -370,7 +374,8 @@ def deploy_resume(
         "--wait", help=_default("Seconds to wait for nodes and for each round's steps.", "the task's"))] = None,
 ) -> None:
     """Continue a deployed task from its last finalized round (after the coordinator was lost, or the task
-    stopped short of a quorum): any institution can run it, with a SuperLink of its own."""
+    stopped short of a quorum), or, once it is archived, have the institutions it names missing add their
+    models: any institution can run it, with a SuperLink of its own."""
     from dataclasses import replace
 
     from fedmdh.runtime.coordinator import TASK_FILE, DeployTask
