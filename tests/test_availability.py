@@ -258,3 +258,57 @@ def test_a_round_waiting_for_the_attestation_of_a_lost_committer_is_closed_by_it
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+class SlowFinishTransport(DirectTransport):
+    """One node takes longer than the round timeout to come to the last round's message: the others'
+    attestations and the janitor's close_round finalize the last round (the task ends) before it attests."""
+
+    def __init__(self, services, slow: str, delay: float) -> None:
+        super().__init__(services)
+        inner = services[slow].handle
+
+        def handle(meta, arrays):
+            if meta.get("cmd") == "finish":
+                time.sleep(delay)
+            return inner(meta, arrays)
+
+        self.services[slow] = type("Slow", (), {"handle": staticmethod(handle)})()
+
+
+def test_a_node_that_comes_to_the_last_round_after_the_quorum_closed_it_still_finishes_and_is_archived(perovskite,
+                                                                                                      tmp_path):
+    """The last round, finalized by the others after its timeout, ends the task on chain; the late node's
+    attestation is then refused ("the task has ended"), which must not make it fail its finish (it was
+    left out of the archive as missing)."""
+    _require()
+    from fedmdh.deploy.processes import Services, start_anvil
+    from fedmdh.ledger.audit import verify
+    from fedmdh.runtime.node import NodeService
+
+    # Prepare
+    env = {"FEDMDH_KEY_PASSPHRASE": "trial", "FEDMDH_KEY_KDF": "pbkdf2", "FEDMDH_KEY_KDF_ITERATIONS": "2000"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    cfg = ExperimentConfig(perovskite["institutions"], perovskite["test"], "e_form", algorithms=("fedavg",),
+                           seeds=1, rounds=2)
+    try:
+        with Services(tmp_path / "logs") as services:
+            _, url = start_anvil(services)
+            nodes = {n: NodeService(n, p, "e_form", tmp_path / n, test=perovskite["test"])
+                     for n, p in zip(NAMES, perovskite["institutions"])}
+            transport = SlowFinishTransport(nodes, "train_part2", TIMEOUT_S + 8)
+            task = DeployTask("slow2", experiment_settings(cfg), 3, url, str(tmp_path / "out"),
+                              keystore=str(tmp_path / "keystore"), wait_s=60, round_timeout=TIMEOUT_S)
+            # Execute
+            final = Coordinator(task, transport).run()
+            # Assert: nobody missing, every model archived, verified
+            assert not final.get("missing") and sorted(final["per_institution"]) == NAMES, final
+            report = verify(tmp_path / "out")
+            assert report.ok and report.complete, str(report)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

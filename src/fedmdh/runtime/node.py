@@ -773,12 +773,14 @@ class NodeService:
         (its timeout passed): then the next step checks the finalized hash against its own."""
         from fedmdh.ledger.errors import LedgerRevert
 
-        if int(task.contract.functions.current_round().call()) != rnd:
+        c = task.contract.functions
+        if int(c.current_round().call()) != rnd or c.ended().call():  # the last round closed by the quorum
             return
         try:
             self._transact(task, "attest", rnd, bytes.fromhex(agg_hash), gas="attest", round=rnd)
         except LedgerRevert as exc:
-            if "wrong round" not in exc.reason:  # finalized between the check and the transaction: fine
+            # finalized between the check and the transaction (the last round: the task ended): fine
+            if "wrong round" not in exc.reason and "has ended" not in exc.reason:
                 raise
 
     def _adopt_base(self, task: NodeTask, base_round: int, arrays: Arrays) -> None:
