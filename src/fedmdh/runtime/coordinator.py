@@ -17,10 +17,13 @@ It drives the protocol of :mod:`fedmdh.runtime.node` over any :class:`Transport`
 Failures: a node that does not answer within the task's ``round_timeout`` is left out of the
 round (the contract closes the round without it once a quorum has committed and the timeout has
 passed; a :class:`Janitor` thread sends those closing transactions, which anyone may send) and
-catches up when it is back. A round short of its quorum stops the task with
-:class:`TaskStopped`, naming the missing institutions; :meth:`Coordinator.run` with
-``DeployTask(resume=True)`` goes on from what the chain, the run record and the nodes hold: any
-institution can start a new coordinator.
+catches up when it is back. A round short of its quorum asks the institutions that have not
+committed again until the task's patience (``wait_s``) runs out, then stops the task with
+:class:`TaskStopped`, naming them; :meth:`Coordinator.run` with ``DeployTask(resume=True)`` goes on
+from what the chain, the run record and the nodes hold: any institution can start a new
+coordinator. A task whose last round some institutions did not answer finishes with the quorum: the
+archive names them missing (in its manifest and on chain), and a resume of the archived task has
+each of them, when its node is back, add its model's hash (``attest_late``).
 
 It writes what ``fedmdh run`` writes (``config.toml``, ``federation.json``, ``metrics.jsonl``,
 ``final_metrics.json``, ``run.log`` and ``ledger/`` with the task, every transaction the
@@ -318,7 +321,7 @@ class Coordinator:
         attestation that finalized a round, say), read back from the chain node: its signed bytes and
         its receipt, so that ``fedmdh ledger verify`` checks them like any other. Returns how many."""
         from fedmdh.ledger import codec
-        from fedmdh.ledger.audit import _function_name
+        from fedmdh.ledger.artifacts import function_name
         from fedmdh.ledger.chain import _hex, receipt_logs
 
         path = self.ledger_dir / "transactions.jsonl"
@@ -356,7 +359,7 @@ class Coordinator:
             tx = codec.decode_transaction(raw)
             receipt = w3.eth.get_transaction_receipt(h)
             sender = str(receipt["from"])
-            fn = _function_name(tx)
+            fn = function_name(tx)
             rec = {"fn": fn, "from": w3.to_checksum_address(sender), "to": tx["to"], "raw": raw,
                    "gas_limit": int(tx["gas"]), "tx_hash": h, "status": int(receipt["status"]),
                    "gas_used": int(receipt["gasUsed"]), "block": int(receipt["blockNumber"]),
@@ -1175,7 +1178,7 @@ class Coordinator:
         import hashlib
 
         from fedmdh.ledger.artifacts import call_data
-        from fedmdh.ledger.audit import HELD_BY_INSTITUTIONS
+        from fedmdh.ledger.artifacts import HELD_BY_INSTITUTIONS
         from fedmdh.ledger.chain import GAS, GAS_PER_PARTICIPANT
 
         names = self.all_names if names is None else names
@@ -1295,7 +1298,7 @@ class RecordingTransport:
         self.count = len(list(self.folder.glob("*.bin")))
 
     def _write(self, way: str, node: Any, message: Message) -> None:
-        from fedmdh.runtime.files import atomic_write_bytes
+        from fedmdh.files import atomic_write_bytes
         from fedmdh.runtime.flower.wire import pack
 
         self.count += 1
