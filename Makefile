@@ -28,7 +28,7 @@ PYTHON_FHE ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.10*/bin/python3.1
 # Debian's chromium for the task service's browser tests (Playwright drives /usr/bin/chromium; no browser download)
 CHROMIUM ?= /usr/bin/chromium
 
-.PHONY: install anvil chromium openfhe demo test test-fast bench clean
+.PHONY: install anvil chromium openfhe demo lint test test-fast bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -66,7 +66,11 @@ openfhe: $(FHE_VENV)/.installed
 demo: install
 	$(BIN)/fedmdh demo --overwrite --out $(DEMO_OUT) $(if $(DATA_DIR),--data-dir $(DATA_DIR),)
 
-test: install chromium openfhe $(if $(FEDMDH_ANVIL),,anvil)
+# the layers of docs/architecture.md (.importlinter): no package imports one above it
+lint: install
+	$(BIN)/lint-imports
+
+test: install lint chromium openfhe $(if $(FEDMDH_ANVIL),,anvil)
 	FEDMDH_OPENFHE_PYTHON="$(or $(FEDMDH_OPENFHE_PYTHON),$(wildcard $(CURDIR)/$(FHE_VENV)/bin/python))" \
 	FEDMDH_ANVIL="$(or $(FEDMDH_ANVIL),$$(ls $(TOOLS)/node_modules/@foundry-rs/anvil-*/bin/anvil | head -n 1))" \
 		$(BIN)/python -m pytest $(PYTEST_ARGS)

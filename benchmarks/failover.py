@@ -70,7 +70,7 @@ def main() -> None:
     from fedmdh.config import ExperimentConfig
     from fedmdh.deploy.local import Fault, run_task, start_local
     from fedmdh.deploy.processes import Services
-    from fedmdh.ledger.audit import verify
+    from fedmdh.audit import verify
     from fedmdh.runtime.coordinator import DeployTask, experiment_settings
 
     files = {n: args.data / f"{n}.csv" for n in NAMES}

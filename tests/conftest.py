@@ -95,6 +95,8 @@ TIERS: dict[str, tuple[str, ...]] = {
     "test_deploy": ("deploy",),
     "test_deploy_cli": ("deploy",),
     "test_failover": ("deploy",),
+    "test_availability": ("deploy",),
+    "test_chaos": ("deploy",),
     "test_secure_deploy": ("deploy", "openfhe"),
     "test_secure": ("openfhe",),
     "test_service_browser": ("browser",),
@@ -108,10 +110,14 @@ def pytest_collection_modifyitems(config, items):
         tiers = TIERS.get(module, ())
         for tier in tiers:
             item.add_marker(getattr(pytest.mark, tier))
-        if tiers or module in SLOW_MODULES or item.nodeid in SLOW_TESTS:
+        if tiers or module in SLOW_MODULES or item.originalname in SLOW_TESTS.get(module, ()):
             item.add_marker(pytest.mark.slow)
 
 
-#: modules and single tests that take minutes without any of the tiers' services (from ``--durations``)
-SLOW_MODULES: frozenset[str] = frozenset()
-SLOW_TESTS: frozenset[str] = frozenset()
+#: modules and single tests (by module) that take minutes without any of the tiers' services (``--durations``:
+#: the service's reliability tests start real servers, one waits 90 s for a task to run; the wolverton
+#: presets featurize 4,000 compositions in their fixture, about 2 minutes)
+SLOW_MODULES: frozenset[str] = frozenset({"test_reliability_service"})
+SLOW_TESTS: dict[str, tuple[str, ...]] = {
+    "test_partition": ("test_presets_reached_on_wolverton", "test_same_seed_gives_identical_files"),
+}

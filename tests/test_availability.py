@@ -127,7 +127,7 @@ def test_a_round_with_its_quorum_closes_though_the_step_before_waited_long_for_t
     # the two others instead of stopping with "2 of 3 committed ... the quorum is 2"
     assert lost.stopped is None or "the quorum is 2" not in lost.stopped, lost.stopped
     assert lost.stopped is None, lost.stopped
-    from fedmdh.ledger.audit import show
+    from fedmdh.audit import show
 
     commits = {r["round"]: sorted(r["commitments"]) for r in show(lost.out)["rounds"]}
     others = [n for n in NAMES if n != LOST]
@@ -135,7 +135,7 @@ def test_a_round_with_its_quorum_closes_though_the_step_before_waited_long_for_t
 
 
 def test_a_node_gone_for_good_the_task_finishes_with_the_quorum_and_the_archive_names_it_on_chain(lost):
-    from fedmdh.ledger.audit import verify
+    from fedmdh.audit import verify
 
     # Assert: finished, the lost institution named missing in the final metrics, the manifest and on chain
     assert lost.final is not None, lost.stopped
@@ -153,7 +153,7 @@ def test_a_node_gone_for_good_the_task_finishes_with_the_quorum_and_the_archive_
 
 
 def test_the_missing_institution_back_adds_its_model_late_and_verify_checks_it(lost, perovskite):
-    from fedmdh.ledger.audit import verify
+    from fedmdh.audit import verify
     from fedmdh.runtime.node import NodeService
 
     # Prepare: the lost node starts again (a new service over its state folder)
@@ -187,7 +187,7 @@ def test_the_missing_institution_back_adds_its_model_late_and_verify_checks_it(l
 def test_verify_fails_when_a_late_model_manifest_is_altered(lost, tmp_path):
     import shutil
 
-    from fedmdh.ledger.audit import verify
+    from fedmdh.audit import verify
 
     # Prepare: a copy of the run whose late model manifest blob is altered
     c, doc = _contract(lost)
@@ -226,7 +226,7 @@ def test_a_round_waiting_for_the_attestation_of_a_lost_committer_is_closed_by_it
     it, instead of the coordinator waiting for a finalization that needs that very node."""
     _require()
     from fedmdh.deploy.processes import Services, start_anvil
-    from fedmdh.ledger.audit import show, verify
+    from fedmdh.audit import show, verify
     from fedmdh.runtime.node import NodeService
 
     # Prepare
@@ -283,7 +283,7 @@ def test_a_node_that_comes_to_the_last_round_after_the_quorum_closed_it_still_fi
     left out of the archive as missing)."""
     _require()
     from fedmdh.deploy.processes import Services, start_anvil
-    from fedmdh.ledger.audit import verify
+    from fedmdh.audit import verify
     from fedmdh.runtime.node import NodeService
 
     # Prepare

@@ -11,7 +11,7 @@ import pytest
 
 from fedmdh.cli import main
 from fedmdh.config import ExperimentConfig, read_toml
-from fedmdh.experiment.models import load_model
+from fedmdh.models import load_model
 from fedmdh.experiment.runner import run_benchmark, run_experiment
 from fedmdh.metrics import regression_metrics
 

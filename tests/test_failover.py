@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from fedmdh.config import ExperimentConfig
-from fedmdh.experiment.models import load_model
+from fedmdh.models import load_model
 from fedmdh.experiment.runner import load_tables, prepare
 from fedmdh.runtime.coordinator import DeployTask, experiment_settings
 from fedmdh.runtime.simulator import simulate
@@ -47,7 +47,7 @@ def _node_model(dep, name: str, task_id: str):
 
 
 def _commitments(out: Path) -> dict[int, list[str]]:
-    from fedmdh.ledger.audit import show
+    from fedmdh.audit import show
 
     return {r["round"]: sorted(r["commitments"]) for r in show(out)["rounds"]}
 
@@ -60,7 +60,7 @@ def _ensure_nodes(dep) -> None:
 
 def test_coordinator_killed_at_round_2_a_new_one_resumes_with_the_same_models(deployment, perovskite, tmp_path):
     from fedmdh.deploy.local import Fault, run_task
-    from fedmdh.ledger.audit import verify
+    from fedmdh.audit import verify
 
     # Prepare
     _ensure_nodes(deployment)
@@ -91,7 +91,7 @@ def test_coordinator_killed_at_round_2_a_new_one_resumes_with_the_same_models(de
 def test_a_node_killed_at_round_2_and_restarted_at_round_4_catches_up(deployment, perovskite, tmp_path):
     from fedmdh.deploy.local import Fault, run_task
     from fedmdh.ledger import codec
-    from fedmdh.ledger.audit import verify
+    from fedmdh.audit import verify
     from fedmdh.ledger.blobs import DirBlobStore
 
     # Prepare
@@ -117,7 +117,7 @@ def test_a_node_killed_at_round_2_and_restarted_at_round_4_catches_up(deployment
     assert sorted(records) == list(range(1, ROUNDS + 1))
     model = _node_model(deployment, dropped, "drop5")
     kept = model.info["best_round"]
-    from fedmdh.ledger.audit import show
+    from fedmdh.audit import show
 
     finalized = {r["round"]: r["finalized"] for r in show(out)["rounds"]}
     agg = codec.decode_payload(blobs.get(finalized[kept].removeprefix("0x")))
@@ -131,7 +131,7 @@ def test_a_lost_quorum_stops_the_task_naming_the_missing_and_a_resume_completes_
                                                                                   tmp_path):
     from fedmdh.deploy.local import Fault, run_task
     from fedmdh.errors import InputError
-    from fedmdh.ledger.audit import verify
+    from fedmdh.audit import verify
 
     # Prepare
     _ensure_nodes(deployment)
@@ -162,7 +162,7 @@ def test_a_lost_quorum_stops_the_task_naming_the_missing_and_a_resume_completes_
 
 def test_the_chain_node_restarted_mid_task_the_task_goes_on(deployment, perovskite, tmp_path):
     from fedmdh.deploy.local import Fault, run_task
-    from fedmdh.ledger.audit import verify
+    from fedmdh.audit import verify
 
     # Prepare
     _ensure_nodes(deployment)

@@ -182,7 +182,7 @@ def test_ablation_variants_are_fedmdh_with_one_component_off(perovskite_fed):
 
 def test_fedmdh_main_job_records_on_the_ledger_and_verifies(perovskite, tmp_path):
     """The main job's default (embedded ledger) with FedMDH: anchor mean and prediction moments on chain."""
-    from fedmdh.ledger.audit import verify
+    from fedmdh.audit import verify
 
     cfg = ExperimentConfig(perovskite["institutions"], perovskite["test"], "e_form", rounds=3)
     out = tmp_path / "run"

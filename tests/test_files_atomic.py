@@ -12,7 +12,7 @@ import time
 WRITER = r"""
 import itertools, sys
 from pathlib import Path
-from fedmdh.runtime.files import atomic_write_bytes, replace_dir
+from fedmdh.files import atomic_write_bytes, replace_dir
 
 target, kind = Path(sys.argv[1]), sys.argv[2]
 SIZE = 4 << 20

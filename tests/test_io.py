@@ -133,7 +133,7 @@ def test_missing_values_are_imputed_from_own_training_means(tmp_path):
 
 def test_with_clipping_inputs_outside_an_institutions_training_range_are_clipped_to_it(tmp_path):
     from fedmdh.data.federation import prepare_federation
-    from fedmdh.experiment.models import load_model, save_model
+    from fedmdh.models import load_model, save_model
 
     # Prepare: a test row far above every training value of column "a", one far below
     a, b = _good(40, seed=1), _good(40, seed=2)

@@ -66,7 +66,7 @@ def test_a_short_fedavg_run_on_anvil_records_verifies_and_archives(anvil_url, pe
     from fedmdh.cli import main
     from fedmdh.config import ExperimentConfig
     from fedmdh.experiment.runner import run_experiment
-    from fedmdh.ledger.audit import get_model, show, verify
+    from fedmdh.audit import get_model, show, verify
     from fedmdh.ledger.options import LedgerOptions
 
     monkeypatch.setenv("FEDMDH_KEY_PASSPHRASE", "test passphrase")
@@ -98,7 +98,7 @@ def test_an_rpc_run_whose_log_lost_its_end_fails_against_the_node(anvil_url, per
     # Prepare: a 1-round run on anvil, then the log's last 4 lines (model attestations, archive) removed
     from fedmdh.config import ExperimentConfig
     from fedmdh.experiment.runner import run_experiment
-    from fedmdh.ledger.audit import verify
+    from fedmdh.audit import verify
     from fedmdh.ledger.options import LedgerOptions
 
     monkeypatch.setenv("FEDMDH_KEY_PASSPHRASE", "test passphrase")

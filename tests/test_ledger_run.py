@@ -14,7 +14,7 @@ from fedmdh.cli import main
 from fedmdh.config import ExperimentConfig
 from fedmdh.experiment.runner import run_experiment
 from fedmdh.ledger import codec
-from fedmdh.ledger.audit import get_model, show, verify
+from fedmdh.audit import get_model, show, verify
 from fedmdh.ledger.errors import LedgerError
 from fedmdh.ledger.options import LedgerOptions
 from fedmdh.ledger.recorder import open_ledger

@@ -157,7 +157,7 @@ def test_a_run_killed_mid_way_keeps_its_best_models_and_a_second_run_cannot_ente
             proc.wait()
     # Assert: the second was refused in one line; the killed run left a complete set of models
     assert "another fedmdh process is writing" in line
-    from fedmdh.experiment.models import load_model
+    from fedmdh.models import load_model
 
     records = _strict_json_lines(out / "metrics.jsonl")
     for name in ("A", "B"):
@@ -328,7 +328,7 @@ def test_a_run_that_diverges_later_keeps_the_rounds_before_it(fed, tmp_path, cap
     assert f"rounds 1-3 are in {out / 'metrics.jsonl'}" in line
     records = _strict_json_lines(out / "metrics.jsonl")
     assert [x["round"] for x in records] == [1, 2, 3]
-    from fedmdh.experiment.models import load_model
+    from fedmdh.models import load_model
 
     best = min(records, key=lambda r: r["val_mse"])["round"]
     assert load_model(out / "models" / "A").info["best_round"] == best

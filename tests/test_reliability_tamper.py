@@ -18,7 +18,7 @@ from fedmdh.cli import main
 from fedmdh.config import ExperimentConfig
 from fedmdh.errors import InputError
 from fedmdh.experiment.runner import load_tables, run_experiment
-from fedmdh.ledger.audit import get_model, show, verify
+from fedmdh.audit import get_model, show, verify
 from fedmdh.ledger.options import LedgerOptions
 
 ROUNDS = 6

@@ -256,7 +256,7 @@ def test_the_secure_setup_is_the_plain_setup_within_ckks_precision(runs):
 
 
 def test_ledger_verify_checks_a_secure_task_and_catches_a_forged_release(runs, tmp_path):
-    from fedmdh.ledger.audit import verify
+    from fedmdh.audit import verify
     from fedmdh.ledger.blobs import DirBlobStore
     from fedmdh.runtime.secure_task import Release
 
@@ -296,7 +296,7 @@ def test_the_task_records_the_secure_scheme_and_no_on_chain_vector(runs):
 
 
 def test_a_dp_task_releases_the_sum_plus_noise_of_the_designed_scale_and_reports_its_budget(runs):
-    from fedmdh.ledger.audit import verify
+    from fedmdh.audit import verify
     from fedmdh.ledger.blobs import DirBlobStore
     from fedmdh.runtime.secure_task import Release
     from fedmdh.secure.dp import DPSettings, noise_std, report
@@ -409,7 +409,7 @@ def test_a_secure_deployment_of_an_uncovered_algorithm_is_refused_in_one_line():
 # ---------------------------------------------------------------- one institution missing
 
 def test_a_secure_round_goes_on_without_one_institution_and_verifies(runs):
-    from fedmdh.ledger.audit import verify
+    from fedmdh.audit import verify
     from fedmdh.ledger.blobs import DirBlobStore
     from fedmdh.runtime.secure_task import Release
 
@@ -447,7 +447,7 @@ def test_an_escrowed_share_never_shows_in_the_clear(runs):
 
 
 def test_a_secure_task_resumed_by_a_new_coordinator_finishes_and_verifies(runs):
-    from fedmdh.ledger.audit import verify
+    from fedmdh.audit import verify
 
     run = runs["resumed"]
     assert "resumed by a new coordinator at round" in (run.out / "run.log").read_text()
@@ -458,7 +458,7 @@ def test_a_secure_task_resumed_by_a_new_coordinator_finishes_and_verifies(runs):
 
 def test_secure_fedmdh_deployed_verifies_and_is_near_the_plain_run(runs, perovskite):
     from fedmdh.experiment.runner import load_tables, prepare
-    from fedmdh.ledger.audit import verify
+    from fedmdh.audit import verify
     from fedmdh.runtime.simulator import simulate
 
     run = runs["fedmdh"]

@@ -279,7 +279,7 @@ def test_task_list_has_every_task_without_round_metrics(finished, api):
 
 
 def test_ledger_shows_every_round(finished, api, service):
-    from fedmdh.ledger.audit import show
+    from fedmdh.audit import show
 
     r = api.get(f"/api/tasks/{finished['id']}/ledger")
     assert r.status_code == 200
@@ -328,7 +328,7 @@ def test_ledger_of_a_task_without_one_is_a_conflict(ledger_off, api):
 
 
 def test_model_zip_matches_the_archived_hashes(finished, api, service, perovskite, tmp_path):
-    from fedmdh.experiment.models import load_model
+    from fedmdh.models import load_model
 
     r = api.get(f"/api/tasks/{finished['id']}/model")
     assert r.status_code == 200 and r.headers["content-type"] == "application/zip"

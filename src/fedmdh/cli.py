@@ -318,7 +318,7 @@ def predict(
 ) -> None:
     """Predict new materials with an institution's saved model (its own columns are enough)."""
     from fedmdh.data.io import read_csv_checked
-    from fedmdh.experiment.models import load_model
+    from fedmdh.models import load_model
     from fedmdh.outputs import check_output_file
 
     folder = _model_folder(model, institution)

@@ -474,7 +474,7 @@ def deploy_local(
             run_task(dep, task.to_json(), on_event=progress, faults=faults, say=say)
         finally:
             progress.close()
-        from fedmdh.ledger.audit import verify
+        from fedmdh.audit import verify
 
         report = verify(out)
         say(str(report).splitlines()[0] + " (fedmdh ledger verify, while the chain runs)")

@@ -61,7 +61,7 @@ def show(
 
     Nothing is checked here: `fedmdh ledger verify` replays and checks the ledger.
     """
-    from fedmdh.ledger.audit import show as _show
+    from fedmdh.audit import show as _show
 
     span = _round_range(round_, rounds)
     info = _show(run_dir)
@@ -113,8 +113,8 @@ def verify(
     RUN/deploy/chain-state.json on a free port, stopped afterwards. Exit status 2: bad input (no
     ledger there).
     """
-    from fedmdh.ledger.audit import EXIT_CANNOT_CHECK
-    from fedmdh.ledger.audit import verify as _verify
+    from fedmdh.audit import EXIT_CANNOT_CHECK
+    from fedmdh.audit import verify as _verify
 
     report = _verify(run_dir, rpc_url=chain_rpc, partial=partial)
     print(str(report))
@@ -138,7 +138,7 @@ def get(
     Exit status 2 when the run does not verify (nothing is written), 3 when it cannot be checked (as
     `ledger verify`: its chain node unreachable).
     """
-    from fedmdh.ledger.audit import EXIT_CANNOT_CHECK, CannotCheck, get_model
+    from fedmdh.audit import EXIT_CANNOT_CHECK, CannotCheck, get_model
 
     if run_dir is None and not (chain_rpc and task):
         raise InputError("give RUN_DIR, or --chain-rpc URL with --task ADDRESS.")

@@ -131,7 +131,7 @@ def _read_manifest(path: Path) -> tuple[list[str], bool] | None:
 
 
 def _write_manifest(path: Path, entries: Iterable[str], declared: Iterable[str] = (), complete: bool = False) -> None:
-    from fedmdh.runtime.files import atomic_write_json
+    from fedmdh.files import atomic_write_json
 
     names = sorted({*entries, *declared} - {LOCK_NAME, MANIFEST_NAME})
     atomic_write_json(path / MANIFEST_NAME, {"format": MANIFEST_FORMAT, "entries": names, "complete": complete})

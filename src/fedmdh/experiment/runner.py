@@ -19,7 +19,7 @@ from fedmdh.data.io import (
     InstitutionTable, check_distinct_files, check_exclude, read_csv_checked, unique_names, validate_table,
 )
 from fedmdh.errors import TrainingDiverged
-from fedmdh.experiment.models import save_model
+from fedmdh.models import save_model
 from fedmdh.experiment.report import write_curves, write_results_csv, write_summary
 from fedmdh.ledger.keys import check_key_names
 from fedmdh.ledger.options import LedgerOptions

@@ -82,3 +82,19 @@ def write_artifact() -> Path:
 
 if __name__ == "__main__":  # pragma: no cover
     print(f"wrote {write_artifact()}")
+
+
+def function_name(tx: dict[str, Any]) -> str:
+    """The contract function a transaction calls (``deploy`` for the creation, ``transfer`` without data)."""
+    if tx["to"] is None:
+        return "deploy"
+    if not tx["data"]:
+        return "transfer"
+    for item in load_artifact()["abi"]:
+        if item.get("type") == "function" and _function(item["name"])[0] == tx["data"][:4]:
+            return item["name"]
+    return "0x" + tx["data"][:4].hex()
+
+
+#: an archive manifest's ``held_by`` when each institution's node keeps its own model (a deployed task)
+HELD_BY_INSTITUTIONS = "institutions"

@@ -47,6 +47,7 @@ import numpy as np
 from fedmdh import __version__
 from fedmdh.errors import FedmdhError, InputError
 from fedmdh.ledger.recorder import SUBMITTER
+from fedmdh.runtime.round import Aggregation
 
 Meta = dict[str, Any]
 Arrays = dict[str, np.ndarray]
@@ -191,7 +192,6 @@ class Janitor(threading.Thread):
                 self.errors.append(f"{type(exc).__name__}: {exc}")
 
     def sweep(self) -> None:
-        from fedmdh.ledger.artifacts import call_data
         from fedmdh.ledger.chain import GAS
 
         c = self.contract.functions
@@ -598,11 +598,10 @@ class Coordinator:
     def _secure_round(self, rnd: int, updates: list[Any]):
         """Round ``rnd``'s released sum: every institution decrypts the sum of the committed
         ciphertexts; the aggregate follows from the fused sum and the public counts."""
-        from fedmdh.secure.aggregation import secure_from_sum
-
         release = self._release(rnd, updates)
         count = int(self.contract.functions.total_examples(rnd).call())
-        return secure_from_sum(self.algorithm, self.server, self.template, release.released, count)
+        return Aggregation(secure=True).combine(self.algorithm, self.server, rnd, self.cfg.first_seed,
+                                                total=release.released, template=self.template, count=count)
 
     def _release(self, rnd: int, updates: list[Any]):
         """Round ``rnd``'s released sum: recorded already, or decrypted now by every institution."""
@@ -635,7 +634,7 @@ class Coordinator:
         """Round ``rnd``'s aggregate from its committed updates (a secure task: from their released sum)."""
         if self.task.secure:
             return self._secure_round(rnd, updates)
-        return self.algorithm.aggregate(self.server, updates, _agg_rng(self.cfg, rnd), rnd)
+        return Aggregation().combine(self.algorithm, self.server, rnd, self.cfg.first_seed, updates=updates)
 
     def _resume(self) -> dict[str, Any]:
         """Continue the task of ``out_dir`` from where the chain, its blobs and the nodes stand."""
@@ -1222,12 +1221,6 @@ def _secure_heterogeneity(summaries, setup, kl: Mapping[str, float]):
     stats = [InstitutionSummary(n, by_name[n].n_rows, len(by_name[n].columns), float("nan"), float("nan"))
              for n in order]
     return from_summaries(stats, [by_name[n].columns for n in order], [kl[n] for n in order])
-
-
-def _agg_rng(cfg, rnd: int):
-    from fedmdh.runtime.protocol import aggregate_rng
-
-    return aggregate_rng(cfg.first_seed, rnd)
 
 
 def deployed_task_manifest(cfg, algorithm, spec, setup_sha256: str,

@@ -59,7 +59,9 @@ from typing import Any
 import numpy as np
 
 from fedmdh.errors import FedmdhError, InputError
-from fedmdh.runtime.files import atomic_write_bytes, atomic_write_json, replace_dir
+from fedmdh.files import atomic_write_bytes, atomic_write_json, replace_dir
+from fedmdh.runtime.round import Aggregation, train
+from fedmdh.secure.dp import private_rng
 
 log = logging.getLogger("fedmdh.node")
 
@@ -697,7 +699,6 @@ class NodeService:
         from fedmdh.ledger import codec
         from fedmdh.ledger.blobs import sha256_hex
         from fedmdh.runtime.messages import updates_from
-        from fedmdh.runtime.protocol import aggregate_rng
 
         c = task.contract.functions
         if "base_round" in meta:
@@ -713,17 +714,17 @@ class NodeService:
             raise InputError(f"round {rnd}'s commitments are still open on chain; nothing to aggregate yet")
         if task.secure is not None:  # the released sum of the round's ciphertexts, checked here
             from fedmdh.runtime.secure_task import Release
-            from fedmdh.secure.aggregation import secure_from_sum
 
             released = task.secure.check(Release.from_message(meta["release"], arrays), task.setup.names,
                                          f"round-{rnd}")
-            task.server = secure_from_sum(task.algorithm, task.server, task.template, released,
-                                          int(c.total_examples(rnd).call()))
+            task.server = _aggregation(task).combine(task.algorithm, task.server, rnd, task.config.first_seed,
+                                                     total=released, template=task.template,
+                                                     count=int(c.total_examples(rnd).call()))
         else:
             updates = updates_from(meta, arrays)
             self._check_committed(task, rnd, updates)
-            seed = task.config.first_seed
-            task.server = task.algorithm.aggregate(task.server, updates, aggregate_rng(seed, rnd), rnd)
+            task.server = _aggregation(task).combine(task.algorithm, task.server, rnd, task.config.first_seed,
+                                                     updates=updates)
         agg_hash = sha256_hex(codec.encode_payload(task.server))
         task.progress.state_round = rnd
         task.progress.unconfirmed[rnd] = agg_hash
@@ -822,24 +823,17 @@ class NodeService:
     def _train_and_commit(self, task: NodeTask, rnd: int):
         from fedmdh.ledger import codec
         from fedmdh.ledger.blobs import DirBlobStore
-        from fedmdh.runtime.protocol import client_rng
 
-        update, client = task.algorithm.client_update(task.server, task.slot.get(), task.data,
-                                                      client_rng(task.config.first_seed, rnd, self.name), rnd)
-        task.slot.put(client)
+        update, _ = train(task.algorithm, task.server, task.slot, task.data, task.config.first_seed, rnd, self.name)
         blobs = DirBlobStore(task.folder / "blobs")
         if task.secure is not None:  # the clear update stays here; the ciphertexts are what count
             from fedmdh.runtime.secure_task import encrypted_update
-            from fedmdh.secure.aggregation import secure_contribution
 
             blobs.put(codec.encode_update(update))
-            if task.config.dp is not None:  # its share of the noise, from the OS: nobody can subtract it
-                from fedmdh.secure.dp import dp_contribution, private_rng
-
-                vector = dp_contribution(task.algorithm, task.server, update, task.config.dp, _n_max(task),
-                                         len(task.setup.names), private_rng())
-            else:
-                vector = secure_contribution(task.algorithm, task.server, update)
+            # with DP, its share of the noise comes from the OS: nobody can subtract it
+            vector = _aggregation(task).contribution(
+                task.algorithm, task.server, update, n_max=_n_max(task), n_parties=len(task.setup.names),
+                noise=private_rng() if task.config.dp is not None else None)
             update = encrypted_update(update, task.secure.encrypt(f"round-{rnd}", vector))
         digest = blobs.put(codec.encode_update(update))
         task.progress.updates[rnd] = digest
@@ -885,7 +879,7 @@ class NodeService:
     # ------------------------------------------------------------------ models and state
 
     def _save_model(self, task: NodeTask, folder: Path, kept) -> None:
-        from fedmdh.experiment.models import save_model
+        from fedmdh.models import save_model
 
         def build(tmp: Path) -> None:
             save_model(tmp, task.data, task.algorithm.name, task.config.hidden, task.setup.scaler, kept.params,
@@ -913,6 +907,11 @@ class NodeService:
                  **{f"server/{k}": np.asarray(v) for k, v in task.server.items()},
                  **{f"selection/{k}": v for k, v in sel_arrays.items()})
         atomic_write_bytes(task.folder / "state.npz", buf.getvalue(), mode=0o600)
+
+
+def _aggregation(task: NodeTask) -> Aggregation:
+    """The task's aggregation step (runtime/round.py): from sums in a secure task, DP on top when set."""
+    return Aggregation(secure=task.secure is not None, dp=task.config.dp)
 
 
 def _update_meta(u) -> Meta:

@@ -35,7 +35,7 @@ import numpy as np
 
 from fedmdh.algorithms.base import Update
 from fedmdh.errors import InputError
-from fedmdh.runtime.files import atomic_write_bytes, atomic_write_json
+from fedmdh.files import atomic_write_bytes, atomic_write_json
 from fedmdh.secure.threshold import (
     EncryptedVector,
     Party,

@@ -9,7 +9,7 @@ from fastapi import APIRouter
 from fastapi.concurrency import run_in_threadpool
 
 from fedmdh.errors import InputError
-from fedmdh.ledger.audit import show, verify
+from fedmdh.audit import show, verify
 from fedmdh.service.context import TOKEN, Problem, Service, ServiceDep
 from fedmdh.service.runner import run_dir
 from fedmdh.service.store import TaskRow

@@ -17,8 +17,8 @@ from starlette.datastructures import UploadFile
 
 from fedmdh.data.io import read_csv_checked
 from fedmdh.errors import InputError
-from fedmdh.experiment.models import load_model
-from fedmdh.ledger.audit import get_model
+from fedmdh.models import load_model
+from fedmdh.audit import get_model
 from fedmdh.ledger.blobs import sha256_hex
 from fedmdh.service.context import TOKEN, Problem, Service, ServiceDep
 from fedmdh.service.runner import run_dir, task_dir

@@ -51,8 +51,10 @@ from fedmdh.ledger import codec
 from fedmdh.ledger.blobs import DirBlobStore, sha256_hex
 from fedmdh.ledger.errors import LedgerError
 from fedmdh.ledger.events import decode_log
+from fedmdh.ledger.artifacts import HELD_BY_INSTITUTIONS, function_name
 from fedmdh.ledger.recorder import SUBMITTER, TASK_FILE, TASK_MANIFEST_KIND, TX_FILE
-from fedmdh.runtime.protocol import aggregate_rng, training_thread_count
+from fedmdh.runtime.protocol import training_thread_count
+from fedmdh.runtime.round import Aggregation
 
 #: said by ``show`` and ``verify`` of every ledger whose keys one party held
 ONE_PARTY = "signed by keys held by one party: shows what happened, not who agreed"
@@ -412,19 +414,6 @@ def _norm_receipt(receipt: Any) -> dict[str, Any]:
             "block": int(receipt["blockNumber"]), "contract_address": addr or None, "logs": receipt_logs(receipt)}
 
 
-def _function_name(tx: dict[str, Any]) -> str:
-    from fedmdh.ledger.artifacts import _function, load_artifact
-
-    if tx["to"] is None:
-        return "deploy"
-    if not tx["data"]:
-        return "transfer"
-    for item in load_artifact()["abi"]:
-        if item.get("type") == "function" and _function(item["name"])[0] == tx["data"][:4]:
-            return item["name"]
-    return "0x" + tx["data"][:4].hex()
-
-
 def _signed_fields(rec: dict[str, Any]) -> tuple[dict[str, Any] | None, str | None]:
     """The record's fields that its signed bytes fix, or a problem."""
     from eth_account import Account
@@ -438,7 +427,7 @@ def _signed_fields(rec: dict[str, Any]) -> tuple[dict[str, Any] | None, str | No
         signer = Account.recover_transaction(raw)
     except Exception:  # noqa: BLE001 - LedgerError or eth-account's own on a damaged signature
         return None, f"transaction {_describe(rec)}: its signed bytes do not decode as a signed transaction"
-    fn = _function_name(tx)
+    fn = function_name(tx)
     out = {"from": signer, "tx_hash": "0x" + keccak(bytes.fromhex(raw[2:])).hex(), "to": tx["to"],
            "gas_limit": tx["gas"], "fn": fn, "chain_id": tx["chain_id"]}
     if fn in ("commit", "attest", "close_commits", "close_round") and len(tx["data"]) >= 36:
@@ -866,7 +855,7 @@ class _Audit:
                 return done, (f"round {r}: the contract's weighted mean differs from the exact recomputation at "
                               f"{label}: {got[k]} vs {expected[k]} (fixed point)")
             if secure is None:
-                state = algorithm.aggregate(state, updates, aggregate_rng(seed, r), r)
+                state = Aggregation().combine(algorithm, state, r, seed, updates=updates)
             agg_hash = sha256_hex(codec.encode_payload(state))
             if "0x" + agg_hash != st.finalized[r]:
                 return done, (f"round {r}: {algorithm.name}.aggregate recomputed from the blobs gives {agg_hash[:16]}, "
@@ -1221,14 +1210,14 @@ class _SecureCheck:
 
     def aggregate(self, rnd: int, state, updates, count: int):
         from fedmdh.runtime.secure_task import update_vector
-        from fedmdh.secure.aggregation import secure_from_sum
 
         try:
             cts = {u.institution: update_vector(u) for u in updates}
         except InputError as exc:
             raise ValueError(str(exc)) from None
         released = self._released(f"round-{rnd}", cts)
-        return secure_from_sum(self.algorithm, state, self.template, released, count)
+        return Aggregation(secure=True).combine(self.algorithm, state, rnd, 0, total=released, template=self.template,
+                                                count=count)
 
 
 def _checked_blob(blobs: DirBlobStore, digest: str) -> bytes:
@@ -1263,8 +1252,6 @@ def _safe_rel(rel: Any, prefix: str | None) -> PurePosixPath | None:
     return PurePosixPath(rel)
 
 
-#: an archive manifest's ``held_by`` when each institution's node keeps its own model (a deployed task)
-HELD_BY_INSTITUTIONS = "institutions"
 
 
 def held_model_file(run_dir: Path, task: dict[str, Any], rel: str) -> Path:
