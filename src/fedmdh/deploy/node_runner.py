@@ -21,7 +21,7 @@ from pathlib import Path
 
 from fedmdh.deploy.flower import flower_env, supernode_argv
 from fedmdh.deploy.processes import ServiceError, Services, free_port
-from fedmdh.runtime.files import atomic_write_bytes
+from fedmdh.files import atomic_write_bytes
 from fedmdh.runtime.flower.client_app import AUTHKEY, SOCKET
 from fedmdh.runtime.flower.wire import pack, unpack
 from fedmdh.runtime.node import NodeService
@@ -60,6 +60,9 @@ MAX_RESTART_S = 30.0
 #: long a node started again waits for that session to lapse (Flower: two 30 s heartbeat intervals)
 BUSY = "Failed to activate SuperNode"
 BUSY_WAIT_S = 150.0
+#: written in the state folder once the SuperLink accepted this node: Flower says BUSY for a key it never
+#: registered too, so only a node accepted before (started again after it died) waits for its old session
+ACCEPTED_BEFORE = "accepted.json"
 
 
 def _start_supernode(services: Services, service: NodeService, superlink: str, root_certificates: str | Path,
@@ -112,20 +115,27 @@ def run_node(service: NodeService, superlink: str, root_certificates: str | Path
     try:
         with Services(state / "logs") as services:
             accepted_once = False
+            marker = state / ACCEPTED_BEFORE
+            accepted_before = marker.is_file()
             delay = RESTART_S
             busy_until = time.monotonic() + BUSY_WAIT_S
             while not stop.is_set():
                 node, start = _start_supernode(services, service, superlink, root_certificates, key, port)
                 while not stop.wait(0.5) and node.alive():
-                    pass
+                    if not accepted_before and ACCEPTED in _log_since(node.log, start):
+                        atomic_write_bytes(marker, json.dumps({"superlink": superlink}).encode())
+                        accepted_before = True
                 if stop.is_set():
                     break
                 text = _log_since(node.log, start)
                 accepted = ACCEPTED in text
                 accepted_once = accepted_once or accepted
+                if accepted and not accepted_before:
+                    atomic_write_bytes(marker, json.dumps({"superlink": superlink}).encode())
+                    accepted_before = True
                 if node in services.started:
                     services.started.remove(node)
-                if not accepted_once and BUSY in text and time.monotonic() < busy_until:
+                if not accepted_once and accepted_before and BUSY in text and time.monotonic() < busy_until:
                     # the SuperLink still holds this node's previous session (a node started again right
                     # after it died: Flower marks it offline only after two missed heartbeats): try again
                     log.warning("the SuperLink still holds the previous session of %s; trying again in %.0f s",
