@@ -826,3 +826,18 @@ def test_a_one_row_test_set_is_called_the_test_set(fed, tmp_path, capsys):
     _write(Path(fed["T"]), pd.read_csv(fed["T"]).head(1))
     line = _cli_error(capsys, _run_args(fed, tmp_path / "R"))
     assert f"{fed['T']}: has 1 row; the test set needs at least 10" in line and "institution" not in line
+
+
+def test_a_one_row_test_set_is_called_the_test_set_on_a_deployed_node_too(fed, tmp_path, monkeypatch):
+    from fedmdh.errors import InputError
+    from fedmdh.runtime.node import NodeService
+
+    monkeypatch.setenv("FEDMDH_KEY_PASSPHRASE", "trial")
+    monkeypatch.setenv("FEDMDH_KEY_KDF", "pbkdf2")
+    monkeypatch.setenv("FEDMDH_KEY_KDF_ITERATIONS", "2000")
+    _write(Path(fed["T"]), pd.read_csv(fed["T"]).head(1))
+    node = NodeService("A", fed["A"], "y", tmp_path / "state", test=fed["T"])
+    with pytest.raises(InputError) as exc:
+        node._load_task("t", {"target": "y"}, tmp_path / "task")
+    assert f"{fed['T']}: has 1 row; the test set needs at least 10" in str(exc.value)
+    assert "institution" not in str(exc.value)

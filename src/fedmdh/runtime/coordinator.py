@@ -46,6 +46,7 @@ import numpy as np
 
 from fedmdh import __version__
 from fedmdh.errors import FedmdhError, InputError
+from fedmdh.ledger.keys import default_keystore
 from fedmdh.ledger.recorder import SUBMITTER
 from fedmdh.runtime.round import Aggregation
 
@@ -656,7 +657,7 @@ class Coordinator:
         names = setup.names
         cfg = task.config(names)
         algorithm = cfg.build_algorithm(task.algorithm)
-        keystore = Path(task.keystore) if task.keystore else Path.home() / ".fedmdh" / "keystore"
+        keystore = Path(task.keystore) if task.keystore else default_keystore()
         self.account = load_or_create("coordinator", KeystoreSettings.from_env(keystore))
         self.chain = Chain.rpc(task.chain_rpc)
         self.chain.open_log(self.ledger_dir / ".coordinator-transactions.jsonl")
@@ -1114,7 +1115,7 @@ class Coordinator:
         from fedmdh.ledger.keys import KeystoreSettings, load_or_create
 
         vector_len = sum(n for _, n in layout)
-        keystore = Path(self.task.keystore) if self.task.keystore else Path.home() / ".fedmdh" / "keystore"
+        keystore = Path(self.task.keystore) if self.task.keystore else default_keystore()
         self.account = load_or_create("coordinator", KeystoreSettings.from_env(keystore))
         self.chain = Chain.rpc(self.task.chain_rpc)
         self.chain.open_log(self.ledger_dir / ".coordinator-transactions.jsonl")

@@ -255,7 +255,7 @@ class NodeService:
             raise InputError(f"this node serves target {self.target!r}, the task asks for {target!r}")
         exclude = tuple(spec.get("exclude", ())) + self.exclude
         table = load_institution(self.data, target, name=self.name, exclude=exclude)
-        test = load_institution(self.test, target, name="test", exclude=exclude) if self.test else None
+        test = load_institution(self.test, target, name="test", exclude=exclude, kind="test set") if self.test else None
         if test is not None:
             missing = [c for c in table.features if c not in test.features]
             if missing:
@@ -823,6 +823,7 @@ class NodeService:
     def _train_and_commit(self, task: NodeTask, rnd: int):
         from fedmdh.ledger import codec
         from fedmdh.ledger.blobs import DirBlobStore
+        from fedmdh.ledger.chain import GAS_PER_VALUE
 
         update, _ = train(task.algorithm, task.server, task.slot, task.data, task.config.first_seed, rnd, self.name)
         blobs = DirBlobStore(task.folder / "blobs")
@@ -840,17 +841,17 @@ class NodeService:
         self._persist(task)  # the state after training, before the commitment that makes it count
         flat = np.zeros(0) if task.secure is not None else codec.flatten(codec.onchain_vectors(task.algorithm, update))[1]
         self._transact(task, "commit", rnd, bytes.fromhex(digest), int(update.num_examples),
-                       codec.pack(codec.to_fixed(flat)), gas="commit", extra_gas=30_000 * flat.size, round=rnd)
+                       codec.pack(codec.to_fixed(flat)), gas="commit", extra_gas=GAS_PER_VALUE * flat.size, round=rnd)
         task.progress.committed = rnd
         self._persist(task)
         return update
 
     def _transact(self, task: NodeTask, fn: str, *args: Any, gas: str, extra_gas: int = 0, **meta: Any) -> None:
         from fedmdh.ledger.artifacts import call_data
-        from fedmdh.ledger.chain import GAS
+        from fedmdh.ledger.chain import GAS, GAS_PER_PARTICIPANT
 
         if fn == "attest":
-            extra_gas += 12_000 * len(task.addresses)
+            extra_gas += GAS_PER_PARTICIPANT * len(task.addresses)
         task.chain.transact(self.account, fn, task.contract.address, call_data(fn, *args),
                             gas=GAS[gas] + extra_gas, actor=self.name, **meta)
 
