@@ -17,6 +17,7 @@ import pytest
 
 from fedmdh.algorithms import ALGORITHMS
 from fedmdh.config import ExperimentConfig
+from fedmdh.errors import TrainingDiverged
 from fedmdh.models import load_model
 from fedmdh.experiment.runner import load_tables, prepare
 from fedmdh.runtime.coordinator import DeployTask, experiment_settings
@@ -319,3 +320,33 @@ def test_nodes_with_bad_data_fail_setup_with_one_line_naming_them(deployment, pe
     finally:
         for name in bad:
             deployment.stop_node(name)
+
+
+def test_a_deployed_task_that_diverges_stops_with_the_simulators_line_and_verifies_as_partial(deployment, perovskite,
+                                                                                              tmp_path, capsys):
+    """The round engine's divergence check runs deployed too: lr 1e6 stops the task at round 1's aggregate with
+    the line `fedmdh run` prints, before any node attests it; `ledger verify --partial` accepts the record."""
+    from fedmdh.cli import main
+    from fedmdh.errors import InputError
+
+    # Prepare
+    cfg = ExperimentConfig(perovskite["institutions"], perovskite["test"], "e_form", algorithms=("fedavg",),
+                           seeds=1, rounds=3, algorithm_settings={"fedavg": {"lr": 1e6}})
+    with pytest.raises(TrainingDiverged) as sim:
+        simulate(prepare(cfg, load_tables(cfg), 0), cfg.build_algorithm("fedavg"), 3, seed=0)
+    out = tmp_path / "run"
+    # Execute
+    with pytest.raises(InputError) as exc:
+        _deploy(deployment, cfg, out, "diverges")
+    # Assert: the simulator's words and round
+    assert f"training diverged at round {sim.value.round} (" in str(exc.value)
+    assert "lower the learning rate" in str(exc.value)
+    assert "training diverged at round" in (out / "run.log").read_text()
+    capsys.readouterr()
+    try:
+        main(["ledger", "verify", "--partial", str(out)])
+        code = 0
+    except SystemExit as stop:
+        code = stop.code or 0
+    text = capsys.readouterr().out
+    assert code == 0 and "0 of 3 rounds finalized" in text, text

@@ -45,10 +45,10 @@ from typing import Any, Protocol
 import numpy as np
 
 from fedmdh import __version__
-from fedmdh.errors import FedmdhError, InputError
+from fedmdh.errors import FedmdhError, InputError, TrainingDiverged
 from fedmdh.ledger.keys import default_keystore
 from fedmdh.ledger.recorder import SUBMITTER
-from fedmdh.runtime.round import Aggregation
+from fedmdh.runtime.round import Aggregation, check_round
 
 Meta = dict[str, Any]
 Arrays = dict[str, np.ndarray]
@@ -248,8 +248,28 @@ class Coordinator:
 
     # ------------------------------------------------------------------ helpers
 
+    def _stop_if_diverged(self, replies: Mapping[Any, Message]) -> None:
+        """An institution whose training diverged (round.check_update on its node) stops the task with the
+        simulator's line, the rounds before it kept."""
+        diverged = sorted((m["diverged"] for m, _ in replies.values() if isinstance(m.get("diverged"), dict)),
+                          key=lambda d: int(d["round"]))
+        if diverged:
+            d = diverged[0]
+            self._diverged(TrainingDiverged(int(d["round"]), float(d["loss"]), str(d.get("detail") or "")))
+
+    def _diverged(self, exc: TrainingDiverged) -> None:
+        # the transactions the nodes made before (registrations, commitments) into the record, read back from
+        # the chain where a failing node's reply could not carry them
+        self._recover_transactions()
+        done = exc.round - 1
+        kept = (f"rounds 1-{done} are finalized on chain and in {self.out} (fedmdh ledger verify --partial "
+                f"{self.out} checks them)" if done >= 1 else "no round was finalized")
+        self._log(f"stopped: {exc.with_kept(kept)}")
+        raise exc.with_kept(kept) from None
+
     def _check(self, replies: Mapping[Any, Message], step: str) -> dict[str, Message]:
         """The replies by institution; any error reply stops the task, naming every failing institution."""
+        self._stop_if_diverged(replies)
         errors, by_name = [], {}
         for node, (meta, arrays) in replies.items():
             name = self.names.get(node, str(meta.get("institution", node)))
@@ -275,6 +295,7 @@ class Coordinator:
                                           optional=optional)
         if not tolerant:
             return self._check(replies, step)
+        self._stop_if_diverged(replies)
         ok: dict[str, Message] = {}
         for node, (meta, arrays) in replies.items():
             name = self.names[node]
@@ -631,6 +652,14 @@ class Coordinator:
                 return Release.from_blob(self.blobs.get(d["release"]))
         return None
 
+    def _check_round(self, rnd: int, updates: list[Any]) -> None:
+        """Round ``rnd``'s divergence check (round.check_round, as the simulator's): before any node is sent
+        the round's aggregate to attest, so the rounds before it stay finalized on chain and in the record."""
+        try:
+            check_round(rnd, updates, self.server)
+        except TrainingDiverged as exc:
+            self._diverged(exc)
+
     def _aggregate(self, rnd: int, updates: list[Any]):
         """Round ``rnd``'s aggregate from its committed updates (a secure task: from their released sum)."""
         if self.task.secure:
@@ -835,6 +864,7 @@ class Coordinator:
                     self.before_round(r)
                 if r >= 2 and self.server_round < r - 1:
                     self.server = self._aggregate(r - 1, updates)
+                    self._check_round(r - 1, updates)
                     self.server_round = r - 1
                     self.blobs.put(codec.encode_payload(self.server))
 

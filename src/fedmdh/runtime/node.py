@@ -58,9 +58,9 @@ from typing import Any
 
 import numpy as np
 
-from fedmdh.errors import FedmdhError, InputError
+from fedmdh.errors import FedmdhError, InputError, TrainingDiverged
 from fedmdh.files import atomic_write_bytes, atomic_write_json, replace_dir
-from fedmdh.runtime.round import Aggregation, train
+from fedmdh.runtime.round import Aggregation, check_update, train
 from fedmdh.secure.dp import private_rng
 
 log = logging.getLogger("fedmdh.node")
@@ -218,6 +218,10 @@ class NodeService:
             if cmd not in handlers:
                 raise InputError(f"unknown command {cmd!r}")
             reply, reply_arrays = handlers[cmd]()
+        except TrainingDiverged as exc:  # the coordinator stops the task with the simulator's line
+            log.error("%s %s failed: %s", cmd, meta.get("round", ""), exc)
+            reply, reply_arrays = {"error": f"institution {self.name}: {exc}",
+                                   "diverged": {"round": exc.round, "loss": exc.loss, "detail": exc.detail}}, {}
         except FedmdhError as exc:
             log.error("%s %s failed: %s", cmd, meta.get("round", ""), exc)
             reply, reply_arrays = {"error": f"institution {self.name}: {exc}"}, {}
@@ -826,6 +830,7 @@ class NodeService:
         from fedmdh.ledger.chain import GAS_PER_VALUE
 
         update, _ = train(task.algorithm, task.server, task.slot, task.data, task.config.first_seed, rnd, self.name)
+        check_update(rnd, update)  # a diverged update is never committed
         blobs = DirBlobStore(task.folder / "blobs")
         if task.secure is not None:  # the clear update stays here; the ciphertexts are what count
             from fedmdh.runtime.secure_task import encrypted_update

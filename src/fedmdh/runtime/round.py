@@ -126,6 +126,19 @@ def check_round(rnd: int, updates: Sequence[Update], server: Payload) -> None:
             raise TrainingDiverged(rnd, float("nan"), f"the aggregate's {key!r} holds {a[~np.isfinite(a)].flat[0]}")
 
 
+def check_update(rnd: int, update: Update) -> None:
+    """Raise :class:`TrainingDiverged` when one institution's update of round ``rnd`` is not usable (its loss
+    not finite or above :data:`DIVERGED_LOSS`, an array not finite): what a deployed node checks before it
+    commits, since it sees only its own update (:func:`check_round` checks the round once aggregated)."""
+    loss = float(update.metrics.get("loss", 0.0))
+    if not np.isfinite(loss) or loss > DIVERGED_LOSS:
+        raise TrainingDiverged(rnd, loss)
+    for key, value in update.payload.items():
+        a = np.asarray(value)
+        if a.dtype.kind in "fc" and not np.isfinite(a).all():
+            raise TrainingDiverged(rnd, float("nan"), f"the update's {key!r} holds {a[~np.isfinite(a)].flat[0]}")
+
+
 def clear_sum(vectors: Mapping[str, np.ndarray]) -> np.ndarray:
     """The sum of the institutions' vectors in float64, in institution order (the in-process study path:
     the vectors are seen in the clear)."""
