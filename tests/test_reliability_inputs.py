@@ -841,3 +841,20 @@ def test_a_one_row_test_set_is_called_the_test_set_on_a_deployed_node_too(fed, t
         node._load_task("t", {"target": "y"}, tmp_path / "task")
     assert f"{fed['T']}: has 1 row; the test set needs at least 10" in str(exc.value)
     assert "institution" not in str(exc.value)
+
+
+def test_a_deeply_nested_model_json_is_one_line_not_a_crash(tmp_path):
+    """predict reads model.json with a bounded depth: with the recursion limit the eth packages set
+    (100,000), a 200,000-deep model.json crashed the interpreter (SIGSEGV) on d465001."""
+    import subprocess
+    import sys
+
+    folder = tmp_path / "models" / "A"
+    folder.mkdir(parents=True)
+    (folder / "model.json").write_text("[" * 200_000 + "]" * 200_000)
+    code = ("import sys; sys.setrecursionlimit(100_000)\n"
+            "from fedmdh.errors import InputError\nfrom fedmdh.models import load_model\n"
+            f"try:\n    load_model({str(folder)!r})\nexcept InputError as exc:\n    print(exc)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, (proc.returncode, proc.stderr[-500:])
+    assert "model.json: is not a model description fedmdh can read (JSON nested more than 64" in proc.stdout

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from fedmdh import jsonsafe
 from fedmdh.data.federation import InstitutionData, Scaler, clip_columns
 from fedmdh.data.io import numeric_column
 from fedmdh.errors import InputError
@@ -119,9 +120,14 @@ def load_model(folder: str | Path) -> InstitutionModel:
     meta_path = folder / "model.json"
     if not meta_path.exists():
         raise InputError(f"{folder}: no model.json here; give a folder written by `fedmdh run` (models/NAME).")
-    meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    if meta.get("format") != FORMAT:
-        raise InputError(f"{meta_path}: unknown model format {meta.get('format')!r}.")
+    try:  # bounded depth, a regular file: a model folder may come from anyone
+        meta = jsonsafe.read_file(meta_path)
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{meta_path}: is not a model description fedmdh can read ({exc}); give a folder written "
+                         "by `fedmdh run` (models/NAME) or `fedmdh model get`.") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise InputError(f"{meta_path}: unknown model format "
+                         f"{meta.get('format') if isinstance(meta, dict) else type(meta).__name__!r}.")
     with np.load(folder / "params.npz") as z:
         params = {k: z[k] for k in z.files}
     return InstitutionModel(
