@@ -21,6 +21,7 @@ from fedmdh import jsonsafe
 from fedmdh.data.federation import InstitutionData, Scaler, clip_columns
 from fedmdh.data.io import numeric_column
 from fedmdh.errors import InputError
+from fedmdh.nn.threads import training_thread_count
 
 FORMAT = "fedmdh-model/1"
 
@@ -77,7 +78,10 @@ class InstitutionModel:
 
         hp = dict(self.info.get("hyperparameters", {}))
         hp["hidden"] = list(self.hidden)
-        return algorithm_from_hyperparameters(self.algorithm, hp).predict(self.params, X)
+        # the training's thread count, whatever the caller's: the same float sums, so the same predictions
+        # from the CLI, the service (whose threads a task in training may have set) and a node
+        with training_thread_count():
+            return algorithm_from_hyperparameters(self.algorithm, hp).predict(self.params, X)
 
     def predict(self, frame: pd.DataFrame, source: str = "input") -> np.ndarray:
         """Predictions in the target's units for the rows of ``frame``."""
