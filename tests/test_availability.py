@@ -8,10 +8,11 @@ The same with Flower's processes and SIGKILL at random moments: tests/test_chaos
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
-import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -32,6 +33,20 @@ TIMEOUT_S = 3  # the round timeout (the contract's)
 #: well past round 3's opening + timeout + 10 s
 NOTICED_AFTER_S = 20.0
 JANITOR_LAG_S = 2.0  # a janitor slow to sweep (a loaded machine)
+
+
+
+#: throwaway keys for the in-process nodes (a known passphrase, a cheap key derivation)
+TRIAL_KEYS = {"FEDMDH_KEY_PASSPHRASE": "trial", "FEDMDH_KEY_KDF": "pbkdf2", "FEDMDH_KEY_KDF_ITERATIONS": "2000"}
+
+
+@contextlib.contextmanager
+def _trial_keys() -> Iterator[pytest.MonkeyPatch]:
+    """The trial keys' environment for the block (restored after, with anything else patched through it)."""
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in TRIAL_KEYS.items():
+            mp.setenv(k, v)
+        yield mp
 
 
 def _require() -> None:
@@ -80,9 +95,6 @@ def lost(perovskite, tmp_path_factory):
     from fedmdh.runtime.node import NodeService
 
     root = tmp_path_factory.mktemp("availability")
-    env = {"FEDMDH_KEY_PASSPHRASE": "trial", "FEDMDH_KEY_KDF": "pbkdf2", "FEDMDH_KEY_KDF_ITERATIONS": "2000"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
     sweep = co.Janitor.sweep
 
     def slow_sweep(self):
@@ -91,8 +103,8 @@ def lost(perovskite, tmp_path_factory):
 
     cfg = ExperimentConfig(perovskite["institutions"], perovskite["test"], "e_form", algorithms=("fedavg",),
                            seeds=1, rounds=ROUNDS)
-    try:
-        co.Janitor.sweep = slow_sweep
+    with _trial_keys() as mp:
+        mp.setattr(co.Janitor, "sweep", slow_sweep)
         with Services(root / "logs") as services:
             _, url = start_anvil(services)
             nodes = {n: NodeService(n, p, "e_form", root / n, test=perovskite["test"])
@@ -106,13 +118,6 @@ def lost(perovskite, tmp_path_factory):
             except co.TaskError as exc:
                 stopped = str(exc)
             yield Run(root, url, nodes, transport, task, final, stopped)
-    finally:
-        co.Janitor.sweep = sweep
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def _contract(run: Run):
@@ -230,12 +235,9 @@ def test_a_round_waiting_for_the_attestation_of_a_lost_committer_is_closed_by_it
     from fedmdh.runtime.node import NodeService
 
     # Prepare
-    env = {"FEDMDH_KEY_PASSPHRASE": "trial", "FEDMDH_KEY_KDF": "pbkdf2", "FEDMDH_KEY_KDF_ITERATIONS": "2000"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
     cfg = ExperimentConfig(perovskite["institutions"], perovskite["test"], "e_form", algorithms=("fedavg",),
                            seeds=1, rounds=4)
-    try:
+    with _trial_keys():
         with Services(tmp_path / "logs") as services:
             _, url = start_anvil(services)
             nodes = {n: NodeService(n, p, "e_form", tmp_path / n, test=perovskite["test"])
@@ -252,12 +254,6 @@ def test_a_round_waiting_for_the_attestation_of_a_lost_committer_is_closed_by_it
             assert all(rounds[r]["finalized"] for r in range(1, 5)) and not final.get("missing")
             report = verify(tmp_path / "out")
             assert report.ok and report.complete, str(report)
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 class SlowFinishTransport(DirectTransport):
@@ -287,12 +283,9 @@ def test_a_node_that_comes_to_the_last_round_after_the_quorum_closed_it_still_fi
     from fedmdh.runtime.node import NodeService
 
     # Prepare
-    env = {"FEDMDH_KEY_PASSPHRASE": "trial", "FEDMDH_KEY_KDF": "pbkdf2", "FEDMDH_KEY_KDF_ITERATIONS": "2000"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
     cfg = ExperimentConfig(perovskite["institutions"], perovskite["test"], "e_form", algorithms=("fedavg",),
                            seeds=1, rounds=2)
-    try:
+    with _trial_keys():
         with Services(tmp_path / "logs") as services:
             _, url = start_anvil(services)
             nodes = {n: NodeService(n, p, "e_form", tmp_path / n, test=perovskite["test"])
@@ -306,9 +299,3 @@ def test_a_node_that_comes_to_the_last_round_after_the_quorum_closed_it_still_fi
             assert not final.get("missing") and sorted(final["per_institution"]) == NAMES, final
             report = verify(tmp_path / "out")
             assert report.ok and report.complete, str(report)
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
