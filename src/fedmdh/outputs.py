@@ -19,14 +19,15 @@ names a run or a benchmark writes (:data:`KNOWN_NAMES`).
 from __future__ import annotations
 
 import fcntl
-import json
 import os
 import shutil
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from fedmdh import jsonsafe
 from fedmdh.errors import InputError
+from fedmdh.files import atomic_write_json
 
 LOCK_NAME = ".fedmdh.lock"
 #: The list of what the job that claimed the folder wrote there (see the module text).
@@ -117,8 +118,6 @@ def _contents(path: Path) -> list[str]:
 def _read_manifest(path: Path) -> tuple[list[str], bool] | None:
     """The names ``path``'s manifest lists and whether the job that wrote it finished listing (released
     the folder); ``None`` without a (readable, well-formed) manifest."""
-    from fedmdh import jsonsafe
-
     file = path / MANIFEST_NAME
     try:
         data = jsonsafe.read_file(file, max_bytes=4 * 1024 * 1024)
@@ -131,8 +130,6 @@ def _read_manifest(path: Path) -> tuple[list[str], bool] | None:
 
 
 def _write_manifest(path: Path, entries: Iterable[str], declared: Iterable[str] = (), complete: bool = False) -> None:
-    from fedmdh.files import atomic_write_json
-
     names = sorted({*entries, *declared} - {LOCK_NAME, MANIFEST_NAME})
     atomic_write_json(path / MANIFEST_NAME, {"format": MANIFEST_FORMAT, "entries": names, "complete": complete})
 
